@@ -1,0 +1,229 @@
+"""Run configuration: plain frozen dataclasses and the named presets.
+
+A preset is a function that returns one fully resolved ``RunConfig``. Command-line overrides are
+applied with ``dataclasses.replace`` and the result is written, whole, into every run log, so a run
+can be repeated from its log alone. This module imports nothing heavier than the standard library:
+the command-line parser (and ``./run.sh --help``) use it before any environment exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "recipe"  # "recipe": the speedrun GPT; "nanogpt": the baseline of preset tiny-adamw
+    vocab_size: int = 50257  # rows of the token and value embeddings (GPT-2 vocabulary)
+    padded_vocab_size: int = 50304  # rows of lm_head: vocab rounded up to a multiple of 128
+    eot_token: int = 50256  # starts every document; document ids for the attention mask count it
+    n_layer: int = 12
+    dim: int = 768
+    n_head: int = 6
+    head_dim: int = 128
+    mlp_hidden: int = 3072
+    # Half-truncated rotary: pair i with i + head_dim/2; the first `rope_rotating_pairs` pairs rotate with
+    # frequency rope_min_freq ** (i / (rope_rotating_pairs - 1)), the rest have frequency 0.
+    rope_rotating_pairs: int = 32
+    rope_min_freq: float = 1 / 1024
+    attn_scale: float = 0.12
+    attn_block_size: int = 128  # the attention window is counted in blocks of this many tokens
+    no_attention_layers: tuple[int, ...] = (7,)
+    n_value_embeds: int = 3  # layers 0..n-1 and the last n layers use value embeddings 0..n-1
+    window_pattern: str = "LSSSLSSLSSSL"  # per layer: L = long window, S = short window (half of long)
+    logit_cap: float = 30.0  # logits = logit_cap * sigmoid(z / logit_scale)
+    logit_scale: float = 7.5
+    fp8_lm_head: bool = True  # used only where the GPU supports FP8; elsewhere the same math in bf16/fp32
+    max_seq_len: int = 0  # nanogpt arch only: rows of the learned position table
+
+    def __post_init__(self):
+        if self.arch not in ("recipe", "nanogpt"):
+            raise ValueError(f"ModelConfig.arch must be 'recipe' or 'nanogpt', got {self.arch!r}")
+        if self.arch == "recipe" and len(self.window_pattern) != self.n_layer:
+            raise ValueError(f"window_pattern has {len(self.window_pattern)} entries for {self.n_layer} layers")
+        if self.n_head * self.head_dim != self.dim:
+            raise ValueError(f"n_head * head_dim = {self.n_head * self.head_dim} must equal dim = {self.dim}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    kind: str = "muon_adam"  # "muon_adam": the recipe; "adamw": the nanoGPT-style baseline
+    # Muon: every >= 2-D matrix inside the blocks.
+    muon_lr: float = 0.05
+    muon_momentum_start: float = 0.85
+    muon_momentum_end: float = 0.95
+    muon_momentum_warmup_steps: int = 300
+    ns_steps: int = 5
+    ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    # Adam: embeddings, lm_head, scalars.
+    adam_betas: tuple[float, float] = (0.8, 0.95)
+    adam_eps: float = 1e-10
+    lm_head_lr: float = 0.008
+    embed_lr: float = 0.6
+    scalar_lr: float = 0.04
+    # Learning-rate multiplier shared by every group: flat, then linear to final_lr_frac over the
+    # last cooldown_frac of the run.
+    cooldown_frac: float = 0.4
+    final_lr_frac: float = 0.1
+    # AdamW baseline (kind == "adamw"): linear warm-up then cosine to min_lr_frac.
+    adamw_lr: float = 6e-4
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    min_lr_frac: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in ("muon_adam", "adamw"):
+            raise ValueError(f"OptimConfig.kind must be 'muon_adam' or 'adamw', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "fineweb"  # "fineweb" (downloaded or tokenized shards) or "synth" (generated here)
+    data_dir: str = "data/fineweb10B"  # relative to the repository root unless absolute
+    seq_len: int = 65536  # tokens in one micro-batch sequence (batch dimension 1)
+    batch_slots: int = 8  # sequences per optimizer step; each of W processes runs batch_slots / W of them
+    val_tokens: int = 10_485_760
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_slots
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 1393
+    val_every: int = 125  # also always at step 0 and at the last step
+    warmup_steps: int = 10  # untimed steps before the clock starts; state is restored afterwards
+    max_window_tokens: int = 1728  # window schedule reaches this many tokens at the last step
+    seed: int = 0
+    dtype: str = "bfloat16"  # activation dtype; weights are stored in fp32
+    log_every: int = 1  # per-step log line cadence (the public format logs every step)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str
+    track: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> RunConfig:
+        def build(cls, values):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        return RunConfig(
+            preset=d["preset"],
+            track=d["track"],
+            model=build(ModelConfig, d["model"]),
+            optim=build(OptimConfig, d["optim"]),
+            data=build(DataConfig, d["data"]),
+            train=build(TrainConfig, d["train"]),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (pure functions of the step, shared by the trainer, the tests and the benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, cfg: RunConfig) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based), the same for every group."""
+    o, n = cfg.optim, cfg.train.num_steps
+    if o.kind == "adamw":
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, n - o.warmup_steps))
+        return o.min_lr_frac + (1 - o.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    t = 1 - step / n
+    w = min(t / o.cooldown_frac, 1.0)
+    return w + o.final_lr_frac * (1 - w)
+
+
+def muon_momentum(step: int, cfg: RunConfig) -> float:
+    o = cfg.optim
+    frac = min(step / o.muon_momentum_warmup_steps, 1.0) if o.muon_momentum_warmup_steps > 0 else 1.0
+    return o.muon_momentum_start + (o.muon_momentum_end - o.muon_momentum_start) * frac
+
+
+def window_blocks(step: int, cfg: RunConfig) -> tuple[int, int]:
+    """(long, short) attention windows at ``step``, in blocks of ``attn_block_size`` tokens.
+
+    window(step) = block * max(1, ceil(max_window_tokens * step / num_steps / block)); the long window is
+    window / block and the short one half of it, rounded down (0 behaves as 1: the diagonal block only).
+    The final validation (step == num_steps) uses the window of the last step's schedule position.
+    """
+    block = cfg.model.attn_block_size
+    tokens = cfg.train.max_window_tokens * step / cfg.train.num_steps
+    long_blocks = max(1, math.ceil(tokens / block))
+    return long_blocks, long_blocks // 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+
+def gpt2_124m() -> RunConfig:
+    """The public speedrun's "Sub3Min" record (2025-01-16), track 8xH100 -> 3.28."""
+    return RunConfig(preset="gpt2-124m", track="8xH100-3.28")
+
+
+def tiny() -> RunConfig:
+    """The CPU track: the recipe's model code at a small size, on the generated synthetic language."""
+    return RunConfig(
+        preset="tiny",
+        track="tiny-cpu",
+        # The synthetic language has its own small vocabulary (see speedrun/data/synth.py): a 50K-way
+        # softmax would cost more than the rest of this model on a 2-core CPU.
+        model=ModelConfig(
+            vocab_size=2048,
+            padded_vocab_size=2048,
+            eot_token=2047,
+            n_layer=4,
+            dim=128,
+            n_head=2,
+            head_dim=64,
+            mlp_hidden=512,
+            rope_rotating_pairs=16,
+            attn_block_size=64,
+            no_attention_layers=(),
+            n_value_embeds=1,
+            window_pattern="LSSL",
+        ),
+        optim=OptimConfig(),
+        data=DataConfig(source="synth", data_dir="data/synth", seq_len=1024, batch_slots=8, val_tokens=262_144),
+        train=TrainConfig(num_steps=300, val_every=50, warmup_steps=3, max_window_tokens=1024, dtype="float32"),
+    )
+
+
+def tiny_adamw() -> RunConfig:
+    """Baseline for the CPU track: same data and size, nanoGPT-style recipe (learned positions, GELU, AdamW)."""
+    base = tiny()
+    return dataclasses.replace(
+        base,
+        preset="tiny-adamw",
+        model=dataclasses.replace(base.model, arch="nanogpt", max_seq_len=base.data.seq_len),
+        optim=OptimConfig(kind="adamw", adamw_lr=3e-3, weight_decay=0.1, warmup_steps=20, min_lr_frac=0.1),
+    )
+
+
+PRESETS = {"gpt2-124m": gpt2_124m, "tiny": tiny, "tiny-adamw": tiny_adamw}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
