@@ -101,6 +101,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # activation dtype; weights are stored in fp32
     log_every: int = 1  # per-step log line cadence (the public format logs every step)
+    kernels: str = "torch"  # implementation of the hot ops: "torch" (reference) or "triton"
+    compile: bool = False  # torch.compile the model (the trainer turns it on by default on CUDA)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,82 @@
+"""``speedrun sample``: generate text from a checkpoint written by ``speedrun train --save-checkpoint``.
+
+The checkpoint holds the run's config and weights (plain tensors and primitives), so it loads with
+``torch.load(weights_only=True)``. Models trained on GPT-2 tokens use the GPT-2 tokenizer for the
+prompt and the output; a model trained on the synthetic language has no text tokenizer, so its prompt
+is read as space-separated token ids and its output is printed as ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import kernels
+from speedrun.config import RunConfig, window_blocks
+from speedrun.model import GPT
+
+
+def load_checkpoint(path) -> tuple[GPT, RunConfig]:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say what it is, not a pickle traceback
+        raise SystemExit(f"{path}: not a speedrun checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not {"config", "model"} <= set(state):
+        raise SystemExit(f"{path}: not a speedrun checkpoint (expected 'config' and 'model' entries)")
+    cfg = RunConfig.from_dict(state["config"])
+    model = GPT(cfg.model, kernels.resolve("torch"), dtype=torch.float32)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def generate(model: GPT, cfg: RunConfig, prompt_ids: list[int], max_new_tokens: int, temperature: float,
+             top_k: int, generator: torch.Generator) -> list[int]:
+    """Sample continuation ids (recomputing the whole context each token: simple, and fine at this size)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    ids = [cfg.model.eot_token] + list(prompt_ids)  # every document starts with end-of-text
+    max_context = cfg.data.seq_len
+    window = window_blocks(cfg.train.num_steps, cfg)  # the window the model finished training with
+    out = []
+    for _ in range(max_new_tokens):
+        context = torch.tensor(ids[-max_context:], dtype=torch.int64)[None]
+        logits = model(context, window=window)[0, -1, : cfg.model.vocab_size]
+        logits = logits / temperature
+        if top_k < logits.numel():
+            kth = torch.topk(logits, top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+        if token == cfg.model.eot_token:
+            break
+        ids.append(token)
+        out.append(token)
+    return out
+
+
+def sample_command(args) -> int:
+    model, cfg = load_checkpoint(args.checkpoint)
+    generator = torch.Generator().manual_seed(args.seed)
+    if cfg.model.vocab_size == 50257:
+        import tiktoken
+
+        enc = tiktoken.get_encoding("gpt2")
+        prompt_ids = enc.encode_ordinary(args.prompt)
+        new = generate(model, cfg, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, generator)
+        print(args.prompt + enc.decode(new))
+    else:
+        try:
+            prompt_ids = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            raise SystemExit(f"this model was trained on a {cfg.model.vocab_size}-token synthetic vocabulary: "
+                             "give the prompt as space-separated token ids") from None
+        bad = [t for t in prompt_ids if not 0 <= t < cfg.model.vocab_size]
+        if bad:
+            raise SystemExit(f"prompt token ids {bad} are outside the vocabulary [0, {cfg.model.vocab_size})")
+        new = generate(model, cfg, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, generator)
+        print(" ".join(map(str, prompt_ids + new)))
+    return 0

@@ -1,0 +1,377 @@
+"""The race: untimed compile and warm-up, then the timed loop, validation, and the run log.
+
+The rules, enforced by construction here:
+- Compilation and warm-up run before the clock starts; the warm-up steps touch every shape the run
+  will see (a training step and a validation forward), then the model and optimizer states are
+  restored to their initial values and the data stream is rewound. The clock starts after a device
+  synchronise.
+- The clock stops for every validation pass (step 0, every ``val_every`` steps, and the last step) and
+  restarts after it. The record time is the train time at the last step.
+- Validation is the exact mean cross-entropy over ``val_tokens`` tokens, averaged over ranks.
+- A run ends ``success`` (target reached), ``not_converged``, ``completed`` (no target for this data),
+  ``diverged`` (non-finite loss; the step is named) or ``aborted`` (SIGINT/SIGTERM: the current step
+  finishes, the log is written, the exit code is non-zero). Only the final validation can say success.
+- The step never waits on the host: the loss of step s is checked for NaN/inf (and the stop request
+  is shared between ranks) one step later, when reading it no longer stalls the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import resource
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import kernels
+from speedrun import REPO_ROOT, dist
+from speedrun.config import RunConfig, get_preset, window_blocks
+from speedrun.data.loader import TrainLoader, val_batches
+from speedrun.data.shards import data_vocab, list_shards, read_manifest
+from speedrun.model import GPT, flops_per_token
+from speedrun.optim import build_optimizers, set_schedules
+from speedrun.runlog import RunLog, code_snapshot, environment, relative_to_repo
+from speedrun.tracks import get_track
+
+# Dense bf16 tensor-core peak (TFLOP/s) by GPU name substring, for the MFU estimate.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4,
+                    "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "4090": 165.2}
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    final_val_loss: float | None
+    train_time_ms: float
+    log_path: Path
+    json_path: Path
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    if not gpu_name:
+        return None
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in gpu_name:
+            return value
+    return None
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current step and writes an `aborted` log."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model, cfg: RunConfig, env: dist.DistEnv, val_path: Path, window) -> float:
+    """Mean cross-entropy over the first val_tokens tokens of the val shard, exactly averaged over ranks."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=env.device)
+    count = 0
+    for inputs, targets in val_batches(val_path, cfg.data.val_tokens, cfg.data.seq_len,
+                                       env.world_size, env.rank, env.device):
+        total += model(inputs[None], targets[None], window=window).double()
+        count += 1
+    model.train()
+    # Every rank holds the same number of equal-length sequences, so the mean of means is the token mean.
+    return dist.all_reduce_mean_(total / count).item()
+
+
+def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | None, track: str | None,
+          log_dir="logs", run_id: str | None = None, clock=time.perf_counter, quiet: bool = False,
+          save_checkpoint: str | None = None, echo: bool = True) -> RunResult:
+    """Train ``cfg`` on the shards in ``data_dir``; returns what the run log says.
+
+    ``clock`` is injectable so tests can check the timing rules with a fake clock.
+    """
+    run_id = run_id or str(uuid.uuid4())
+    device = env.device
+    torch.manual_seed(cfg.train.seed)
+    dtype = getattr(torch, cfg.train.dtype)
+    ops = kernels.resolve(cfg.train.kernels)
+    raw_model = GPT(cfg.model, ops, dtype=dtype).to(device)
+    dist.broadcast_parameters(raw_model)
+    optimizers = build_optimizers(raw_model, cfg, ops)
+    model = torch.compile(raw_model, dynamic=False) if cfg.train.compile else raw_model
+
+    train_loader = TrainLoader(list_shards(data_dir, "train"), seq_len=cfg.data.seq_len,
+                               batch_slots=cfg.data.batch_slots, world_size=env.world_size, rank=env.rank,
+                               device=device, prefetch=True)
+    val_path = list_shards(data_dir, "val")[0]
+    micro_steps = cfg.data.batch_slots // env.world_size
+    n = cfg.train.num_steps
+    long_w = torch.ones((), dtype=torch.int32, device=device)
+    short_w = torch.ones((), dtype=torch.int32, device=device)
+
+    def set_window(step: int):
+        long_blocks, short_blocks = window_blocks(step, cfg)
+        long_w.fill_(long_blocks)
+        short_w.fill_(short_blocks)
+        return long_w, short_w
+
+    def train_step(step: int) -> torch.Tensor:
+        window = set_window(step)
+        loss_sum = torch.zeros((), device=device)
+        for inputs, targets in train_loader.next_step():
+            loss = model(inputs[None], targets[None], window=window)
+            # Average over micro-steps (and, below, over ranks): the math is the same for any world size.
+            (loss / micro_steps).backward()
+            loss_sum += loss.detach().float()
+        dist.all_reduce_grads_(raw_model.parameters())
+        set_schedules(optimizers, step, cfg)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return loss_sum / micro_steps
+
+    # ---- untimed: compile and warm up on every shape the run will see, then restore ----
+    initial_model = copy.deepcopy(raw_model.state_dict())
+    initial_optim = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    for step in range(cfg.train.warmup_steps):
+        train_step(step)
+    if cfg.train.warmup_steps:
+        evaluate_batch = next(iter(val_batches(val_path, cfg.data.val_tokens, cfg.data.seq_len,
+                                               env.world_size, env.rank, device)))
+        with torch.no_grad():
+            model.eval()
+            model(evaluate_batch[0][None], evaluate_batch[1][None], window=set_window(n))
+            model.train()
+    raw_model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_optim):
+        opt.load_state_dict(state)
+    train_loader.reset()
+    del initial_model, initial_optim
+
+    # ---- the run log: written only by rank 0, after everything the run uses has been imported ----
+    env_facts = environment(env.world_size, device.type)
+    log = RunLog(log_dir, run_id, cfg.to_dict(), env_facts, code_snapshot(), target, track=track,
+                 enabled=env.is_main, echo=echo, quiet=quiet)
+    log.facts["data"] = {"dir": relative_to_repo(data_dir), "val_shard": val_path.name}
+    status, final_val, diverged_at = None, None, None
+    tokens_per_step = cfg.data.tokens_per_step
+    flops = 0.0
+
+    # ---- the timed loop ----
+    with StopRequest() as stop:
+        device_sync(device)
+        train_time = 0.0
+        t0 = clock()
+        pending = None  # (step, tensor[loss, stop]) of the previous step, read one step late
+        step = 0
+        while True:
+            if pending is not None:
+                done_step, flags = pending
+                loss_value, stop_votes = flags.tolist()
+                log.facts["train_losses"].append(loss_value)
+                if not math.isfinite(loss_value):
+                    status, diverged_at = "diverged", done_step
+                elif stop_votes > 0:
+                    status = "aborted"
+                pending = None
+            last = step == n
+            if status is None and (last or step % cfg.train.val_every == 0):
+                device_sync(device)
+                train_time += clock() - t0
+                final_val = evaluate(model, cfg, env, val_path, set_window(step))
+                avg = f"{1000 * train_time / step:.2f}" if step else "nan"
+                log.line(f"step:{step}/{n} val_loss:{final_val:.4f} train_time:{1000 * train_time:.0f}ms "
+                         f"step_avg:{avg}ms")
+                log.facts["val_curve"].append({"step": step, "val_loss": final_val,
+                                               "train_time_ms": round(1000 * train_time, 3)})
+                log.write_json()
+                if not math.isfinite(final_val):
+                    status, diverged_at = "diverged", step
+                device_sync(device)
+                t0 = clock()
+            if status is not None or last:
+                break
+            loss = train_step(step)
+            flags = torch.stack([loss, torch.tensor(float(stop.signal is not None), device=device)])
+            pending = (step, dist.all_reduce_mean_(flags))
+            step += 1
+            flops += tokens_per_step * flops_per_token(cfg.model, cfg.data.seq_len,
+                                                       window_blocks(step - 1, cfg)[0] * cfg.model.attn_block_size)
+            elapsed = train_time + clock() - t0  # host time, no sync: the public format's per-step line
+            if step % cfg.train.log_every == 0:
+                log.line(f"step:{step}/{n} train_time:{1000 * elapsed:.0f}ms step_avg:{1000 * elapsed / step:.2f}ms",
+                         important=False)
+        if status is None:
+            status = "completed" if target is None else ("success" if final_val <= target else "not_converged")
+        if status in ("aborted", "diverged"):
+            device_sync(device)
+            train_time += clock() - t0
+
+    # ---- after the clock: summary, checkpoint, final log ----
+    steps_done = step
+    tokens = steps_done * tokens_per_step
+    peak = peak_tflops(env_facts["gpu_name"])
+    tokens_per_s = tokens / train_time if train_time > 0 else None
+    mfu = (flops / train_time / (peak * 1e12 * env.world_size)) if (peak and train_time > 0) else None
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
+        mem_line = (f"peak memory allocated: {peak_mem:.0f} MiB "
+                    f"reserved: {torch.cuda.max_memory_reserved(device) / 2**20:.0f} MiB")
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        mem_line = f"peak memory (process RSS): {peak_mem:.0f} MiB"
+    log.facts.update(status=status, final_val_loss=final_val if status != "diverged" else None,
+                     train_time_ms=round(1000 * train_time, 3), steps_done=steps_done, tokens_seen=tokens,
+                     tokens_per_second=tokens_per_s, mfu=mfu, peak_memory_mib=round(peak_mem, 1),
+                     diverged_at_step=diverged_at)
+    if save_checkpoint and env.is_main and status not in ("diverged",):
+        path = save_model_checkpoint(save_checkpoint, raw_model, cfg, run_id, steps_done)
+        log.facts["checkpoint"] = relative_to_repo(path)
+    summary = summary_lines(log.facts, mem_line)
+    log.finish(summary)
+    return RunResult(run_id, status, log.facts["final_val_loss"], 1000 * train_time, log.txt_path, log.json_path)
+
+
+def summary_lines(facts: dict, mem_line: str) -> list[str]:
+    lines = [mem_line]
+    status, target, val = facts["status"], facts["target_val_loss"], facts["final_val_loss"]
+    if status == "diverged":
+        lines.append(f"DIVERGED: non-finite loss at step {facts['diverged_at_step']}")
+    elif status == "aborted":
+        lines.append(f"ABORTED by signal after step {facts['steps_done']}")
+    if val is not None:
+        against = f" (target {target:.4f})" if target is not None else " (no target for this data)"
+        lines.append(f"final val_loss {val:.4f} at step {facts['steps_done']}{against}: {status}")
+    t = facts["train_time_ms"] / 1000
+    tps = facts["tokens_per_second"]
+    if facts["mfu"] is not None:
+        mfu = f"MFU {100 * facts['mfu']:.1f}%"
+    elif facts["env"]["device"] == "cpu":
+        mfu = "MFU not computed on CPU"
+    else:
+        mfu = "MFU not computed (no known peak for this GPU)"
+    lines.append(f"train_time {t:.1f} s ({t / 60:.2f} min), {facts['tokens_seen']:,} tokens, "
+                 f"{tps:,.0f} tokens/s, {mfu}" if tps else f"train_time {t:.1f} s, {mfu}")
+    return lines
+
+
+def save_model_checkpoint(path, model, cfg: RunConfig, run_id: str, step: int) -> Path:
+    """Save the weights and config atomically (temp file + rename); loadable with weights_only=True."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": cfg.to_dict(), "model": state, "run_id": run_id, "step": step}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The `speedrun train` command
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_config(args, cuda: bool) -> RunConfig:
+    """The preset with the command line's overrides applied."""
+    cfg = get_preset(args.preset or ("gpt2-124m" if cuda else "tiny"))
+    train_over, data_over = {}, {}
+    if args.steps is not None:
+        train_over["num_steps"] = args.steps
+    if args.val_every is not None:
+        train_over["val_every"] = args.val_every
+    if args.seed is not None:
+        train_over["seed"] = args.seed
+    train_over["kernels"] = args.kernels or ("triton" if cuda and "triton" in kernels.variants("attention") else "torch")
+    train_over["compile"] = cuda if args.compile is None else args.compile
+    if args.val_tokens is not None:
+        data_over["val_tokens"] = args.val_tokens
+    if args.seq_len is not None:
+        data_over["seq_len"] = args.seq_len
+    if args.data is not None:
+        data_over["data_dir"] = args.data
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),
+                               data=dataclasses.replace(cfg.data, **data_over))
+
+
+def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, dict]:
+    """Find (or, for synthetic data, generate) the shards; fit the model's vocabulary to them."""
+    data_dir = Path(cfg.data.data_dir)
+    if not data_dir.is_absolute():
+        data_dir = REPO_ROOT / data_dir
+    if cfg.data.source == "synth" and cfg.data.data_dir == get_preset(cfg.preset).data.data_dir:
+        if env.is_main:
+            from speedrun.data.synth import ensure_synth
+            ensure_synth(data_dir)
+        dist.barrier()
+    if not list_shards(data_dir, "train") or not list_shards(data_dir, "val"):
+        raise SystemExit(f"no train/val shards in {relative_to_repo(data_dir)}: get the FineWeb shards with "
+                         "`speedrun data download`, make shards from text with `speedrun data tokenize`, or "
+                         "run `./run.sh --preset tiny` (synthetic data, no download)")
+    manifest = read_manifest(data_dir) or {}
+    vocab_size, eot = data_vocab(data_dir)
+    if (vocab_size, eot) != (cfg.model.vocab_size, cfg.model.eot_token):
+        padded = vocab_size if vocab_size % 128 == 0 or vocab_size <= 4096 else 128 * math.ceil(vocab_size / 128)
+        if env.is_main:
+            print(f"note: the data's vocabulary ({vocab_size} tokens, end-of-text {eot}) differs from the "
+                  f"preset's; the model uses the data's ({padded} output rows)")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vocab_size=vocab_size, eot_token=eot, padded_vocab_size=padded))
+    return cfg, data_dir, manifest
+
+
+def train_command(args) -> int:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    cuda = torch.cuda.is_available() if args.device != "cpu" else False
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    cfg = resolve_config(args, cuda)
+    env = dist.init_distributed("cuda" if cuda else "cpu")
+    try:
+        if cfg.data.batch_slots % env.world_size:
+            raise SystemExit(f"world size {env.world_size} must divide the {cfg.data.batch_slots} sequences "
+                             "of a step (use 1, 2, 4 or 8 processes)")
+        cfg, data_dir, manifest = prepare_data(cfg, env)
+        track = get_track(cfg.track)
+        on_track = (track.data == "synth") == (manifest.get("kind") == "synth")
+        target = track.target(manifest.get("val_optimal_loss")) if on_track else None
+        if env.is_main:
+            print(f"speedrun: preset {cfg.preset}, track {track.name if on_track else 'none (off-track data)'}, "
+                  f"target {target if target is not None else 'none'}, kernels {cfg.train.kernels}, "
+                  f"compile {cfg.train.compile}, {env.world_size} process(es) on {env.device.type}, "
+                  f"data {relative_to_repo(data_dir)}")
+        result = train(cfg, env, data_dir, target, track.name if on_track else None, log_dir=args.log_dir,
+                       quiet=args.quiet, save_checkpoint=args.save_checkpoint)
+    finally:
+        dist.shutdown()
+    if env.is_main:
+        print(f"log: {relative_to_repo(result.log_path)}  (machine-readable: {relative_to_repo(result.json_path)})")
+    if result.status == "aborted":
+        return 130
+    return 0 if result.status in ("success", "completed") else 1
