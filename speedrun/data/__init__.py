@@ -1,0 +1,1 @@
+"""The data layer: the shard format, download, tokenization, the synthetic language, the loader."""
