@@ -177,7 +177,10 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     env_facts = environment(env.world_size, device.type)
     log = RunLog(log_dir, run_id, cfg.to_dict(), env_facts, code_snapshot(), target, track=track,
                  enabled=env.is_main, echo=echo, quiet=quiet)
-    log.facts["data"] = {"dir": relative_to_repo(data_dir), "val_shard": val_path.name}
+    manifest = read_manifest(data_dir) or {}
+    log.facts["data"] = {"dir": relative_to_repo(data_dir), "val_shard": val_path.name,
+                         "kind": manifest.get("kind"), "val_optimal_loss": manifest.get("val_optimal_loss"),
+                         "val_shard_sha256": manifest.get("files", {}).get(val_path.name, {}).get("sha256")}
     status, final_val, diverged_at = None, None, None
     tokens_per_step = cfg.data.tokens_per_step
     flops = 0.0
