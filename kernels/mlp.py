@@ -10,12 +10,20 @@ The op (every variant has this signature)::
     out     (..., dim), dtype of x
 
 Gradients flow to x, w_fc and w_proj (in the weights' own dtypes).
+
+Variants: ``torch`` (the reference) and, when Triton imports, ``triton``: one autograd.Function whose
+up-projection is a Triton matmul with relu^2 fused into its epilogue, and whose backward produces the
+pre-activation gradient in one Triton matmul with the relu^2 derivative fused into the epilogue
+(relu(pre) recomputed as sqrt(post)); the other matmuls are torch (see the section below).
+Also exported: ``linear_relu2`` and ``relu2_backward_matmul``, the two fused kernels on their own.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kernels.common import interpreting, new_empty, triton_usable
 
 
 def check_mlp_args(x, w_fc, w_proj):
@@ -27,7 +35,8 @@ def check_mlp_args(x, w_fc, w_proj):
     if w_fc.dim() != 2 or w_proj.dim() != 2:
         raise ValueError(f"w_fc and w_proj must be 2-D, got {tuple(w_fc.shape)} and {tuple(w_proj.shape)}")
     if x.dim() < 1 or x.shape[-1] != w_fc.shape[1]:
-        raise ValueError(f"x's last dim ({x.shape[-1] if x.dim() else None}) must equal w_fc.shape[1] ({w_fc.shape[1]})")
+        last = x.shape[-1] if x.dim() else None
+        raise ValueError(f"x's last dim ({last}) must equal w_fc.shape[1] ({w_fc.shape[1]})")
     if w_proj.shape != (w_fc.shape[1], w_fc.shape[0]):
         raise ValueError(f"w_proj must have shape {(w_fc.shape[1], w_fc.shape[0])}, got {tuple(w_proj.shape)}")
     if w_fc.device != x.device or w_proj.device != x.device:
@@ -42,3 +51,227 @@ def mlp_torch(x, w_fc, w_proj):
 
 
 VARIANTS = {"torch": mlp_torch}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Triton variant.
+#
+#   forward   post  = relu(x @ W1^T)^2         Triton matmul, relu^2 fused into the epilogue   (M, H)
+#             out   = post @ W2^T              torch matmul                                    (M, D)
+#   saved     x, w_fc, w_proj, post            (pre = x @ W1^T is never stored)
+#   backward  d_pre = (dout @ W2) * 2 sqrt(post)   Triton matmul, the relu^2 derivative fused into the
+#                                                  epilogue: relu(pre) = sqrt(post) is recomputed there
+#             dW2   = dout^T @ post            torch matmul                                    (D, H)
+#             dW1   = d_pre^T @ x              torch matmul                                    (H, D)
+#             dx    = d_pre @ W1               torch matmul                                    (M, D)
+#
+# M = prod(x.shape[:-1]) tokens, D = dim, H = hidden; W1 (H, D) and W2 (D, H) are w_fc and w_proj cast to
+# x's dtype (re-cast in the backward, not saved). Every matmul accumulates in fp32; tensors are in x's
+# dtype, so in fp16 post = inf where relu(pre) > 256, as in the reference (whose backward stays finite
+# there; this one does not). fp32 inputs use IEEE fp32 dots on the GPU (not TF32), like PyTorch's default.
+# bf16 tl.dot is wrong under Triton's CPU interpreter, so there (only) bf16 tiles are upcast to fp32
+# before the dot (UPCAST): CPU runs check bf16 loads, epilogues and stores, not the bf16 MMA path.
+# ------------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: only the torch variant
+    triton = None
+
+EPILOGUE_NONE, EPILOGUE_RELU2, EPILOGUE_DRELU2 = 0, 1, 2
+
+if triton is not None:
+
+    def _matmul_configs():
+        if interpreting():  # the CPU interpreter is slow: one small config, no tuning
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+        return [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        ]
+
+    @triton.jit
+    def _matmul_k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 (BLOCK_M, BLOCK_N) = sum over K of the A tile (BLOCK_M, BLOCK_K) @ the B tile (BLOCK_K, BLOCK_N).
+
+        The pointers address the first K block; the last block is masked to zeros unless EVEN_K.
+        UPCAST: the tiles are cast to fp32 before the dot (only under the interpreter).
+        """
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if UPCAST:  # bf16 under the CPU interpreter, whose bf16 tl.dot is wrong
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        return acc
+
+    @triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _matmul_epilogue_kernel(
+        a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        EPILOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        """C = epilogue(A @ B): A (M, K), B (K, N), C and aux (M, N) with C's strides; any strides for A, B.
+
+        EPILOGUE_NONE: C = acc;  EPILOGUE_RELU2: C = relu(acc)^2;  EPILOGUE_DRELU2: C = acc * 2 sqrt(aux).
+        One program per (BLOCK_M, BLOCK_N) tile of C, in grouped order (GROUP_M tile-rows sweep the
+        tile-columns together, so the B tiles they share stay in L2).
+        """
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        # Rows/cols past the edge wrap around (loads stay in bounds, no mask); the store masks them.
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_am = (offs_m % M).to(tl.int64)
+        offs_bn = (offs_n % N).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+        acc = _matmul_k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
+                             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+
+        c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if EPILOGUE == 1:  # relu^2
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        elif EPILOGUE == 2:  # d pre = d post * 2 relu(pre), relu(pre) = sqrt(post)
+            post = tl.load(aux_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+            acc = acc * (2.0 * tl.sqrt(post))
+        tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    def _dot_flags(dtype: torch.dtype) -> dict:
+        """IEEE fp32 dots for fp32 (not TF32); bf16 is upcast to fp32 under the CPU interpreter."""
+        upcast = dtype == torch.bfloat16 and interpreting()
+        return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
+
+    def _matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None = None):
+        """Launch: C (M, N) = epilogue(a @ b) in a's dtype, for a (M, K) and b (K, N) of one dtype (any strides,
+        so pass ``w.t()`` views for x @ w^T). ``aux`` (M, N) is read by EPILOGUE_DRELU2 only."""
+        M, K = a.shape
+        N = b.shape[1]
+        c = new_empty((M, N), a.dtype, a.device)
+        if M == 0 or N == 0:
+            return c
+        if aux is None:
+            aux = c  # never read
+        elif aux.stride() != c.stride():
+            aux = aux.contiguous()
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _matmul_epilogue_kernel[grid](
+            a, b, c, aux, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            EPILOGUE=epilogue, **_dot_flags(a.dtype),
+        )
+        return c
+
+    def _check_triton_device(t: torch.Tensor, name: str):
+        if not triton_usable(t.device):
+            raise ValueError(f"{name} is on {t.device}, where the Triton kernels cannot run "
+                             "(needs a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+
+    def linear_relu2(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """post = relu(x @ w^T)^2 in one kernel (forward only).
+
+        x (M, K) float32/float16/bfloat16; w (N, K) any of those (cast to x's dtype); post (M, N) in x's
+        dtype, accumulated in fp32 with the square taken before the single rounding.
+        """
+        _check_2d_pair(x, "x", w, "w", x_dim=1, w_dim=1)
+        return _matmul_epilogue(x, w.to(x.dtype).t(), EPILOGUE_RELU2)
+
+    def relu2_backward_matmul(dout: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        """d_pre = (dout @ w_proj) * 2 sqrt(post) in one kernel: the gradient through relu^2 and the
+        down-projection, with relu(pre) recomputed from post.
+
+        dout (M, D) float32/float16/bfloat16; w_proj (D, H) (cast to dout's dtype); post (M, H) =
+        relu(pre)^2 in dout's dtype; d_pre (M, H) in dout's dtype.
+        """
+        _check_2d_pair(dout, "dout", w_proj, "w_proj", x_dim=1, w_dim=0)
+        _check_2d_pair(post, "post", w_proj, "w_proj", x_dim=1, w_dim=1)
+        if post.dtype != dout.dtype or post.shape[0] != dout.shape[0]:
+            raise ValueError(f"post must be ({dout.shape[0]}, {w_proj.shape[1]}) in {dout.dtype}, "
+                             f"got {tuple(post.shape)} in {post.dtype}")
+        return _matmul_epilogue(dout, w_proj.to(dout.dtype), EPILOGUE_DRELU2, aux=post)
+
+    def _check_2d_pair(x, x_name, w, w_name, x_dim, w_dim):
+        """x and w are 2-D float tensors on one Triton-usable device with x.shape[x_dim] == w.shape[w_dim]."""
+        for name, t in ((x_name, x), (w_name, w)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+            if t.dim() != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if x.shape[x_dim] != w.shape[w_dim]:
+            raise ValueError(f"{x_name}.shape[{x_dim}] ({x.shape[x_dim]}) must equal "
+                             f"{w_name}.shape[{w_dim}] ({w.shape[w_dim]})")
+        if x.device != w.device:
+            raise ValueError(f"{x_name} and {w_name} must be on one device, got {x.device} and {w.device}")
+        _check_triton_device(x, x_name)
+
+    class _MLPTriton(torch.autograd.Function):
+        """The MLP block; see the table above for what each step runs on."""
+
+        @staticmethod
+        def forward(ctx, x, w_fc, w_proj):
+            x2 = x.reshape(-1, x.shape[-1])  # (M, D)
+            w1, w2 = w_fc.to(x.dtype), w_proj.to(x.dtype)  # (H, D), (D, H); no copy when dtypes match
+            post = _matmul_epilogue(x2, w1.t(), EPILOGUE_RELU2)  # (M, H)
+            out = torch.mm(post, w2.t(), out=new_empty((x2.shape[0], w2.shape[0]), x.dtype, x.device))
+            # The weights are saved as given and re-cast in the backward (a cheap cast, no extra memory).
+            ctx.save_for_backward(x2, w_fc, w_proj, post)
+            ctx.x_shape = x.shape
+            return out.reshape(*x.shape[:-1], w2.shape[0])
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, dout):
+            x2, w_fc, w_proj, post = ctx.saved_tensors
+            w1, w2 = w_fc.to(x2.dtype), w_proj.to(x2.dtype)
+            dout2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)  # (M, D)
+            dx = dw_fc = dw_proj = None
+            if ctx.needs_input_grad[2]:
+                dw_proj = (dout2.t() @ post).to(w_proj.dtype)  # (D, H)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                d_pre = _matmul_epilogue(dout2, w2, EPILOGUE_DRELU2, aux=post)  # (M, H)
+                if ctx.needs_input_grad[1]:
+                    dw_fc = (d_pre.t() @ x2).to(w_fc.dtype)  # (H, D)
+                if ctx.needs_input_grad[0]:
+                    dx = (d_pre @ w1).reshape(ctx.x_shape)  # (..., D)
+            return dx, dw_fc, dw_proj
+
+    def mlp_triton(x, w_fc, w_proj):
+        """The MLP op (signature in the module docstring): fused relu^2 up-projection, torch down-projection,
+        and a backward that recovers relu(pre) from the saved post-activation."""
+        check_mlp_args(x, w_fc, w_proj)
+        _check_triton_device(x, "x")
+        return _MLPTriton.apply(x, w_fc, w_proj)
+
+    VARIANTS["triton"] = mlp_triton
