@@ -136,6 +136,49 @@ def test_row_sampler_frequencies_and_zero_columns():
         assert np.all(np.abs(freq - probs[r]) <= 5 * se + 1e-12), (freq, probs[r])
 
 
+def chi_square_p_value(counts, probs):
+    from scipy.stats import chi2
+
+    expected = probs.ravel() * counts.sum()
+    assert expected.min() > 5
+    return chi2.sf(((counts.ravel() - expected) ** 2 / expected).sum(), df=expected.size - 1)
+
+
+def test_sampler_matches_exact_document_statistics():
+    """Documents are iid, so statistics of whole documents are multinomial: their counts in a sampled
+    stream must fit the probabilities computed from the parameters (topics that persist within a
+    document and are independent across documents, sticky states, the start distributions)."""
+    emission = np.array([[[0.7, 0.2, 0.1, 0], [0.2, 0.6, 0.2, 0]],
+                         [[0.1, 0.2, 0.7, 0], [0.2, 0.1, 0.7, 0]]])
+    lang = synth.SynthLanguage(topic_prior=np.array([0.7, 0.3]), start_probs=np.array([0.6, 0.4]),
+                               transition=np.array([[0.8, 0.2], [0.3, 0.7]]), emission=emission,
+                               end_prob=0.25, eot_token=3)
+    tokens = synth.sample_stream(lang, 300_000, np.random.default_rng())
+    starts = np.flatnonzero(tokens == 3)
+    docs = [tokens[a + 1:b] for a, b in zip(starts[:-1], starts[1:])]  # the last one may be cut: dropped
+    B = emission[:, :, :3]  # (topic, state, token)
+    A = lang.transition
+    first = np.einsum("t,s,tsa->a", lang.topic_prior, lang.start_probs, B)
+
+    def pair_probs(steps):  # P(x_1 = a, x_{1+steps} = b) within a document long enough
+        move = np.linalg.matrix_power(A, steps)
+        return np.einsum("t,s,tsa,su,tub->ab", lang.topic_prior, lang.start_probs, B, move, B)
+
+    for steps in (1, 3):
+        counts = np.zeros((3, 3))
+        for doc in docs:
+            if len(doc) > steps:
+                counts[doc[0], doc[steps]] += 1
+        assert chi_square_p_value(counts, pair_probs(steps)) > 1e-5
+    across = np.zeros((3, 3))  # first tokens of documents 2i and 2i+1: independent
+    for d in range(0, len(docs) - 1, 2):
+        across[docs[d][0], docs[d + 1][0]] += 1
+    assert chi_square_p_value(across, np.outer(first, first)) > 1e-5
+    lengths = np.array([len(doc) for doc in docs])
+    assert chi_square_p_value(np.bincount(np.minimum(lengths, 8) - 1, minlength=8),
+                              np.append(0.75 ** np.arange(7) * 0.25, 0.75 ** 7)) > 1e-5
+
+
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     a = synth.generate_synth(tmp_path / "a", seed=3, **SMALL)
     b = synth.generate_synth(tmp_path / "b", seed=3, **SMALL)
