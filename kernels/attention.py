@@ -24,6 +24,27 @@ run just before Q and the partial ones are Q itself plus, for a single-document 
 that document starts; for a multi-document Q every candidate is partial. In every case the kept blocks
 are the contiguous range [max(first candidate, Q - w + 1), Q], and the token rule inside kept blocks
 then makes the first-candidate bound redundant. So the rule above is the recipe's mask, token for token.
+
+Triton variant (``attention_triton``): flash attention, forward and backward, O(T * window) work and no
+T x T matrix in memory. The kernels are in kernels/attention_kernels.py.
+
+    layouts   q, k, v: any (B, T, H, D) strides with a unit stride on D (e.g. views of a packed qkv tensor);
+              a non-unit D stride is copied with .contiguous(). The output and dq, dk, dv are contiguous.
+    dtypes    float16 / bfloat16 (fp32 accumulation; P and dS are rounded to the input dtype before their
+              matmuls, as in every flash attention), float32 (exact fp32 matmuls, input_precision="ieee").
+              bfloat16 is refused under the CPU interpreter, where its tl.dot is wrong.
+    head dim  64 or 128.
+    doc_ids   must be non-decreasing along T (not checked: that needs a host sync; set CHECK_DOC_IDS = True
+              to check). Per-token document start/end indices are derived from it with torch ops (no sync).
+    window    int or integer tensor (any device, one element); moved to a 0-dim int32 device tensor clamped
+              to [1, T // block_size + 1] with device ops, and read by the kernels from memory: changing it
+              neither recompiles nor syncs. (A negative tensor value behaves as 1, as in the reference.)
+
+Fused: forward = QK^T, mask, online softmax, PV in one kernel; it writes out and the log-sum-exp
+LSE (B, H, T) fp32, saved for the backward with q, k, v, out. Backward: a preprocess kernel
+(delta = rowsum(dO * out), (B, H, T) fp32), a dK/dV kernel (one program per key tile, looping over the
+query tiles that see it) and a dQ kernel (one program per query tile, looping over its key tiles); both
+recompute P = exp(scale * QK^T - LSE) tile by tile with the forward's mask. No atomics.
 """
 
 from __future__ import annotations
@@ -114,30 +135,6 @@ def attention_torch(q, k, v, doc_ids, window_blocks, scale, block_size=128, quer
 
 
 VARIANTS = {"torch": attention_torch}
-
-TRITON_DOC = """
-Triton variant (``attention_triton``): flash attention, forward and backward, O(T * window) work and no
-T x T matrix in memory. The kernels are in kernels/attention_kernels.py.
-
-    layouts   q, k, v: any (B, T, H, D) strides with a unit stride on D (e.g. views of a packed qkv tensor);
-              a non-unit D stride is copied with .contiguous(). The output and dq, dk, dv are contiguous.
-    dtypes    float16 / bfloat16 (fp32 accumulation; P and dS are rounded to the input dtype before their
-              matmuls, as in every flash attention), float32 (exact fp32 matmuls, input_precision="ieee").
-              bfloat16 is refused under the CPU interpreter, where its tl.dot is wrong.
-    head dim  64 or 128.
-    doc_ids   must be non-decreasing along T (not checked: that needs a host sync; set CHECK_DOC_IDS = True
-              to check). Per-token document start/end indices are derived from it with torch ops (no sync).
-    window    int or integer tensor (any device, one element); moved to a 0-dim int32 device tensor clamped
-              to [1, T // block_size + 1] with device ops, and read by the kernels from memory: changing it
-              neither recompiles nor syncs. (A negative tensor value behaves as 1, as in the reference.)
-
-Fused: forward = QK^T, mask, online softmax, PV in one kernel; it writes out and the log-sum-exp
-LSE (B, H, T) fp32, saved for the backward with q, k, v, out. Backward: a preprocess kernel
-(delta = rowsum(dO * out), (B, H, T) fp32), a dK/dV kernel (one program per key tile, looping over the
-query tiles that see it) and a dQ kernel (one program per query tile, looping over its key tiles); both
-recompute P = exp(scale * QK^T - LSE) tile by tile with the forward's mask. No atomics.
-"""
-
 
 def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(doc_start, doc_end), (B, T) int32 contiguous: first index of each token's document and one past its
@@ -263,11 +260,11 @@ class _AttentionTriton(torch.autograd.Function):
 
 
 def attention_triton(q, k, v, doc_ids, window_blocks, scale, block_size=128, *, tiles=None):
-    """The op (module docstring) with the Triton kernels; differentiable in q, k, v. See TRITON_DOC.
-    ``tiles`` = (BLOCK_M, BLOCK_N), powers of two >= 16, overrides the tile sizes (tests, tuning)."""
+    """The op with the Triton kernels (module docstring: layouts, dtypes, what is fused and recomputed);
+    differentiable in q, k, v. ``tiles`` = (BLOCK_M, BLOCK_N), powers of two >= 16, overrides the tile
+    sizes (tests, tuning)."""
     return _AttentionTriton.apply(q, k, v, doc_ids, window_blocks, scale, block_size, tiles)
 
 
-attention_triton.__doc__ += TRITON_DOC
 if triton is not None:
     VARIANTS["triton"] = attention_triton

@@ -158,7 +158,7 @@ def test_strided_inputs(variant):
     q, k, _ = qkv.unbind(2)
     v = torch.randn(B, T, D, H, generator=g).to(DEVICE).transpose(-1, -2)
     do = torch.randn(B, H, T, D, generator=g).to(DEVICE).transpose(1, 2)
-    doc_ids = _docs(T, [20])[None]
+    doc_ids = _docs(T, [20])[None].long()  # int64 doc ids are accepted too
     assert not q.is_contiguous() and v.stride(-1) != 1 and not do.is_contiguous()
     ref = _run(A.attention_torch, q, k, v, do, doc_ids, 2, 16, torch.float64)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -250,7 +250,8 @@ def _segments(lo, full_lo, full_hi, hi, step):
 @pytest.mark.parametrize("T,bs,w,lengths,tiles", [(150, 16, 2, [40, 1, 70], (32, 16)),
                                                    (150, 16, 4, [], (16, 32)),
                                                    (131, 7, 3, [3, 3, 50], (16, 16)),
-                                                   (200, 64, 1, [100], (32, 32))])
+                                                   (200, 64, 1, [100], (32, 32)),
+                                                   (160, 16, 8, [64], (32, 32))])
 def test_tile_skipping_is_exact(T, bs, w, lengths, tiles):
     """The kernels visit exactly the tiles with at least one visible (query, key) pair -- so the work grows
     with the window, not T^2 -- and skip the token mask exactly on the tiles where every pair is visible."""
