@@ -1,0 +1,232 @@
+"""Optimizers of the recipe (Muon + Adam) and of the baseline (AdamW), and their schedules.
+
+The trainer's order within a step: forward/backward per micro-step, average the grads over micro-steps
+and all-reduce them (AVG) across ranks, ``set_schedules(opts, step, cfg)``, ``opt.step()`` for every
+optimizer in the returned order, then ``zero_grad(set_to_none=True)``. So no optimizer here reduces
+gradients: they arrive identical on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from speedrun import config
+from speedrun.config import RunConfig
+
+# The collective was renamed in recent PyTorch; the old name warns there but is the only one in older
+# releases. A flat (world_size * numel) output buffer is accepted by both NCCL and Gloo.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, as in the recipe (spec section 3).
+
+    For each matrix W with gradient G and momentum buffer M (fp32, starts at 0):
+        M <- mu M + (1 - mu) G;   U = (1 - mu) G + mu M   (Nesterov form)
+        X = newton_schulz(U)      (bf16; a (3, d, d) qkv weight is a batch of three d x d matrices)
+        W <- W - lr * sqrt(max(1, rows / cols)) * X        (rows, cols: the last two dims; no weight decay)
+
+    Work is split across ranks when torch.distributed is initialised with world size > 1. Parameters are
+    grouped by element count (one param group per size); each group is walked in chunks of world_size,
+    rank r computes the update of parameter (chunk start + r), and an async all-gather collects the
+    chunk's bf16 updates, waited on only after the next chunk's compute has been issued. Every rank then
+    applies all of them; a rank with no parameter in a final partial chunk sends a dummy. Because the
+    update is bf16 in either case and applied identically, one process computes exactly what W processes
+    do. A parameter's momentum buffer lives only on the rank that owns it.
+
+    ``newton_schulz`` is ``ops["newton_schulz"]`` from ``kernels.resolve(variant)``.
+    """
+
+    def __init__(self, params, newton_schulz, lr: float = 0.05, momentum: float = 0.95, ns_steps: int = 5,
+                 ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)):
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty: Muon needs at least one matrix")
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params must be tensors (Muon groups them itself), got {type(p).__name__}")
+            if p.dim() < 2:
+                raise ValueError(f"params must be >= 2-D matrices, got a parameter of shape {tuple(p.shape)}")
+        if not callable(newton_schulz):
+            raise TypeError("newton_schulz must be callable: ops['newton_schulz'] from kernels.resolve()")
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        by_size: dict[int, list] = {}
+        for p in params:
+            by_size.setdefault(p.numel(), []).append(p)
+        groups = [{"params": group} for group in by_size.values()]
+        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, ns_coeffs=tuple(ns_coeffs))
+        super().__init__(groups, defaults)
+        self.newton_schulz = newton_schulz
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world_size = _rank_and_world_size()
+        for group in self.param_groups:
+            self._step_group(group, rank, world_size)
+        return loss
+
+    def _step_group(self, group: dict, rank: int, world_size: int):
+        params = group["params"]
+        numel = params[0].numel()
+        if any(p.numel() != numel for p in params):
+            raise ValueError("every parameter of a Muon param group must have the same number of elements")
+        pending = None  # (all-gather handle, gathered buffer, chunk) of the previous chunk
+        for start in range(0, len(params), world_size):
+            chunk = params[start:start + world_size]
+            if start + rank < len(params):
+                update = self._orthogonalised_update(params[start + rank], group).flatten()
+            else:
+                update = torch.zeros(numel, dtype=torch.bfloat16, device=params[0].device)  # dummy
+            if world_size == 1:
+                self._apply(chunk, update, group)
+                continue
+            gathered = torch.empty(world_size * numel, dtype=torch.bfloat16, device=update.device)
+            handle = _all_gather_into_tensor(gathered, update, async_op=True)
+            if pending is not None:
+                self._wait_and_apply(*pending, group)
+            pending = (handle, gathered, chunk)
+        if pending is not None:
+            self._wait_and_apply(*pending, group)
+
+    def _orthogonalised_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Momentum step for p, then Newton-Schulz: the bf16 update direction (p's shape)."""
+        if p.grad is None:
+            raise RuntimeError(f"Muon parameter of shape {tuple(p.shape)} has no gradient; every Muon "
+                               "parameter must receive one each step (ranks would desynchronise otherwise)")
+        grad = p.grad.float()
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buf, mu = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(grad, 1 - mu)  # M <- mu M + (1 - mu) G
+        nesterov = grad.lerp(buf, mu)  # U = (1 - mu) G + mu M
+        return self.newton_schulz(nesterov, group["ns_steps"], group["ns_coeffs"]).to(torch.bfloat16)
+
+    def _wait_and_apply(self, handle, gathered: torch.Tensor, chunk: list, group: dict):
+        handle.wait()
+        self._apply(chunk, gathered, group)
+
+    @staticmethod
+    def _apply(chunk: list, updates: torch.Tensor, group: dict):
+        """W <- W - lr * shape factor * X for each parameter of the chunk; updates is (len >= chunk) x numel."""
+        updates = updates.view(-1, chunk[0].numel())[:len(chunk)]  # rows past the chunk are dummies
+        for p, update in zip(chunk, updates, strict=True):
+            shape_factor = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+            p.add_(update.view_as(p), alpha=-group["lr"] * shape_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the optimizers of a run
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizers(model, cfg: RunConfig, ops: dict) -> list[torch.optim.Optimizer]:
+    """The optimizers for ``model`` (a speedrun.model.GPT) under ``cfg.optim``, in the order to step them.
+
+    "muon_adam" (recipe, arch "recipe" only): [Adam, Muon]. Adam groups: lm_head (lm_head_lr), the token
+    and value embeddings (embed_lr), every < 2-D parameter (scalar_lr); Muon gets every >= 2-D parameter
+    inside the blocks. "adamw" (baseline, any arch): [AdamW] with weight decay on >= 2-D parameters only.
+    Every group carries a "name" and its base lr as "initial_lr" (set_schedules scales from it).
+    """
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a speedrun.model.GPT, got {type(model).__name__}")
+    if cfg.optim.kind == "muon_adam":
+        optimizers = _build_muon_adam(model, cfg, ops)
+    else:
+        optimizers = [_build_adamw(model, cfg)]
+    _check_every_param_once(model, optimizers)
+    return optimizers
+
+
+def _build_muon_adam(model, cfg: RunConfig, ops: dict) -> list[torch.optim.Optimizer]:
+    o = cfg.optim
+    if model.cfg.arch != "recipe":
+        raise ValueError(f"optim kind 'muon_adam' needs model arch 'recipe', got {model.cfg.arch!r}")
+    if not isinstance(ops, dict) or not callable(ops.get("newton_schulz")):
+        raise ValueError("ops must hold ops['newton_schulz']; build it with kernels.resolve(variant)")
+    adam_groups = [
+        dict(name="lm_head", params=[model.lm_head_weight], lr=o.lm_head_lr),
+        dict(name="embed", params=[model.embed.weight] + [t.weight for t in model.value_embeds], lr=o.embed_lr),
+        dict(name="scalar", params=[p for p in model.parameters() if p.dim() < 2], lr=o.scalar_lr),
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    adam = torch.optim.Adam(adam_groups, betas=o.adam_betas, eps=o.adam_eps, weight_decay=0.0,
+                            fused=_fused_supported(model))
+    matrices = [p for p in model.blocks.parameters() if p.dim() >= 2]
+    muon = Muon(matrices, ops["newton_schulz"], lr=o.muon_lr, momentum=config.muon_momentum(0, cfg),
+                ns_steps=o.ns_steps, ns_coeffs=o.ns_coeffs)
+    for group in muon.param_groups:
+        group["name"] = "muon"
+    optimizers = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def _build_adamw(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = list(model.parameters())
+    groups = [
+        dict(name="decay", params=[p for p in params if p.dim() >= 2], weight_decay=o.weight_decay),
+        dict(name="no_decay", params=[p for p in params if p.dim() < 2], weight_decay=0.0),
+    ]
+    groups = [g for g in groups if g["params"]]
+    adamw = torch.optim.AdamW(groups, lr=o.adamw_lr, betas=o.adamw_betas, fused=_fused_supported(model))
+    for group in adamw.param_groups:
+        group["initial_lr"] = group["lr"]
+    return adamw
+
+
+def _fused_supported(model) -> bool:
+    """PyTorch's fused Adam/AdamW kernels exist for CUDA and CPU tensors (not, e.g., meta)."""
+    return all(p.device.type in ("cuda", "cpu") for p in model.parameters())
+
+
+def _check_every_param_once(model, optimizers: list[torch.optim.Optimizer]):
+    names = {id(p): name for name, p in model.named_parameters()}
+    seen: dict[int, str] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise ValueError(f"parameter {names.get(id(p), '?')} is in groups {seen[id(p)]!r} "
+                                     f"and {group.get('name')!r}")
+                if id(p) not in names:
+                    raise ValueError(f"group {group.get('name')!r} holds a tensor that is not a model parameter")
+                seen[id(p)] = group.get("name")
+    missing = [name for pid, name in names.items() if pid not in seen]
+    if missing:
+        raise ValueError(f"parameters in no optimizer group: {missing}")
+
+
+def set_schedules(optimizers: list[torch.optim.Optimizer], step: int, cfg: RunConfig) -> None:
+    """Set every group's lr (initial_lr * lr_multiplier(step)) and Muon's momentum for ``step``."""
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    multiplier = config.lr_multiplier(step, cfg)
+    momentum = config.muon_momentum(step, cfg)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "initial_lr" not in group:
+                raise ValueError(f"optimizer group {group.get('name')!r} has no 'initial_lr'; "
+                                 "build the optimizers with build_optimizers")
+            group["lr"] = group["initial_lr"] * multiplier
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
