@@ -57,6 +57,7 @@ class OptimConfig:
     muon_momentum_warmup_steps: int = 300
     ns_steps: int = 5
     ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    ns_dtype: str = "bfloat16"  # Newton-Schulz compute dtype (the CPU presets use float32: bf16 is slow there)
     # Adam: embeddings, lm_head, scalars.
     adam_betas: tuple[float, float] = (0.8, 0.95)
     adam_eps: float = 1e-10
@@ -205,7 +206,7 @@ def tiny() -> RunConfig:
             n_value_embeds=1,
             window_pattern="LSSL",
         ),
-        optim=OptimConfig(),
+        optim=OptimConfig(ns_dtype="float32"),
         data=DataConfig(source="synth", data_dir="data/synth", seq_len=1024, batch_slots=8, val_tokens=262_144),
         train=TrainConfig(num_steps=300, val_every=50, warmup_steps=3, max_window_tokens=1024, dtype="float32"),
     )

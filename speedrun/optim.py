@@ -45,7 +45,8 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, newton_schulz, lr: float = 0.05, momentum: float = 0.95, ns_steps: int = 5,
-                 ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)):
+                 ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 ns_dtype: torch.dtype = torch.bfloat16):
         params = list(params)
         if not params:
             raise ValueError("params is empty: Muon needs at least one matrix")
@@ -64,6 +65,11 @@ class Muon(torch.optim.Optimizer):
         for p in params:
             by_size.setdefault(p.numel(), []).append(p)
         groups = [{"params": group} for group in by_size.values()]
+        if ns_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"ns_dtype must be bfloat16, float16 or float32, got {ns_dtype}")
+        # ns_dtype is the Newton-Schulz compute dtype and the dtype updates are exchanged in: bf16 in the
+        # recipe; the CPU presets use fp32 because bf16 matmuls are slow on CPUs.
+        self.ns_dtype = ns_dtype
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, ns_coeffs=tuple(ns_coeffs))
         super().__init__(groups, defaults)
         self.newton_schulz = newton_schulz
@@ -90,11 +96,11 @@ class Muon(torch.optim.Optimizer):
             if start + rank < len(params):
                 update = self._orthogonalised_update(params[start + rank], group).flatten()
             else:
-                update = torch.zeros(numel, dtype=torch.bfloat16, device=params[0].device)  # dummy
+                update = torch.zeros(numel, dtype=self.ns_dtype, device=params[0].device)  # dummy
             if world_size == 1:
                 self._apply(chunk, update, group)
                 continue
-            gathered = torch.empty(world_size * numel, dtype=torch.bfloat16, device=update.device)
+            gathered = torch.empty(world_size * numel, dtype=self.ns_dtype, device=update.device)
             handle = _all_gather_into_tensor(gathered, update, async_op=True)
             if pending is not None:
                 self._wait_and_apply(*pending, group)
@@ -114,7 +120,7 @@ class Muon(torch.optim.Optimizer):
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.lerp_(grad, 1 - mu)  # M <- mu M + (1 - mu) G
         nesterov = grad.lerp(buf, mu)  # U = (1 - mu) G + mu M
-        return self.newton_schulz(nesterov, group["ns_steps"], group["ns_coeffs"]).to(torch.bfloat16)
+        return self.newton_schulz(nesterov, group["ns_steps"], group["ns_coeffs"], dtype=self.ns_dtype).to(self.ns_dtype)
 
     def _wait_and_apply(self, handle, gathered: torch.Tensor, chunk: list, group: dict):
         handle.wait()
@@ -170,7 +176,7 @@ def _build_muon_adam(model, cfg: RunConfig, ops: dict) -> list[torch.optim.Optim
                             fused=_fused_supported(model))
     matrices = [p for p in model.blocks.parameters() if p.dim() >= 2]
     muon = Muon(matrices, ops["newton_schulz"], lr=o.muon_lr, momentum=config.muon_momentum(0, cfg),
-                ns_steps=o.ns_steps, ns_coeffs=o.ns_coeffs)
+                ns_steps=o.ns_steps, ns_coeffs=o.ns_coeffs, ns_dtype=getattr(torch, o.ns_dtype))
     for group in muon.param_groups:
         group["name"] = "muon"
     optimizers = [adam, muon]

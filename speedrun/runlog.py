@@ -6,8 +6,8 @@ The text log::
 
     speedrun run log
     run_id: <uuid>
-    ====== code: speedrun/model.py sha256=<hex> ======
-    <the file's exact source>
+    ====== code: speedrun/model.py sha256=<hex> lines=<n> eol=yes ======
+    <the file's exact source: n lines>
     ... one section per source file the run imported ...
     ====== code_sha256: <hex> ======
     ====== environment ======
@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,46 @@ def code_hash(file_hashes: dict[str, str]) -> str:
 def code_snapshot(root: Path = REPO_ROOT) -> dict[str, str]:
     """{relative path: source text} of every imported project file."""
     return {rel.as_posix(): (root / rel).read_text() for rel in imported_source_files(root)}
+
+
+def snapshot_section(path: str, source: str, sha256: str) -> str:
+    """One file of the code snapshot: a header giving its line count, then its exact text.
+
+    A file that does not end in a newline gets one in the log, and its header says ``eol=no``
+    so the exact bytes (and so the hash) can be restored.
+    """
+    eol = source.endswith("\n") or source == ""
+    body = source if eol else source + "\n"
+    n_lines = body.count("\n")
+    return f"{CODE_MARK}{path} sha256={sha256} lines={n_lines} eol={'yes' if eol else 'no'} ======\n{body}"
+
+
+SNAPSHOT_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(\d+) eol=(yes|no) ======$")
+
+
+def parse_code_snapshot(text: str) -> dict[str, tuple[str, str]]:
+    """{path: (source, sha256 written in the header)} from a text log. Raises ValueError if malformed."""
+    lines = text.splitlines(keepends=True)
+    files: dict[str, tuple[str, str]] = {}
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith(CODE_MARK):
+            i += 1
+            continue
+        m = SNAPSHOT_HEADER.match(lines[i].rstrip("\n"))
+        if not m:
+            raise ValueError(f"line {i + 1}: malformed code snapshot header: {lines[i].strip()[:120]}")
+        path, sha, n, eol = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+        if i + 1 + n > len(lines):
+            raise ValueError(f"line {i + 1}: code snapshot of {path} is cut short ({n} lines announced)")
+        source = "".join(lines[i + 1:i + 1 + n])
+        if eol == "no":
+            source = source[:-1]
+        if path in files:
+            raise ValueError(f"line {i + 1}: {path} appears twice in the code snapshot")
+        files[path] = (source, sha)
+        i += 1 + n
+    return files
 
 
 def _run(cmd: list[str], cwd: Path = REPO_ROOT) -> str | None:
@@ -175,8 +216,7 @@ class RunLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         parts = ["speedrun run log", f"run_id: {run_id}"]
         for path in sorted(snapshot):
-            parts.append(f"{CODE_MARK}{path} sha256={file_hashes[path]} ======")
-            parts.append(snapshot[path].rstrip("\n"))
+            parts.append(snapshot_section(path, snapshot[path], file_hashes[path]).rstrip("\n"))
         parts.append(SECTION.format(f"code_sha256: {self.facts['code']['code_sha256']}"))
         parts.append(SECTION.format("environment"))
         parts.append(json.dumps(env, indent=2, sort_keys=True))
