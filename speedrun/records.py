@@ -1,0 +1,483 @@
+"""Records: the folders under ``records/``, their ``record.json``, their statistics, and ``check``.
+
+Layout::
+
+    records/<track>/<YYYY-MM-DD>_<slug>/record.json   title, authors, date, track, beats, kind, description
+                                        README.md     the author's write-up
+                                        runs/         <run_id>.txt + <run_id>.json of EVERY run launched
+    records/upstream/                                  public modded-nanogpt logs imported for comparison
+
+Nothing in ``record.json`` is a number about the runs: a record's time is the mean train time of its
+finished runs and its loss the mean final validation loss, both recomputed from the text logs every
+time. ``check_tree`` returns one line per problem; an empty list means the records are valid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scipy import special
+
+from speedrun import REPO_ROOT
+from speedrun.records_runlog import (
+    Run,
+    check_fields,
+    check_run,
+    check_run_on_track,
+    load_run,
+)
+from speedrun.tracks import TRACKS, Track
+
+RECORDS_DIR = REPO_ROOT / "records"
+RECORD_SCHEMA_VERSION = 1
+RECORD_FIELDS = {"schema_version": (int,), "title": (str,), "authors": (list,), "date": (str,),
+                 "track": (str,), "beats": (str, None), "kind": (str,), "description": (str,)}
+KINDS = ("ml", "systems")
+SIGNIFICANCE_LEVEL = 0.01  # an ml record's mean final loss must be below the target at p < this
+MIN_ML_RUNS = 3
+RECORD_FOLDER_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9][a-z0-9-]{0,63})$")
+SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+UPSTREAM_DIR_NAME = "upstream"
+# Files `build` writes into records/ (everything else at the top level must be a track folder).
+GENERATED_FILES = ("README.md", "progression.png", "runs.csv")
+TEMP_PREFIX = "."  # submit builds a record in a hidden temp folder, then renames it into place
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_and_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value); plain Python: records have few runs."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def loss_p_value(losses: list[float], target: float) -> float | None:
+    """One-sided one-sample t-test that the mean loss is below ``target``.
+
+    The same p-value as ``scipy.stats.ttest_1samp(losses, target, alternative="less").pvalue``
+    (checked in the tests), computed with the t distribution's CDF directly so that ``build`` stays
+    fast on thousands of records. When every loss is equal the test degenerates: p is 0 if that loss
+    is below the target, else 1. None with fewer than 2 losses.
+    """
+    n = len(losses)
+    if n < 2:
+        return None
+    mean, sd = mean_and_sd(losses)
+    if sd == 0:
+        return 0.0 if mean < target else 1.0
+    t = (mean - target) / (sd / math.sqrt(n))
+    return float(special.stdtr(n - 1, t))
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float] | None:
+    """The two-sided 95% t-interval of the mean; None with fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, sd = mean_and_sd(values)
+    half = float(special.stdtrit(n - 1, 0.975)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+@dataclass
+class RecordStats:
+    """What the leaderboard shows for a record, computed from its runs' text logs."""
+
+    runs_total: int
+    runs_finished: int
+    times_ms: list[int]  # of finished runs, in run-id order
+    losses: list[float]
+    target: float | None
+    mean_time_ms: float | None
+    time_sd_ms: float | None
+    time_ci95_ms: tuple[float, float] | None
+    mean_loss: float | None
+    p_value: float | None
+
+
+def record_stats(runs: list[Run]) -> RecordStats:
+    finished = [r for r in runs if r.finished]
+    times = [r.train_time_ms for r in finished]
+    losses = [r.final_val_loss for r in finished]
+    targets = {r.facts["target_val_loss"] for r in finished}
+    target = targets.pop() if len(targets) == 1 else None
+    mean_time, sd_time = mean_and_sd(times) if finished else (None, None)
+    return RecordStats(
+        runs_total=len(runs), runs_finished=len(finished), times_ms=times, losses=losses, target=target,
+        mean_time_ms=mean_time, time_sd_ms=sd_time, time_ci95_ms=mean_ci95(times),
+        mean_loss=mean_and_sd(losses)[0] if finished else None,
+        p_value=loss_p_value(losses, target) if target is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    path: str  # relative to the records folder, e.g. "tiny-cpu/2025-01-01_first"
+    folder: Path  # where its files are (a temp folder while `submit` checks it)
+    meta: dict | None  # record.json, None when unreadable
+    runs: list[Run] = field(default_factory=list)  # checked runs (RunSummary objects in a CheckResult)
+    problems: list[str] = field(default_factory=list)
+    stats: RecordStats | None = None
+
+    @property
+    def label(self) -> str:
+        return f"records/{self.path}"
+
+    @property
+    def track(self) -> Track | None:
+        return TRACKS.get(self.path.split("/")[0])
+
+    @property
+    def date(self) -> str:
+        return self.path.split("/")[1][:10]
+
+
+def parse_date(text: str) -> datetime.date | None:
+    try:
+        return datetime.date.fromisoformat(text) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) else None
+    except ValueError:
+        return None
+
+
+def today_utc() -> datetime.date:
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def check_meta(meta: dict, record_path: str, today: datetime.date) -> list[str]:
+    """record.json on its own, and against its folder's name."""
+    where = f"records/{record_path}/record.json"
+    if meta.get("schema_version") != RECORD_SCHEMA_VERSION:
+        return [f"{where}: unknown schema_version {meta.get('schema_version')!r} (this leaderboard reads "
+                f"version {RECORD_SCHEMA_VERSION})"]
+    problems = check_fields(meta, RECORD_FIELDS, where)
+    if problems:
+        return problems
+    track_name, folder = record_path.split("/")
+    if meta["track"] != track_name:
+        problems.append(f"{where}: track {meta['track']!r} but the record is in records/{track_name}/")
+    date = parse_date(meta["date"])
+    if date is None:
+        problems.append(f"{where}: date {meta['date']!r} is not a YYYY-MM-DD date")
+    else:
+        if meta["date"] != folder[:10]:
+            problems.append(f"{where}: date {meta['date']} differs from the folder's {folder[:10]}")
+        if date > today:
+            problems.append(f"{where}: date {meta['date']} is in the future (today is {today.isoformat()} UTC)")
+    if meta["kind"] not in KINDS:
+        problems.append(f"{where}: kind {meta['kind']!r} must be one of {', '.join(KINDS)}")
+    if not meta["title"].strip():
+        problems.append(f"{where}: title is empty")
+    if not meta["description"].strip():
+        problems.append(f"{where}: description is empty")
+    if not meta["authors"] or not all(isinstance(a, str) and a.strip() for a in meta["authors"]):
+        problems.append(f"{where}: authors must be a non-empty list of names")
+    if meta["beats"] is not None and not valid_record_path(meta["beats"]):
+        problems.append(f"{where}: beats {meta['beats']!r} is not a record path like "
+                        "'<track>/<YYYY-MM-DD>_<slug>' inside records/")
+    return problems
+
+
+def valid_record_path(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and parts[0] in TRACKS and RECORD_FOLDER_PATTERN.match(parts[1]) is not None
+
+
+def list_entries(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries sorted by name (``os.scandir``: type checks without a stat per file)."""
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _run_files(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
+    """Run ids with a .txt or .json in runs/, and problems with its entries."""
+    problems, stems = [], set()
+    for entry in list_entries(runs_dir):
+        where = f"{label}/runs/{entry.name}"
+        stem, dot, suffix = entry.name.rpartition(".")
+        if entry.is_symlink():
+            problems.append(f"{where}: is a symbolic link (a record holds plain files only)")
+        elif not entry.is_file() or not dot or suffix not in ("txt", "json"):
+            problems.append(f"{where}: unexpected entry (runs/ holds <run_id>.txt and <run_id>.json files only)")
+        else:
+            stems.add(stem)
+    return sorted(stems), problems
+
+
+def load_record(folder: Path, record_path: str, today: datetime.date) -> Record:
+    """Read a record folder and run every check that needs only this record."""
+    record = Record(path=record_path, folder=folder, meta=None)
+    label = record.label
+    entries = {e.name: e for e in list_entries(folder)}
+    for name, entry in entries.items():
+        if entry.is_symlink():
+            record.problems.append(f"{label}/{name}: is a symbolic link (a record holds plain files only)")
+    try:
+        meta = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+        if isinstance(meta, dict):
+            record.meta = meta
+            record.problems += check_meta(meta, record_path, today)
+        else:
+            record.problems.append(f"{label}/record.json: must hold a JSON object")
+    except FileNotFoundError:
+        record.problems.append(f"{label}/record.json: missing")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        record.problems.append(f"{label}/record.json: malformed JSON: {e}")
+    if "README.md" not in entries or not entries["README.md"].is_file():
+        record.problems.append(f"{label}/README.md: missing (the author's write-up)")
+    if "runs" not in entries or entries["runs"].is_symlink() or not entries["runs"].is_dir():
+        record.problems.append(f"{label}/runs: missing (the folder of every run's logs)")
+        return record
+    runs_dir = folder / "runs"
+    run_ids, problems = _run_files(runs_dir, label)
+    record.problems += problems
+    for run_id in run_ids:
+        run, problems = load_run(runs_dir / f"{run_id}.txt", runs_dir / f"{run_id}.json",
+                                 label=f"{label}/runs/{run_id}.txt")
+        record.problems += problems
+        if run is None:
+            continue
+        run_problems = check_run(run)
+        if not run_problems and record.track is not None:
+            run_problems = check_run_on_track(run, record.track)
+        record.problems += run_problems
+        if not run_problems:
+            record.runs.append(run)
+    if not run_ids:
+        record.problems.append(f"{label}/runs: no run logs")
+    if len(record.runs) == len(run_ids) and record.runs:
+        if len(record.runs) > 1:
+            record.problems += check_runs_agree(record)
+        record.stats = record_stats(record.runs)
+        if record.meta is not None and not record.problems:
+            record.problems += check_outcome(record)
+    return record
+
+
+# What must be the same in every run of one record: one recipe, one machine class, one data set.
+AGREEMENT = (
+    ("code hash", lambda run: run.facts["code"]["code_sha256"]),
+    ("GPU model", lambda run: run.facts["env"]["gpu_name"]),
+    ("GPU count", lambda run: run.facts["env"]["gpu_count"]),
+    ("torch version", lambda run: run.facts["env"]["torch"]),
+    ("config (apart from the seed)", lambda run: run.config_key),
+    ("target", lambda run: run.facts["target_val_loss"]),
+    ("validation data (val shard sha256)", lambda run: run.facts["data"]["val_shard_sha256"]),
+)
+
+
+def check_runs_agree(record: Record) -> list[str]:
+    problems = []
+    for what, get in AGREEMENT:
+        groups = defaultdict(list)
+        for run in record.runs:
+            groups[json.dumps(get(run))].append(run.run_id)
+        if len(groups) > 1:
+            described = "; ".join(f"{_short(json.loads(value))} in {', '.join(ids)}"
+                                  for value, ids in sorted(groups.items(), key=lambda kv: kv[1]))
+            problems.append(f"{record.label}: its runs differ in {what}: {described}")
+    return problems
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"
+    return text if len(text) <= 60 else f"config sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}…"
+
+
+def check_outcome(record: Record) -> list[str]:
+    """The record reached the target: the t-test for ml records, the mean for systems records."""
+    stats, label = record.stats, record.label
+    if stats.runs_finished == 0:
+        return [f"{label}: no finished run (a run must validate at its last step to count)"]
+    if stats.target is None:
+        return [f"{label}: its runs have no single target loss"]
+    if record.meta["kind"] == "systems":
+        if stats.mean_loss > stats.target:
+            return [f"{label}: mean final val loss {stats.mean_loss:.4f} over {stats.runs_finished} runs is above "
+                    f"the target {stats.target}"]
+        return []
+    if stats.runs_finished < MIN_ML_RUNS:
+        return [f"{label}: an ml record needs at least {MIN_ML_RUNS} finished runs for the loss test, it has "
+                f"{stats.runs_finished}"]
+    if not stats.p_value < SIGNIFICANCE_LEVEL:
+        return [f"{label}: fails the significance test: mean final val loss {stats.mean_loss:.4f} over "
+                f"{stats.runs_finished} runs is not below the target {stats.target} at p < {SIGNIFICANCE_LEVEL} "
+                f"(one-sided t-test p = {stats.p_value:.4g})"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole tree
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckResult:
+    records: list[Record]  # their runs are RunSummary objects
+    problems: list[str]
+    warnings: list[str]
+    upstream: list[dict] = field(default_factory=list)  # imported modded-nanogpt runs (records/upstream)
+
+    @property
+    def valid_records(self) -> list[Record]:
+        """Records without problems (all of them when the check passes)."""
+        return [r for r in self.records if r.stats is not None and not r.problems]
+
+    def by_track(self) -> dict[str, list[Record]]:
+        """The valid records of each track, every track present (empty ones too)."""
+        grouped = {name: [] for name in TRACKS}
+        for record in self.valid_records:
+            grouped[record.path.split("/")[0]].append(record)
+        return grouped
+
+
+def find_record_folders(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[str]]:
+    """(record path, folder) of every record under ``root``, problems with the layout, and warnings."""
+    found, problems, warnings = [], [], []
+    if not root.is_dir():
+        return found, [f"{root}: no records folder"], warnings
+    for track_dir in list_entries(root):
+        name = track_dir.name
+        if track_dir.is_symlink():
+            problems.append(f"records/{name}: is a symbolic link (records/ holds plain files and folders only)")
+        elif not track_dir.is_dir():
+            if name not in GENERATED_FILES:
+                problems.append(f"records/{name}: unexpected file (records/ holds one folder per track)")
+        elif name == UPSTREAM_DIR_NAME or name.startswith(TEMP_PREFIX):
+            continue
+        elif name not in TRACKS:
+            problems.append(f"records/{name}: unknown track {name!r} (known: {', '.join(TRACKS)})")
+        else:
+            for folder in list_entries(Path(track_dir.path)):
+                where = f"records/{name}/{folder.name}"
+                if folder.name.startswith(TEMP_PREFIX):
+                    warnings.append(f"{where}: leftover temp folder of an interrupted submit; not a record, "
+                                    "remove it")
+                elif folder.is_symlink() or not folder.is_dir():
+                    problems.append(f"{where}: unexpected entry (a track folder holds record folders only)")
+                elif not RECORD_FOLDER_PATTERN.match(folder.name):
+                    problems.append(f"{where}: a record folder is named <YYYY-MM-DD>_<slug> (slug: a-z 0-9 -)")
+                else:
+                    found.append((f"{name}/{folder.name}", Path(folder.path)))
+    return found, problems, warnings
+
+
+def cross_record_problems(records: list[Record]) -> list[str]:
+    """Duplicate runs or logs across records, and claims to beat another record."""
+    problems = []
+    seen_ids, seen_logs = {}, {}
+    for record in records:
+        for run in record.runs:
+            for key, seen, what in ((run.run_id, seen_ids, "run id"),
+                                    (run.step_fingerprint, seen_logs, "log (identical step lines)")):
+                if key in seen:
+                    problems.append(f"{run.label}: duplicate {what}: also {seen[key]}")
+                else:
+                    seen[key] = run.label
+    by_path = {r.path: r for r in records}
+    for record in records:
+        if record.meta is not None and record.stats is not None:
+            problems += _check_beats(record, by_path)
+    return problems
+
+
+def _check_beats(record: Record, by_path: dict[str, Record]) -> list[str]:
+    """A record beats the one it names (same track, not later, faster), or, naming none, is its track's first."""
+    beats, label = record.meta.get("beats"), record.label
+    track = record.path.split("/")[0]
+    if beats is None:
+        earlier = [r.path for r in by_path.values() if r.path.split("/")[0] == track and r.date < record.date]
+        if earlier:
+            return [f"{label}/record.json: beats is null, but {track} has earlier records ({earlier[-1]}): name "
+                    "the record this one beats"]
+        return []
+    if not valid_record_path(beats):
+        return []  # reported by check_meta
+    other = by_path.get(beats)
+    if other is None:
+        return [f"{label}/record.json: beats {beats!r}, which is not a record"]
+    if beats == record.path:
+        return [f"{label}/record.json: a record cannot beat itself"]
+    if beats.split("/")[0] != track:
+        return [f"{label}/record.json: beats {beats!r}, a record on another track"]
+    if other.date > record.date:
+        return [f"{label}/record.json: beats {beats!r}, which is dated later ({other.date})"]
+    if other.stats is None or other.stats.mean_time_ms is None:
+        return [f"{label}/record.json: beats {beats!r}, whose time cannot be computed (see its problems)"]
+    mine, theirs = record.stats.mean_time_ms, other.stats.mean_time_ms
+    if mine is None or mine >= theirs:
+        return [f"{label}: claims to beat {beats} but its runs do not support it: mean train time "
+                f"{_seconds(mine)} is not below {_seconds(theirs)}"]
+    return []
+
+
+def _seconds(ms: float | None) -> str:
+    return "unknown" if ms is None else f"{ms / 1000:.3f} s"
+
+
+PARALLEL_MIN_RECORDS = 256  # below this, starting worker processes costs more than it saves
+
+
+def load_summarized_record(folder: Path, record_path: str, today: datetime.date) -> Record:
+    """load_record, keeping only each run's RunSummary (the leaderboard needs numbers, not code)."""
+    record = load_record(folder, record_path, today)
+    record.runs = [run.summary() for run in record.runs]
+    return record
+
+
+def load_records(folders: list[tuple[str, Path]], today: datetime.date) -> list[Record]:
+    """Summarized records for every (record path, folder), in order; in forked worker processes when
+    there are many (the checks are pure Python, so processes, not threads)."""
+    workers = min(os.cpu_count() or 1, 8)
+    if len(folders) < PARALLEL_MIN_RECORDS or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [load_summarized_record(folder, path, today) for path, folder in folders]
+    jobs = [(folder, path, today) for path, folder in folders]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.starmap(load_summarized_record, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+
+
+def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
+               replace: tuple[str, Path] | None = None) -> CheckResult:
+    """Load and check every record under ``root``.
+
+    ``replace`` = (record path, folder) checks the record found in ``folder`` as if it were at
+    ``record path`` (how ``submit`` checks a record in its temp folder before moving it into place).
+    """
+    today = today or today_utc()
+    folders, problems, warnings = find_record_folders(root)
+    if replace is not None:
+        folders = [(p, f) for p, f in folders if p != replace[0]] + [replace]
+        folders.sort()
+    records = load_records(folders, today)
+    for record in records:
+        problems += record.problems
+    problems += cross_record_problems(records)
+    from speedrun.records_upstream import check_upstream_dir  # upstream logs live beside the tracks
+    upstream_dir, upstream = root / UPSTREAM_DIR_NAME, []
+    if upstream_dir.is_symlink():
+        problems.append(f"records/{UPSTREAM_DIR_NAME}: is a symbolic link")
+    elif upstream_dir.is_dir():
+        upstream, upstream_problems = check_upstream_dir(upstream_dir)
+        problems += upstream_problems
+    return CheckResult(records=records, problems=problems, warnings=warnings, upstream=upstream)
+

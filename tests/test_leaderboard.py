@@ -1,0 +1,599 @@
+"""Records and the leaderboard: every rejection `check` makes, build/show/submit/compare/import-upstream,
+and the pieces of reproduce. Every fixture is written here, through the trainer's own log writer."""
+
+import datetime
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from speedrun import REPO_ROOT
+from speedrun.leaderboard_cli import main as leaderboard_main
+from speedrun.leaderboard_compare import ratio_ci95, welch_test
+from speedrun.records import check_tree, loss_p_value, mean_ci95
+from speedrun.records_synthetic import synthetic_env, write_synthetic_record, write_synthetic_run
+from speedrun.records_upstream import parse_upstream_log
+from speedrun.tracks import TRACKS
+
+TARGET = TRACKS["tiny-cpu"].target(5.0619)  # the synthetic runs' data floor + the track's margin
+
+
+def good_runs(prefix="r", n=3, time_ms=60_000.0, loss=5.10, **extra):
+    return [dict(run_id=f"{prefix}{i}", seed=i, final_val_loss=loss + 0.001 * i, train_time_ms=time_ms + 50 * i,
+                 **extra) for i in range(n)]
+
+
+@pytest.fixture
+def records(tmp_path) -> Path:
+    return tmp_path / "records"
+
+
+def make(records, slug="first", date="2025-01-01", track="tiny-cpu", runs=None, **meta) -> Path:
+    return write_synthetic_record(records, track, date, slug, runs if runs is not None else good_runs(slug[0]),
+                                  **meta)
+
+
+def problems_of(records) -> list[str]:
+    return check_tree(records).problems
+
+
+def assert_one_problem_like(records, *fragments) -> str:
+    problems = problems_of(records)
+    hits = [p for p in problems if all(f in p for f in fragments)]
+    assert hits, f"no problem containing {fragments}; got:\n" + "\n".join(problems)
+    return hits[0]
+
+
+def edit(path: Path, old: str, new: str, count: int = 1) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, count))
+
+
+def edit_json(path: Path, change) -> None:
+    facts = json.loads(path.read_text())
+    change(facts)
+    path.write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
+
+
+def step_line(txt: Path, prefix: str) -> tuple[int, str]:
+    """(line number, text) of the first line of a text log that starts with ``prefix``."""
+    lines = txt.read_text().split("\n")
+    index = next(i for i, line in enumerate(lines) if line.startswith(prefix))
+    return index + 1, lines[index]
+
+
+def edit_run_facts(txt: Path, change) -> None:
+    """Change the facts in both the JSON file and the text log's summary (they must agree)."""
+    edit_json(txt.with_suffix(".json"), change)
+    text = txt.read_text()
+    head, _, summary = text.partition("====== summary ======\n")
+    facts = json.loads(summary)
+    change(facts)
+    txt.write_text(head + "====== summary ======\n" + json.dumps(facts, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_loss_p_value_is_scipys_one_sided_t_test():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 20):
+        losses = list(3.278 + 0.002 * rng.standard_normal(n))
+        expected = scipy.stats.ttest_1samp(losses, 3.28, alternative="less").pvalue
+        assert loss_p_value(losses, 3.28) == pytest.approx(expected, rel=1e-9)
+    assert loss_p_value([3.27, 3.27, 3.27], 3.28) == 0.0  # no spread, below: certain
+    assert loss_p_value([3.29, 3.29, 3.29], 3.28) == 1.0
+    assert loss_p_value([3.27], 3.28) is None
+
+
+def test_mean_ci95_and_welch_match_scipy():
+    values = [10.0, 12.0, 11.5, 10.7]
+    low, high = mean_ci95(values)
+    expected = scipy.stats.ttest_1samp(values, 0).confidence_interval(0.95)
+    assert (low, high) == pytest.approx((expected.low, expected.high))
+    a, b = [10.0, 11.0, 10.5, 10.2], [9.0, 9.6, 9.3]
+    test = welch_test(a, b)
+    reference = scipy.stats.ttest_ind(b, a, equal_var=False)
+    assert test.p_value == pytest.approx(reference.pvalue, rel=1e-9)
+    ci = reference.confidence_interval(0.95)
+    assert test.ci95 == pytest.approx((ci.low, ci.high))
+    ratio, interval = ratio_ci95(a, b)
+    assert ratio == pytest.approx(math.exp(np.mean(np.log(b)) - np.mean(np.log(a))))
+    assert interval[0] < ratio < interval[1] < 1
+    assert welch_test([1.0], b) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# check: valid records
+# ---------------------------------------------------------------------------------------------
+
+
+def test_valid_records_pass_and_numbers_come_from_the_text_log(records):
+    make(records, "first", runs=good_runs("a") + [dict(run_id="a-aborted", outcome="aborted", stop_step=7),
+                                                   dict(run_id="a-diverged", seed=9, outcome="diverged", stop_step=10),
+                                                   dict(run_id="a-killed", seed=8, outcome="running", stop_step=12)])
+    make(records, "second", date="2025-01-02", runs=good_runs("b", time_ms=50_000.0), kind="systems",
+         beats="tiny-cpu/2025-01-01_first")
+    result = check_tree(records)
+    assert result.problems == []
+    first = next(r for r in result.records if r.path.endswith("_first"))
+    assert first.stats.runs_total == 6 and first.stats.runs_finished == 3  # failed runs listed, not counted
+    times = []
+    for run in sorted(first.runs, key=lambda r: r.run_id):
+        if run.finished:
+            text = (first.folder / "runs" / f"{run.run_id}.txt").read_text()
+            last_val = [ln for ln in text.splitlines() if ln.startswith("step:") and "val_loss" in ln][-1]
+            times.append(int(last_val.split("train_time:")[1].split("ms")[0]))
+    assert first.stats.times_ms == times
+    assert first.stats.mean_time_ms == pytest.approx(np.mean(times))
+    assert first.stats.p_value == pytest.approx(
+        scipy.stats.ttest_1samp(first.stats.losses, TARGET, alternative="less").pvalue)
+
+
+def test_the_cli_entry_point_runs_from_the_repository_root(records):
+    make(records)
+    out = subprocess.run([sys.executable, "leaderboard.py", "check", "--records", str(records)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "check: ok: 1 record(s), 3 run(s)" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# check: every rejection
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rejects_malformed_run_json_with_its_line(records):
+    folder = make(records)
+    (folder / "runs/f0.json").write_text('{\n  "schema_version": 1,\n  oops\n}\n')
+    assert_one_problem_like(records, "runs/f0.json:3: malformed JSON")
+    assert leaderboard_main(["check", "--records", str(records)]) == 1
+
+
+def test_rejects_malformed_text_log_with_its_line(records):
+    folder = make(records)
+    txt = folder / "runs/f0.txt"
+    lineno, line = step_line(txt, "step:3/20 train_time:")
+    edit(txt, line, line.replace("train_time:", "train_tim:"))
+    assert_one_problem_like(records, f"runs/f0.txt:{lineno}: malformed step line")
+    edit(txt, "====== config ======", "====== konfig ======")
+    assert_one_problem_like(records, "runs/f0.txt", "the log ends before its '====== config ======' line")
+
+
+def test_rejects_malformed_record_json(records):
+    folder = make(records)
+    (folder / "record.json").write_text("{not json")
+    assert_one_problem_like(records, "_first/record.json: malformed JSON")
+
+
+def test_rejects_unknown_schema_versions(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f.update(schema_version=2))
+    assert_one_problem_like(records, "runs/f0.json: unknown schema_version 2")
+    edit_json(folder / "record.json", lambda m: m.update(schema_version=7))
+    assert_one_problem_like(records, "record.json: unknown schema_version 7")
+
+
+def test_rejects_unknown_track(records):
+    make(records)
+    shutil.copytree(records / "tiny-cpu", records / "tiny-gpu")
+    assert_one_problem_like(records, "records/tiny-gpu: unknown track 'tiny-gpu'")
+
+
+def test_rejects_missing_and_extra_fields(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f.pop("mfu"))
+    edit_run_facts(folder / "runs/f1.txt", lambda f: f.update(claimed_time_ms=1))
+    edit_json(folder / "record.json", lambda m: (m.pop("description"), m.update(time_s=12.5)))
+    assert_one_problem_like(records, "runs/f0.json: missing field 'mfu'")
+    assert_one_problem_like(records, "runs/f1.json: unexpected field 'claimed_time_ms'")
+    assert_one_problem_like(records, "record.json: missing field 'description'")
+    assert_one_problem_like(records, "record.json: unexpected field 'time_s'")
+
+
+def test_rejects_an_incomplete_config(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f["config"]["train"].pop("dtype"))
+    assert_one_problem_like(records, "runs/f0.json: config is missing RunConfig fields")
+
+
+def test_rejects_nan_inf_and_negative_numbers(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f.update(peak_memory_mib=-3.0))
+    edit_run_facts(folder / "runs/f1.txt", lambda f: f.update(tokens_per_second=float("inf")))
+    edit_run_facts(folder / "runs/f2.txt", lambda f: f["train_losses"].__setitem__(3, float("nan")))
+    assert_one_problem_like(records, "runs/f0.json: negative number -3.0 in peak_memory_mib")
+    assert_one_problem_like(records, "runs/f1.json: non-finite number inf in tokens_per_second")
+    assert_one_problem_like(records, "runs/f2.json: non-finite number nan in train_losses[3]")
+
+
+def test_rejects_a_code_snapshot_that_does_not_match_its_hash(records):
+    folder = make(records)
+    edit(folder / "runs/f0.txt", "    n_layer = 4\n", "    n_layer = 5\n")
+    assert_one_problem_like(records, "runs/f0.txt:", "the code snapshot of speedrun/model.py does not match")
+
+
+def test_rejects_a_code_hash_that_does_not_match_the_files(records):
+    folder = make(records)
+    text = (folder / "runs/f0.txt").read_text()
+    total = text.split("====== code_sha256: ")[1][:64]
+    edit(folder / "runs/f0.txt", f"code_sha256: {total}", "code_sha256: " + "0" * 64)
+    assert_one_problem_like(records, "runs/f0.txt: code_sha256 000000000000… does not match")
+
+
+@pytest.mark.parametrize("run_options, what", [
+    ({"code": {"speedrun/model.py": "class GPT:\n    n_layer = 6\n"}}, "code hash"),
+    ({"env": synthetic_env("tiny-cpu", torch_version="2.12.0")}, "torch version"),
+])
+def test_rejects_runs_of_one_record_that_differ(records, run_options, what):
+    runs = good_runs("f")
+    runs[2].update(run_options)
+    make(records, runs=runs)
+    assert_one_problem_like(records, f"records/tiny-cpu/2025-01-01_first: its runs differ in {what}")
+
+
+def test_rejects_runs_on_different_gpu_models(records):
+    runs = good_runs("h", time_ms=180_000, loss=3.27)
+    runs[1]["env"] = synthetic_env("8xH100-3.28", gpu_name="NVIDIA H100 PCIe")
+    make(records, "h100", track="8xH100-3.28", runs=runs)
+    assert_one_problem_like(records, "its runs differ in GPU model")
+
+
+def test_rejects_gpu_count_and_val_tokens_that_do_not_fit_the_track(records):
+    runs = good_runs("h", time_ms=180_000, loss=3.27)
+    runs[0]["env"] = synthetic_env("8xH100-3.28", gpu_count=4)
+    runs[1]["val_tokens"] = 1_048_576
+    make(records, "h100", track="8xH100-3.28", runs=runs)
+    assert_one_problem_like(records, "runs/h0.json: ran on 4 GPU(s)", "needs 8")
+    assert_one_problem_like(records, "runs/h1.json: validated on 1,048,576 tokens; track 8xH100-3.28 needs 10,485,760")
+
+
+def test_rejects_a_wrong_target(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f.update(target_val_loss=9.0, status="success"))
+    assert_one_problem_like(records, "runs/f0.json: target_val_loss 9.0 is not track tiny-cpu's")
+
+
+def test_rejects_duplicate_run_ids_and_logs_across_records(records):
+    make(records)
+    second = make(records, "second", date="2025-01-02", runs=good_runs("s", time_ms=40_000),
+                  beats="tiny-cpu/2025-01-01_first")
+    shutil.copy(records / "tiny-cpu/2025-01-01_first/runs/f0.txt", second / "runs/f0.txt")
+    shutil.copy(records / "tiny-cpu/2025-01-01_first/runs/f0.json", second / "runs/f0.json")
+    assert_one_problem_like(records, "_second/runs/f0.txt: duplicate run id: also records/tiny-cpu/2025-01-01_first")
+
+
+def test_rejects_a_copied_log_under_a_new_run_id(records):
+    folder = make(records)
+    for suffix in (".txt", ".json"):
+        shutil.copy(folder / f"runs/f0{suffix}", folder / f"runs/copy{suffix}")
+    edit(folder / "runs/copy.txt", "run_id: f0", "run_id: copy")
+    edit_run_facts(folder / "runs/copy.txt", lambda f: f.update(run_id="copy"))
+    assert_one_problem_like(records, "runs/f0.txt: duplicate log (identical step lines): also", "runs/copy.txt")
+
+
+def test_rejects_missing_final_step_validation(records):
+    folder = make(records)
+    edit(folder / "runs/f0.txt", "step:20/20 val_loss:", "step:19/20 val_loss:")
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f["val_curve"][-1].update(step=19))
+    assert_one_problem_like(records, "runs/f0.txt: missing final-step validation")
+
+
+def test_rejects_steps_and_train_times_that_do_not_increase(records):
+    folder = make(records)
+    lineno, _ = step_line(folder / "runs/f0.txt", "step:3/20 train_time:")
+    lines = (folder / "runs/f0.txt").read_text().split("\n")
+    lines[lineno - 1], lines[lineno] = lines[lineno], lines[lineno - 1]
+    (folder / "runs/f0.txt").write_text("\n".join(lines))
+    assert_one_problem_like(records, f"runs/f0.txt:{lineno + 1}: training step 3 does not increase")
+    folder = make(records, "second", date="2025-01-02", runs=good_runs("s", time_ms=40_000),
+                  beats="tiny-cpu/2025-01-01_first")
+    _, val_line = step_line(folder / "runs/s0.txt", "step:10/20 val_loss:")
+    edit(folder / "runs/s0.txt", val_line, val_line.split(" train_time:")[0] + " train_time:9000ms step_avg:900.00ms")
+    assert_one_problem_like(records, "runs/s0.txt:", "train_time 9000ms does not increase")
+
+
+def test_rejects_a_record_dated_in_the_future(records):
+    tomorrow = (datetime.datetime.now(datetime.timezone.utc).date() + datetime.timedelta(days=2)).isoformat()
+    make(records, date=tomorrow)
+    assert_one_problem_like(records, f"record.json: date {tomorrow} is in the future")
+
+
+def test_rejects_paths_that_escape_or_break_the_layout(records, tmp_path):
+    folder = make(records)
+    edit_json(folder / "record.json", lambda m: m.update(beats="../../etc/passwd"))
+    assert_one_problem_like(records, "beats '../../etc/passwd' is not a record path")
+    (records / "tiny-cpu/2025-01-01_Not A Slug").mkdir()
+    assert_one_problem_like(records, "records/tiny-cpu/2025-01-01_Not A Slug: a record folder is named")
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("secret")
+    (folder / "runs/link.txt").symlink_to(outside)
+    assert_one_problem_like(records, "runs/link.txt: is a symbolic link")
+    assert leaderboard_main(["check", "--records", str(records), str(tmp_path)]) == 1
+
+
+def test_check_reports_a_path_outside_the_records_folder(records, tmp_path, capsys):
+    make(records)
+    assert leaderboard_main(["check", "--records", str(records), str(tmp_path)]) == 1
+    assert "outside the records folder" in capsys.readouterr().out
+
+
+def test_rejects_an_ml_record_that_fails_the_significance_test(records):
+    make(records, runs=good_runs("f", loss=TARGET - 0.002) + [dict(run_id="f9", seed=9, final_val_loss=TARGET + 0.01)])
+    assert_one_problem_like(records, "fails the significance test", "p < 0.01")
+
+
+def test_rejects_an_ml_record_with_fewer_than_three_finished_runs(records):
+    make(records, runs=good_runs("f", n=2))
+    assert_one_problem_like(records, "an ml record needs at least 3 finished runs", "it has 2")
+
+
+def test_systems_records_are_exempt_from_the_test_but_must_reach_the_target(records):
+    make(records, runs=good_runs("f", n=1), kind="systems")
+    assert problems_of(records) == []
+    make(records, "slow", date="2025-01-02", runs=good_runs("s", n=1, loss=TARGET + 0.05), kind="systems",
+         beats="tiny-cpu/2025-01-01_first")
+    assert_one_problem_like(records, "_slow: mean final val loss", "is above the target")
+
+
+def test_rejects_a_claimed_time_the_logs_do_not_support(records):
+    make(records)
+    make(records, "slower", date="2025-01-02", runs=good_runs("s", time_ms=70_000), beats="tiny-cpu/2025-01-01_first")
+    assert_one_problem_like(records, "_slower: claims to beat tiny-cpu/2025-01-01_first but its runs do not support it")
+
+
+def test_rejects_beats_claims_that_name_no_earlier_record(records):
+    make(records)
+    make(records, "orphan", date="2025-01-03", runs=good_runs("o", time_ms=40_000))
+    make(records, "ghost", date="2025-01-04", runs=good_runs("g", time_ms=30_000), beats="tiny-cpu/2024-12-31_none")
+    assert_one_problem_like(records, "_orphan/record.json: beats is null, but tiny-cpu has earlier records")
+    assert_one_problem_like(records, "_ghost/record.json: beats 'tiny-cpu/2024-12-31_none', which is not a record")
+
+
+def test_rejects_text_and_json_that_disagree(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f.update(final_val_loss=4.0))
+    edit_run_facts(folder / "runs/f1.txt", lambda f: f.update(train_time_ms=1000.0))
+    edit_json(folder / "runs/f2.json", lambda f: f["env"].update(torch="9.9.9"))
+    assert_one_problem_like(records, "runs/f0.json: final_val_loss 4.0 is not the text log's last-step val_loss")
+    assert_one_problem_like(records, "runs/f1.json: train_time_ms 1000.0 is not the text log's last-step train_time")
+    assert_one_problem_like(records, "runs/f2.json: env differs from the text log's environment section")
+    assert_one_problem_like(records, "runs/f2.json: differs from the text log's summary section in env")
+
+
+def test_rejects_a_status_the_losses_do_not_support(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f.update(status="not_converged"))
+    assert_one_problem_like(records, "runs/f0.json: status not_converged, but final_val_loss")
+
+
+def test_rejects_runs_on_the_wrong_data(records):
+    folder = make(records)
+    edit_run_facts(folder / "runs/f0.txt", lambda f: f["data"].update(kind="tokenize"))
+    assert_one_problem_like(records, "runs/f0.json: data kind 'tokenize'; track tiny-cpu runs on synth")
+
+
+def test_rejects_a_record_json_whose_track_or_date_contradicts_its_folder(records):
+    folder = make(records)
+    edit_json(folder / "record.json", lambda m: m.update(track="8xH100-3.28", date="2025-01-05"))
+    assert_one_problem_like(records, "record.json: track '8xH100-3.28' but the record is in records/tiny-cpu/")
+    assert_one_problem_like(records, "record.json: date 2025-01-05 differs from the folder's 2025-01-01")
+
+
+def test_warns_about_leftover_temp_folders_without_failing(records):
+    make(records)
+    (records / "tiny-cpu/.submit-2025-01-02_x-0a0b").mkdir()
+    result = check_tree(records)
+    assert result.problems == [] and "leftover temp folder" in result.warnings[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# build and show
+# ---------------------------------------------------------------------------------------------
+
+
+def test_build_writes_the_leaderboard_deterministically(records, tmp_path, capsys):
+    make(records)
+    make(records, "faster", date="2025-02-01", runs=good_runs("s", n=1, time_ms=45_000), kind="systems",
+         beats="tiny-cpu/2025-01-01_first")
+    out = tmp_path / "site"
+    out.mkdir()
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(out)]) == 0
+    paths = [out / "LEADERBOARD.md", records / "progression.png", records / "runs.csv"]
+    first = [p.read_bytes() for p in paths]
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(out)]) == 0
+    assert [p.read_bytes() for p in paths] == first  # the PNG too: byte-identical
+    assert problems_of(records) == []  # the generated files are allowed in records/
+
+    board = (out / "LEADERBOARD.md").read_text()
+    result = check_tree(records)
+    first_record = next(r for r in result.records if r.path.endswith("_first"))
+    mean_s = f"{first_record.stats.mean_time_ms / 1000:.2f}"
+    assert f"| 2 | {mean_s} ± " in board  # the slower record ranks second, its time from its logs
+    assert "| 1 | 45.00 |" in board and "exempt (systems)" in board
+    assert "## 8xH100-3.28" in board and "No records yet" in board
+    assert "[2025-01-01_first](../records/tiny-cpu/2025-01-01_first)" in board
+    faster_record = next(r for r in result.records if r.path.endswith("_faster"))
+    gain = 100 * (1 - faster_record.stats.mean_time_ms / first_record.stats.mean_time_ms)
+    assert f"| 2025-02-01 | 45.00 | {gain:.1f}% faster |" in board
+    csv_lines = (records / "runs.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("track,record,run_id,status,counted")
+    assert len(csv_lines) == 1 + 4
+    assert (records / "progression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"Software" not in (records / "progression.png").read_bytes()
+
+
+def test_build_refuses_and_writes_nothing_when_check_fails(records, tmp_path):
+    make(records, runs=good_runs("f", n=2))
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 1
+    assert not (tmp_path / "LEADERBOARD.md").exists() and not (records / "runs.csv").exists()
+
+
+def test_build_of_an_empty_tree_invents_nothing(records, tmp_path):
+    records.mkdir()
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    board = (tmp_path / "LEADERBOARD.md").read_text()
+    assert board.count("No records yet") == len(TRACKS) and "| 1 |" not in board
+
+
+def test_show_prints_the_table(records, capsys):
+    make(records)
+    assert leaderboard_main(["show", "--records", str(records), "--track", "tiny-cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-cpu/2025-01-01_first" in out and "8xH100" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# submit
+# ---------------------------------------------------------------------------------------------
+
+
+def write_logs(folder: Path, runs: list[dict]) -> list[Path]:
+    return [write_synthetic_run(folder, **spec)[0] for spec in runs]
+
+
+def submit_args(records, logs, *extra):
+    return ["submit", *map(str, logs), "--records", str(records), "--track", "tiny-cpu", "--title", "Tiny baseline",
+            "--author", "Ada", "--description", "The tiny preset as it is.", "--date", "2025-03-01", *extra]
+
+
+def test_submit_creates_a_checked_record(records, tmp_path):
+    logs = write_logs(tmp_path / "logs", good_runs("r"))
+    assert leaderboard_main(submit_args(records, logs)) == 0
+    folder = records / "tiny-cpu/2025-03-01_tiny-baseline"
+    expected = [f"r{i}{suffix}" for i in range(3) for suffix in (".json", ".txt")]
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == expected
+    meta = json.loads((folder / "record.json").read_text())
+    assert meta == {"schema_version": 1, "title": "Tiny baseline", "authors": ["Ada"], "date": "2025-03-01",
+                    "track": "tiny-cpu", "beats": None, "kind": "ml", "description": "The tiny preset as it is."}
+    assert (folder / "runs/r0.txt").read_bytes() == logs[0].read_bytes()
+    assert problems_of(records) == []
+    assert [p.name for p in (records / "tiny-cpu").iterdir()] == [folder.name]  # no temp folder left
+
+
+def test_submit_refuses_a_failing_record_and_leaves_nothing(records, tmp_path, capsys):
+    logs = write_logs(tmp_path / "logs", good_runs("r", n=2))
+    assert leaderboard_main(submit_args(records, logs)) == 1
+    assert "an ml record needs at least 3 finished runs" in capsys.readouterr().out
+    assert not records.exists()  # not even the folders it would have created
+
+
+def test_submit_interrupted_leaves_nothing(records, tmp_path, monkeypatch):
+    import speedrun.records_submit as records_submit
+
+    make(records, runs=good_runs("f"))
+    logs = write_logs(tmp_path / "logs", good_runs("r", time_ms=30_000))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(records_submit, "check_tree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        leaderboard_main(submit_args(records, logs, "--beats", "tiny-cpu/2025-01-01_first"))
+    assert sorted(p.name for p in (records / "tiny-cpu").iterdir()) == ["2025-01-01_first"]
+
+
+def test_submit_rejects_bad_requests_clearly(records, tmp_path, capsys):
+    logs = write_logs(tmp_path / "logs", good_runs("r"))
+    future = (datetime.datetime.now(datetime.timezone.utc).date() + datetime.timedelta(days=3)).isoformat()
+    args = submit_args(records, [*logs, tmp_path / "missing.txt"], "--beats", "nowhere", "--date", future)
+    assert leaderboard_main(args) == 1
+    out = capsys.readouterr().out
+    assert f"--date {future}: in the future" in out
+    assert "--beats 'nowhere': not a record path" in out
+    assert "missing.txt: missing" in out
+    assert not records.exists()
+    assert leaderboard_main(submit_args(records, logs)) == 0
+    assert leaderboard_main(submit_args(records, logs)) == 1  # the same folder again
+    assert "already exists" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# compare and import-upstream
+# ---------------------------------------------------------------------------------------------
+
+
+def upstream_log(final_loss=3.2792, num_steps=20, gpus=8) -> str:
+    gpu_row = "|   {}  NVIDIA H100 80GB HBM3          On  |   00000000:61:00.0 Off |                    0 |\n"
+    usage_row = "| N/A   32C    P0            116W /  700W |    7746MiB /  81559MiB |      0%      Default |\n"
+    smi_rows = "".join(gpu_row.format(i) + usage_row for i in range(gpus))
+    steps, time_ms = [f"step:0/{num_steps} val_loss:10.8258 train_time:0ms step_avg:nanms"], 0
+    for step in range(1, num_steps + 1):
+        time_ms += 125
+        steps.append(f"step:{step}/{num_steps} train_time:{time_ms}ms step_avg:125.00ms")
+        if step % 10 == 0:
+            loss = final_loss if step == num_steps else 4.0
+            steps.append(f"step:{step}/{num_steps} val_loss:{loss:.4f} train_time:{time_ms + 2}ms step_avg:125.10ms")
+            time_ms += 2
+    return ("import os\nwith open(sys.argv[0]) as f:\n    code = f.read()\n" + "=" * 100 + "\n"
+            "Running Python 3.12.7 (main, Jan 17 2025, 03:57:17) [GCC 13.2.0]\n"
+            "Running PyTorch 2.7.0.dev20250110+cu126 compiled for CUDA 12.6\nFri Jan 17 05:37:55 2025       \n"
+            "+-----------------------------------------------------------------------------------------+\n"
+            "|=========================================+========================+======================|\n"
+            + smi_rows + "\n" + "=" * 100 + "\n" + "\n".join(steps) + "\npeak memory allocated: 37653 MiB\n")
+
+
+def test_import_upstream_reads_public_logs(records, tmp_path, capsys):
+    log = tmp_path / "c8cbdf48-220a-443b-b145-8ac6a32d4e07.txt"
+    log.write_text(upstream_log())
+    assert leaderboard_main(["import-upstream", str(log), "--records", str(records)]) == 0
+    facts = json.loads((records / "upstream" / log.with_suffix(".json").name).read_text())
+    assert facts["source"] == "upstream" and facts["status"] == "success" and facts["track"] == "8xH100-3.28"
+    assert facts["final_val_loss"] == 3.2792 and facts["train_time_ms"] == 2504.0
+    assert facts["env"]["gpu_count"] == 8 and facts["env"]["torch"] == "2.7.0.dev20250110+cu126"
+    assert problems_of(records) == []
+    edit_json(records / "upstream" / log.with_suffix(".json").name, lambda f: f.update(train_time_ms=1000.0))
+    assert_one_problem_like(records, "records/upstream/c8cbdf48", "differs from what", "train_time_ms")
+
+
+def test_import_upstream_rejects_malformed_logs_with_the_line(tmp_path, capsys):
+    text = upstream_log()
+    bad = tmp_path / "bad.txt"
+    bad.write_text(text.replace("step:7/20 train_time:875ms", "step:7/20 train_time:87x5ms"))
+    lineno = text.split("\n").index("step:7/20 train_time:875ms step_avg:125.00ms") + 1
+    no_separator = tmp_path / "nosep.txt"
+    no_separator.write_text(text.replace("=" * 100 + "\n", ""))
+    out_dir = tmp_path / "out"
+    assert leaderboard_main(["import-upstream", str(bad), str(no_separator), "--out", str(out_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"bad.txt:{lineno}: malformed step line" in out
+    assert "nosep.txt:" in out and "no line of '=' characters" in out
+    assert not out_dir.exists()
+    with pytest.raises(ValueError, match="validation step 10 does not increase"):
+        parse_upstream_log(text.replace("step:20/20 val_loss", "step:10/20 val_loss"))
+
+
+def test_compare_two_records_and_an_upstream_log(records, tmp_path, capsys):
+    make(records)
+    make(records, "faster", date="2025-02-01", runs=good_runs("s", time_ms=45_000), beats="tiny-cpu/2025-01-01_first")
+    plot = tmp_path / "cmp.png"
+    assert leaderboard_main(["compare", "tiny-cpu/2025-01-01_first", str(records / "tiny-cpu/2025-02-01_faster"),
+                             "--records", str(records), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    a = [60_000 + 50 * i for i in range(3)]
+    assert "time B - A: -15.0" in out and "Welch t-test on time (two-sided): p = " in out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    log = tmp_path / "up.txt"
+    log.write_text(upstream_log())
+    run = records / "tiny-cpu/2025-01-01_first/runs/f0.txt"
+    assert leaderboard_main(["compare", str(run), str(log), "--records", str(records), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "needs at least 2 finished runs on each side" in out and "gpu_count: 0 vs 8" in out
+    assert a  # the record side's times are the synthetic runs' (checked in the valid-records test)
+
+
+def test_compare_refuses_a_broken_side(records, tmp_path, capsys):
+    folder = make(records)
+    edit(folder / "runs/f0.txt", "    n_layer = 4\n", "    n_layer = 5\n")
+    assert leaderboard_main(["compare", str(folder / "runs/f0.txt"), str(folder / "runs/f1.txt"),
+                             "--plot", str(tmp_path / "x.png")]) == 1
+    assert "does not match its sha256" in capsys.readouterr().out

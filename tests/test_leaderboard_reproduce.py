@@ -1,0 +1,129 @@
+"""`speedrun reproduce`: the record's code snapshot is materialized and run; the report compares.
+
+The fast test uses a record whose code snapshot is a stand-in `speedrun/cli.py` that writes a run log
+the way the trainer does (in a second), so the whole path runs: check the record, restore the
+snapshot over a copy of the working tree, launch `python -m speedrun.cli train` there with the
+logged options, collect the logs, write the report. The slow test does the same with real training.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speedrun import REPO_ROOT
+from speedrun.records_synthetic import write_synthetic_record
+from speedrun.reproduce import ReproduceError, find_record, reproduce, seeds_for, train_arguments
+
+STAND_IN_CLI = '''"""A stand-in for `speedrun train` (reproduce test): writes a run log like the trainer's."""
+import argparse
+import sys
+import uuid
+from pathlib import Path
+
+from speedrun.records_synthetic import write_synthetic_run
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["train"])
+    for name in ("--preset", "--steps", "--val-every", "--seq-len", "--val-tokens", "--seed", "--kernels", "--device",
+                 "--log-dir"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--no-compile", action="store_true", required=True)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    assert (args.preset, args.device, args.kernels, args.seq_len, args.val_tokens) == ("tiny", "cpu", "torch", "1024",
+                                                                                       "262144")
+    seed = int(args.seed)
+    write_synthetic_run(Path(args.log_dir), str(uuid.uuid4()), seed=seed, num_steps=int(args.steps),
+                        val_every=int(args.val_every), final_val_loss=5.12 + 0.001 * seed,
+                        train_time_ms=55_000 + 100 * seed, code={"speedrun/cli.py": Path(__file__).read_text()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+def stand_in_record(records: Path) -> Path:
+    runs = [dict(run_id=f"r{i}", seed=i, final_val_loss=5.10 + 0.001 * i, train_time_ms=60_000 + 50 * i,
+                 code={"speedrun/cli.py": STAND_IN_CLI}) for i in range(3)]
+    return write_synthetic_record(records, "tiny-cpu", "2025-01-01", "stand-in", runs)
+
+
+def test_train_arguments_and_seeds_come_from_the_logs(tmp_path):
+    record = find_record(str(stand_in_record(tmp_path / "records")), tmp_path / "records")
+    facts = record.runs[0].facts
+    args = train_arguments(facts, seed=7, log_dir=tmp_path / "logs")
+    assert args[:12] == ["--preset", "tiny", "--steps", "20", "--val-every", "5", "--seq-len", "1024",
+                         "--val-tokens", "262144", "--seed", "7"]
+    assert "--no-compile" in args and args[args.index("--device") + 1] == "cpu" and "--data" not in args
+    assert seeds_for(record, 2) == [0, 1] and seeds_for(record, 5) == [0, 1, 2, 3, 4]
+
+
+def test_reproduce_refuses_a_record_that_does_not_check(tmp_path):
+    folder = stand_in_record(tmp_path / "records")
+    text = (folder / "runs/r0.txt").read_text()
+    (folder / "runs/r0.txt").write_text(text.replace("import argparse\n", "import argparse  # edited\n", 1))
+    with pytest.raises(ReproduceError, match="the code snapshot of speedrun/cli.py does not match"):
+        reproduce(str(folder), runs=1, out=tmp_path / "out", records_dir=tmp_path / "records",
+                  data_root=tmp_path / "data", echo=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO_ROOT / ".git").exists(), reason="needs the git checkout")
+def test_reproduce_runs_the_snapshot_and_writes_the_report(tmp_path):
+    records = tmp_path / "records"
+    folder = stand_in_record(records)
+    out = tmp_path / "reproduction"
+    result, all_valid = reproduce("tiny-cpu/2025-01-01_stand-in", runs=2, out=out, records_dir=records,
+                                  data_root=tmp_path / "data", echo=False)
+    assert result == out and all_valid and not out.with_name(out.name + ".partial").exists()
+    logs = sorted((out / "runs").glob("*.json"))
+    assert len(logs) == 2
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in logs)
+    assert seeds == [0, 1]
+    report = (out / "report.md").read_text()
+    assert "a copy of the current working tree (this repository does not have commit 0000" in report
+    assert "Every reproduced run's code hash equals the record's" in report
+    assert "ratio reproduction / record (geometric means): 0.9" in report  # 55 s vs 60 s
+    assert "| reproduction |" in report and "| record | r0 | 0 | success | 60.00 | 5.1000 |" in report
+    assert "None: same GPU, counts, versions and config" in report
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert (REPO_ROOT / "speedrun/cli.py").read_text() != STAND_IN_CLI  # the repository is untouched
+    assert folder.exists()
+
+
+@pytest.mark.slow
+def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path):
+    """End to end on tiny-cpu with real training: several minutes on a CPU."""
+    from speedrun.leaderboard_cli import main as leaderboard_main
+
+    data = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    synth = subprocess.run([sys.executable, "-m", "speedrun.cli", "data", "synth", "--out", str(data / "synth")],
+                           cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert synth.returncode == 0, synth.stderr
+    logs = tmp_path / "logs"
+    train = subprocess.run([sys.executable, "-m", "speedrun.cli", "train", "--preset", "tiny", "--data",
+                            str(data / "synth"), "--log-dir", str(logs), "--quiet"], cwd=REPO_ROOT, env=env,
+                           capture_output=True, text=True)
+    assert train.returncode == 0, train.stdout + train.stderr
+    records = tmp_path / "records"
+    assert leaderboard_main(["submit", *map(str, logs.glob("*.txt")), "--records", str(records), "--track",
+                             "tiny-cpu", "--title", "Tiny baseline", "--author", "Test", "--kind", "systems",
+                             "--description", "One real run of the tiny preset."]) == 0
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    assert leaderboard_main(["show", "--records", str(records)]) == 0
+    record = next((records / "tiny-cpu").iterdir())
+    out, all_valid = reproduce(str(record), runs=1, out=tmp_path / "reproduction", records_dir=records,
+                               data_root=data, echo=False)
+    report = (out / "report.md").read_text()
+    assert all_valid, report
+    assert "Every reproduced run's code hash equals the record's" in report
