@@ -23,12 +23,11 @@ from speedrun.records import KINDS, RECORDS_DIR, UPSTREAM_DIR_NAME, check_tree
 from speedrun.tracks import TRACKS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "leaderboard.py") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--records", type=Path, default=RECORDS_DIR, metavar="DIR",
                         help="the records folder (default: records/ of this repository)")
-    parser = argparse.ArgumentParser(prog="leaderboard.py", description="Records and the leaderboard, "
-                                     "computed from the run logs.")
+    parser = argparse.ArgumentParser(prog=prog, description="Records and the leaderboard, computed from the run logs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", parents=[common], help="validate records (all, or those under PATHs)")
@@ -180,6 +179,7 @@ COMMANDS = {"check": cmd_check, "build": cmd_build, "submit": cmd_submit, "show"
             "compare": cmd_compare, "import-upstream": cmd_import_upstream}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "leaderboard.py") -> int:
+    """Run one subcommand; ``prog`` names the command in help and errors (``speedrun leaderboard``)."""
+    args = build_parser(prog).parse_args(argv)
     return COMMANDS[args.command](args)

@@ -78,6 +78,7 @@ class ValLine(NamedTuple):
     total: int
     val_loss: float
     train_time_ms: int
+    step_avg_ms: float  # NaN at step 0
 
 
 class TrainLine(NamedTuple):
@@ -85,6 +86,7 @@ class TrainLine(NamedTuple):
     step: int
     total: int
     train_time_ms: int
+    step_avg_ms: float
 
 
 @dataclass
@@ -227,9 +229,9 @@ def _parse_step_lines(lines: list[str], first_lineno: int) -> tuple[list[ValLine
         if not line.startswith("step:"):
             continue  # summary lines ("final val_loss ...", "peak memory ...") are free text
         if m := VAL_PATTERN.match(line):
-            val_lines.append(ValLine(lineno, int(m[1]), int(m[2]), float(m[3]), int(m[4])))
+            val_lines.append(ValLine(lineno, int(m[1]), int(m[2]), float(m[3]), int(m[4]), float(m[5])))
         elif m := TRAIN_PATTERN.match(line):
-            train_lines.append(TrainLine(lineno, int(m[1]), int(m[2]), int(m[3])))
+            train_lines.append(TrainLine(lineno, int(m[1]), int(m[2]), int(m[3]), float(m[4])))
         else:
             raise LogFormatError(lineno, f"malformed step line {line[:80]!r}")
     return val_lines, train_lines
@@ -556,6 +558,15 @@ def check_steps(run: Run) -> list[str]:
         if line.train_time_ms < prev.train_time_ms:
             problems.append(f"{label}:{line.lineno}: train_time {line.train_time_ms}ms goes back "
                             f"(line {prev.lineno} said {prev.train_time_ms}ms)")
+            break
+    for line in lines:
+        if line.step == 0 or math.isnan(line.step_avg_ms):
+            bad_avg = line.step != 0 or not math.isnan(line.step_avg_ms)
+        else:  # step_avg is the unrounded time / step, printed with 2 decimals; the time is rounded to 1 ms
+            bad_avg = abs(line.step_avg_ms * line.step - line.train_time_ms) > 0.5 + 0.005 * line.step + 1e-6
+        if bad_avg:
+            problems.append(f"{label}:{line.lineno}: step_avg {line.step_avg_ms}ms is not train_time "
+                            f"{line.train_time_ms}ms / step {line.step}")
             break
     if run.finished and (not text.val_lines or text.val_lines[-1].step != num_steps):
         last = f"the last one is at step {text.val_lines[-1].step}" if text.val_lines else "there is none"

@@ -243,6 +243,12 @@ def config_differences(original: dict, reproduced: dict) -> list[tuple[str, obje
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "train.seed"]
 
 
+def data_differences(original: dict, reproduced: dict) -> list[tuple[str, object, object]]:
+    """The data facts that differ (where the data folder is does not matter, what is in it does)."""
+    keys = sorted((set(original) | set(reproduced)) - {"dir"})
+    return [(k, original.get(k), reproduced.get(k)) for k in keys if original.get(k) != reproduced.get(k)]
+
+
 def _mean_sd(values_ms: list[float]) -> str:
     if not values_ms:
         return "—"
@@ -293,12 +299,14 @@ def report_markdown(record: Record, reference: Run, attempts: list[Attempt], che
     lines += ["", "## Environment and config differences (record → here)", ""]
     env_diffs = env_differences(reference.facts["env"], new_runs[0].facts["env"]) if new_runs else []
     cfg_diffs = config_differences(reference.facts["config"], new_runs[0].facts["config"]) if new_runs else []
+    data_diffs = data_differences(reference.facts["data"], new_runs[0].facts["data"]) if new_runs else []
     if not new_runs:
         lines.append("No reproduced run wrote a valid log, so there is no environment to compare.")
-    elif not env_diffs and not cfg_diffs:
-        lines.append("None: same GPU, counts, versions and config (apart from the seed).")
+    elif not env_diffs and not cfg_diffs and not data_diffs:
+        lines.append("None: same GPU, counts, versions, config (apart from the seed) and validation data.")
     lines += [f"- env `{k}`: {a!r} → {b!r}" for k, a, b in env_diffs]
     lines += [f"- config `{k}`: {a!r} → {b!r}" for k, a, b in cfg_diffs]
+    lines += [f"- data `{k}`: {a!r} → {b!r}" for k, a, b in data_diffs]
     lines += ["", f"![times and validation curves]({plot_name})", ""]
     return "\n".join(lines)
 
@@ -449,8 +457,9 @@ def reproduce_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def reproduce_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="speedrun reproduce", description="Re-run a record's code and compare.")
+def reproduce_main(argv: list[str] | None = None, prog: str = "speedrun reproduce") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Re-run a record's logged code on this machine and "
+                                     "compare with the record.")
     add_arguments(parser)
     return reproduce_command(parser.parse_args(argv))
 

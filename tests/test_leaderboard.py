@@ -139,6 +139,11 @@ def test_valid_records_pass_and_numbers_come_from_the_text_log(records):
         scipy.stats.ttest_1samp(first.stats.losses, TARGET, alternative="less").pvalue)
 
 
+def test_the_committed_records_pass_check():
+    result = check_tree()  # the repository's own records/
+    assert result.problems == [], "\n".join(result.problems)
+
+
 def test_the_cli_entry_point_runs_from_the_repository_root(records):
     make(records)
     out = subprocess.run([sys.executable, "leaderboard.py", "check", "--records", str(records)], cwd=REPO_ROOT,
@@ -300,6 +305,13 @@ def test_rejects_steps_and_train_times_that_do_not_increase(records):
     _, val_line = step_line(folder / "runs/s0.txt", "step:10/20 val_loss:")
     edit(folder / "runs/s0.txt", val_line, val_line.split(" train_time:")[0] + " train_time:9000ms step_avg:900.00ms")
     assert_one_problem_like(records, "runs/s0.txt:", "train_time 9000ms does not increase")
+
+
+def test_rejects_a_step_avg_that_is_not_time_over_step(records):
+    folder = make(records)
+    lineno, line = step_line(folder / "runs/f0.txt", "step:8/20 train_time:")
+    edit(folder / "runs/f0.txt", line, line.split(" step_avg:")[0] + " step_avg:1.00ms")
+    assert_one_problem_like(records, f"runs/f0.txt:{lineno}: step_avg 1.0ms is not train_time")
 
 
 def test_rejects_a_record_dated_in_the_future(records):

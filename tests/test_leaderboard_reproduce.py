@@ -94,7 +94,7 @@ def test_reproduce_runs_the_snapshot_and_writes_the_report(tmp_path):
     assert "Every reproduced run's code hash equals the record's" in report
     assert "ratio reproduction / record (geometric means): 0.9" in report  # 55 s vs 60 s
     assert "| reproduction |" in report and "| record | r0 | 0 | success | 60.00 | 5.1000 |" in report
-    assert "None: same GPU, counts, versions and config" in report
+    assert "None: same GPU, counts, versions, config (apart from the seed) and validation data" in report
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert (REPO_ROOT / "speedrun/cli.py").read_text() != STAND_IN_CLI  # the repository is untouched
     assert folder.exists()
