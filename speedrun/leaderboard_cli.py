@@ -59,8 +59,8 @@ def build_parser(prog: str = "leaderboard.py") -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", parents=[common], help="two records or runs side by side")
     compare.add_argument("a", metavar="A", help="a record folder (or track/folder), a run log, or an upstream log")
     compare.add_argument("b", metavar="B")
-    compare.add_argument("--plot", type=Path, default=Path("compare.png"), metavar="PNG",
-                         help="where to write the curves (default: compare.png)")
+    compare.add_argument("--plot", type=Path, default=REPO_ROOT / "logs" / "compare.png", metavar="PNG",
+                         help="where to write the curves (default: logs/compare.png)")
 
     upstream = sub.add_parser("import-upstream", parents=[common],
                               help="import public modded-nanogpt log files for comparison")

@@ -480,7 +480,9 @@ def submit_args(records, logs, *extra):
 
 def test_submit_creates_a_checked_record(records, tmp_path):
     logs = write_logs(tmp_path / "logs", good_runs("r"))
-    assert leaderboard_main(submit_args(records, logs)) == 0
+    write_up = tmp_path / "notes.md"
+    write_up.write_text("# Tiny baseline\n\nWhy it works.\n")
+    assert leaderboard_main(submit_args(records, logs, "--readme", str(write_up))) == 0
     folder = records / "tiny-cpu/2025-03-01_tiny-baseline"
     expected = [f"r{i}{suffix}" for i in range(3) for suffix in (".json", ".txt")]
     assert sorted(p.name for p in (folder / "runs").iterdir()) == expected
@@ -488,6 +490,7 @@ def test_submit_creates_a_checked_record(records, tmp_path):
     assert meta == {"schema_version": 1, "title": "Tiny baseline", "authors": ["Ada"], "date": "2025-03-01",
                     "track": "tiny-cpu", "beats": None, "kind": "ml", "description": "The tiny preset as it is."}
     assert (folder / "runs/r0.txt").read_bytes() == logs[0].read_bytes()
+    assert (folder / "README.md").read_text() == write_up.read_text()
     assert problems_of(records) == []
     assert [p.name for p in (records / "tiny-cpu").iterdir()] == [folder.name]  # no temp folder left
 
@@ -525,6 +528,8 @@ def test_submit_rejects_bad_requests_clearly(records, tmp_path, capsys):
     assert "missing.txt: missing" in out
     assert not records.exists()
     assert leaderboard_main(submit_args(records, logs)) == 0
+    readme = (records / "tiny-cpu/2025-03-01_tiny-baseline/README.md").read_text()
+    assert readme.startswith("# Tiny baseline\n\nAda · 2025-03-01 · track `tiny-cpu` · ml change")
     assert leaderboard_main(submit_args(records, logs)) == 1  # the same folder again
     assert "already exists" in capsys.readouterr().out
 
