@@ -430,11 +430,12 @@ def check_config(run: Run) -> list[str]:
 
 
 def config_key(config: dict) -> str:
-    """The config as sorted JSON without the seed: equal for every run of one recipe."""
+    """The config without the seed, in the writer's JSON layout: equal for every run of one recipe
+    (and equal to what Run.config_key cuts out of a text log)."""
     train = config.get("train")
     if isinstance(train, dict):
         config = {**config, "train": {k: v for k, v in train.items() if k != "seed"}}
-    return json.dumps(config, sort_keys=True)
+    return canonical_json(config)
 
 
 @functools.lru_cache(maxsize=4096)

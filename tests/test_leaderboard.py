@@ -139,6 +139,15 @@ def test_valid_records_pass_and_numbers_come_from_the_text_log(records):
         scipy.stats.ttest_1samp(first.stats.losses, TARGET, alternative="less").pvalue)
 
 
+def test_the_fast_config_key_equals_the_json_one(tmp_path):
+    from speedrun.records_runlog import config_key, load_run
+
+    txt, js = write_synthetic_run(tmp_path, "r0", seed=3)
+    run, problems = load_run(txt, js)
+    assert problems == [] and run.config_key == config_key(run.facts["config"])
+    assert '"seed"' not in run.config_key
+
+
 def test_the_committed_records_pass_check():
     result = check_tree()  # the repository's own records/
     assert result.problems == [], "\n".join(result.problems)
