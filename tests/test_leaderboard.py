@@ -342,6 +342,11 @@ def test_rejects_paths_that_escape_or_break_the_layout(records, tmp_path):
     assert leaderboard_main(["check", "--records", str(records), str(tmp_path)]) == 1
 
 
+def test_rejects_a_code_snapshot_path_that_escapes_the_repository(records):
+    make(records, runs=good_runs("f", code={"../outside.py": "print('hi')\n", "speedrun/model.py": "x = 1\n"}))
+    assert_one_problem_like(records, "runs/f0.txt:", "code path '../outside.py' escapes the repository")
+
+
 def test_check_reports_a_path_outside_the_records_folder(records, tmp_path, capsys):
     make(records)
     assert leaderboard_main(["check", "--records", str(records), str(tmp_path)]) == 1
