@@ -45,6 +45,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-tokens", type=_positive_int, default=None,
                    help="override the validation token count (a record run must use the track's)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="override the tokens per micro-batch sequence")
+    p.add_argument("--seqs-per-forward", type=_positive_int, default=None,
+                   help="sequences per forward pass (default: the preset's; the math does not change)")
     p.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default: the preset's)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on CUDA)")

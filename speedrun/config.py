@@ -86,6 +86,10 @@ class DataConfig:
     data_dir: str = "data/fineweb10B"  # relative to the repository root unless absolute
     seq_len: int = 65536  # tokens in one micro-batch sequence (batch dimension 1)
     batch_slots: int = 8  # sequences per optimizer step; each of W processes runs batch_slots / W of them
+    # Sequences per forward pass. The recipe runs one 64K-token sequence per forward (micro-step); on a
+    # CPU a forward over several short sequences at once saves per-op overhead. The loss is a mean over
+    # equal-length sequences either way, so the math does not change.
+    seqs_per_forward: int = 1
     val_tokens: int = 10_485_760
 
     @property
@@ -207,7 +211,8 @@ def tiny() -> RunConfig:
             window_pattern="LSSL",
         ),
         optim=OptimConfig(ns_dtype="float32"),
-        data=DataConfig(source="synth", data_dir="data/synth", seq_len=1024, batch_slots=8, val_tokens=262_144),
+        data=DataConfig(source="synth", data_dir="data/synth", seq_len=1024, batch_slots=8, val_tokens=262_144,
+                        seqs_per_forward=8),
         train=TrainConfig(num_steps=300, val_every=50, warmup_steps=3, max_window_tokens=1024, dtype="float32"),
     )
 

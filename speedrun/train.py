@@ -92,16 +92,23 @@ def device_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def stacked_val_batches(cfg: RunConfig, env: dist.DistEnv, val_path: Path):
+    """This rank's validation sequences, ``seqs_per_forward`` at a time: (inputs, targets) of shape (n, T)."""
+    pairs = list(val_batches(val_path, cfg.data.val_tokens, cfg.data.seq_len, env.world_size, env.rank, env.device))
+    for i in range(0, len(pairs), cfg.data.seqs_per_forward):
+        batch = pairs[i:i + cfg.data.seqs_per_forward]
+        yield torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
+
+
 @torch.no_grad()
 def evaluate(model, cfg: RunConfig, env: dist.DistEnv, val_path: Path, window) -> float:
     """Mean cross-entropy over the first val_tokens tokens of the val shard, exactly averaged over ranks."""
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=env.device)
     count = 0
-    for inputs, targets in val_batches(val_path, cfg.data.val_tokens, cfg.data.seq_len,
-                                       env.world_size, env.rank, env.device):
-        total += model(inputs[None], targets[None], window=window).double()
-        count += 1
+    for inputs, targets in stacked_val_batches(cfg, env, val_path):
+        total += model(inputs, targets, window=window).double() * len(inputs)
+        count += len(inputs)
     model.train()
     # Every rank holds the same number of equal-length sequences, so the mean of means is the token mean.
     return dist.all_reduce_mean_(total / count).item()
@@ -128,7 +135,11 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
                                batch_slots=cfg.data.batch_slots, world_size=env.world_size, rank=env.rank,
                                device=device, prefetch=True)
     val_path = list_shards(data_dir, "val")[0]
-    micro_steps = cfg.data.batch_slots // env.world_size
+    slots_per_rank = cfg.data.batch_slots // env.world_size
+    per_forward = max(1, min(cfg.data.seqs_per_forward, slots_per_rank))
+    if slots_per_rank % per_forward:
+        raise ValueError(f"seqs_per_forward {per_forward} must divide the {slots_per_rank} sequences per process")
+    micro_steps = slots_per_rank // per_forward
     n = cfg.train.num_steps
     long_w = torch.ones((), dtype=torch.int32, device=device)
     short_w = torch.ones((), dtype=torch.int32, device=device)
@@ -142,8 +153,11 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     def train_step(step: int) -> torch.Tensor:
         window = set_window(step)
         loss_sum = torch.zeros((), device=device)
-        for inputs, targets in train_loader.next_step():
-            loss = model(inputs[None], targets[None], window=window)
+        pairs = train_loader.next_step()
+        for i in range(0, len(pairs), per_forward):
+            inputs = torch.stack([x for x, _ in pairs[i:i + per_forward]])
+            targets = torch.stack([y for _, y in pairs[i:i + per_forward]])
+            loss = model(inputs, targets, window=window)
             # Average over micro-steps (and, below, over ranks): the math is the same for any world size.
             (loss / micro_steps).backward()
             loss_sum += loss.detach().float()
@@ -160,12 +174,11 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     initial_optim = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     for step in range(cfg.train.warmup_steps):
         train_step(step)
-    if cfg.train.warmup_steps:
-        evaluate_batch = next(iter(val_batches(val_path, cfg.data.val_tokens, cfg.data.seq_len,
-                                               env.world_size, env.rank, device)))
+    if cfg.train.warmup_steps:  # every validation batch shape, without the clock
         with torch.no_grad():
             model.eval()
-            model(evaluate_batch[0][None], evaluate_batch[1][None], window=set_window(n))
+            for inputs, targets in {tuple(x.shape): (x, y) for x, y in stacked_val_batches(cfg, env, val_path)}.values():
+                model(inputs, targets, window=set_window(n))
             model.train()
     raw_model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_optim):
@@ -317,6 +330,8 @@ def resolve_config(args, cuda: bool) -> RunConfig:
         data_over["val_tokens"] = args.val_tokens
     if args.seq_len is not None:
         data_over["seq_len"] = args.seq_len
+    if args.seqs_per_forward is not None:
+        data_over["seqs_per_forward"] = args.seqs_per_forward
     if args.data is not None:
         data_over["data_dir"] = args.data
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),

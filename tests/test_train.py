@@ -1,0 +1,199 @@
+"""The trainer's rules: timing (with an injected clock), statuses, run logs, distributed equivalence."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import speedrun.train as train_mod
+from speedrun import REPO_ROOT, dist
+from speedrun.cli import build_parser
+from speedrun.data.synth import generate_synth
+from speedrun.runlog import code_hash, parse_code_snapshot
+
+SEQ_LEN = 64
+VAL_TOKENS = 1024
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    generate_synth(out, seed=1, train_tokens=300_000, val_tokens=VAL_TOKENS)
+    return out
+
+
+def make_run(synth_dir, *extra):
+    """(cfg, env, data_dir, target, track) for the tiny preset on the test's small synthetic data."""
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len",
+                                      str(SEQ_LEN), "--val-tokens", str(VAL_TOKENS), *extra])
+    cfg = train_mod.resolve_config(args, cuda=False)
+    env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cfg, data_dir, manifest = train_mod.prepare_data(cfg, env)
+    target = train_mod.get_track(cfg.track).target(manifest["val_optimal_loss"])
+    return cfg, env, data_dir, target, cfg.track
+
+
+class FakeClock:
+    """Time moves only when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_timing_excludes_warmup_and_validation(synth_dir, tmp_path, monkeypatch):
+    cfg, env, data_dir, target, track = make_run(synth_dir, "--steps", "6", "--val-every", "2")
+    clock = FakeClock()
+    real_evaluate, real_set_schedules = train_mod.evaluate, train_mod.set_schedules
+
+    def slow_evaluate(*a, **k):  # validation costs 100 s, which must never be counted
+        clock.now += 100.0
+        return real_evaluate(*a, **k)
+
+    def one_second_step(*a, **k):  # every optimizer step (warm-up ones too) costs 1 s
+        clock.now += 1.0
+        return real_set_schedules(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train_mod, "set_schedules", one_second_step)
+    result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, clock=clock, echo=False)
+    facts = json.loads(result.json_path.read_text())
+    assert cfg.train.warmup_steps > 0
+    assert [p["step"] for p in facts["val_curve"]] == [0, 2, 4, 6]
+    assert [p["train_time_ms"] for p in facts["val_curve"]] == [0, 2000, 4000, 6000]
+    assert facts["train_time_ms"] == 6000
+    text = result.log_path.read_text()
+    assert "step:6/6 val_loss:" in text and "train_time:6000ms step_avg:1000.00ms" in text
+    assert re.search(r"^step:3/6 train_time:3000ms step_avg:1000.00ms$", text, re.M)
+
+
+def test_warmup_restores_initial_state(synth_dir, tmp_path):
+    """A run with warm-up steps sees exactly what a run without them sees."""
+    cfg, env, data_dir, target, track = make_run(synth_dir, "--steps", "3", "--val-every", "3")
+    losses = []
+    for warmup in (0, 2):
+        c = train_mod.dataclasses.replace(cfg, train=train_mod.dataclasses.replace(cfg.train, warmup_steps=warmup))
+        result = train_mod.train(c, env, data_dir, target, track, log_dir=tmp_path, echo=False)
+        losses.append(json.loads(result.json_path.read_text())["train_losses"])
+    assert losses[0] == losses[1]
+
+
+def test_run_log_is_complete_and_code_hash_matches(synth_dir, tmp_path):
+    cfg, env, data_dir, target, track = make_run(synth_dir, "--steps", "2", "--val-every", "1")
+    result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, echo=False)
+    facts = json.loads(result.json_path.read_text())
+    text = result.log_path.read_text()
+    assert facts["status"] in ("success", "not_converged")
+    assert facts["run_id"] == result.run_id and facts["schema_version"] == 1
+    for key in ("python", "torch", "triton", "world_size", "git"):
+        assert key in facts["env"]
+    assert facts["config"]["preset"] == "tiny" and facts["tokens_seen"] == 2 * 8 * SEQ_LEN
+    # The snapshot sections hold the exact files; their hashes and the code hash recompute.
+    snapshot = parse_code_snapshot(text)
+    hashes = {}
+    for path, (source, sha) in snapshot.items():
+        assert hashlib.sha256(source.encode()).hexdigest() == sha
+        assert (REPO_ROOT / path).read_text() == source
+        hashes[path] = sha
+    assert {"speedrun/train.py", "speedrun/model.py", "kernels/attention.py"} <= set(hashes)
+    assert hashes == facts["code"]["files"]
+    assert code_hash(hashes) == facts["code"]["code_sha256"]
+    assert str(REPO_ROOT) not in text, "a log must not reveal where the clone lives"
+    assert "====== summary ======" in text
+
+
+def test_nan_loss_is_diverged_and_names_the_step(synth_dir, tmp_path, monkeypatch):
+    cfg, env, data_dir, target, track = make_run(synth_dir, "--steps", "8", "--val-every", "100")
+    real_set_schedules = train_mod.set_schedules
+    calls = {"n": 0}
+
+    def poison_weights_at_step_3(optimizers, step, c):
+        calls["n"] += 1
+        if calls["n"] > cfg.train.warmup_steps and step == 3:  # in the timed loop, not the warm-up
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        p.data.fill_(float("nan"))
+        return real_set_schedules(optimizers, step, c)
+
+    monkeypatch.setattr(train_mod, "set_schedules", poison_weights_at_step_3)
+    result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, echo=False)
+    facts = json.loads(result.json_path.read_text())
+    assert result.status == facts["status"] == "diverged"
+    assert facts["diverged_at_step"] == 4  # weights poisoned during step 3's update: step 4's loss is NaN
+    assert facts["final_val_loss"] is None
+    assert "DIVERGED: non-finite loss at step 4" in result.log_path.read_text()
+
+
+def test_sigterm_aborts_after_the_current_step(synth_dir, tmp_path, monkeypatch):
+    cfg, env, data_dir, target, track = make_run(synth_dir, "--steps", "50", "--val-every", "100")
+    real_set_schedules = train_mod.set_schedules
+    calls = {"n": 0}
+
+    def signal_at_step_2(optimizers, step, c):
+        calls["n"] += 1
+        if calls["n"] == cfg.train.warmup_steps + 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_set_schedules(optimizers, step, c)
+
+    monkeypatch.setattr(train_mod, "set_schedules", signal_at_step_2)
+    result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, echo=False)
+    facts = json.loads(result.json_path.read_text())
+    assert facts["status"] == "aborted"
+    assert 3 <= facts["steps_done"] <= 4  # the signalled step finishes; the stop is read one step later
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_cli_run_writes_logs_and_exit_code(synth_dir, tmp_path):
+    from speedrun.cli import main
+
+    rc = main(["train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN),
+               "--val-tokens", str(VAL_TOKENS), "--steps", "2", "--log-dir", str(tmp_path), "--quiet",
+               "--save-checkpoint", str(tmp_path / "ck.pt")])
+    logs = list(tmp_path.glob("*.json"))
+    assert len(logs) == 1
+    facts = json.loads(logs[0].read_text())
+    assert rc == (0 if facts["status"] == "success" else 1)
+    assert (tmp_path / "ck.pt").is_file()
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert state["run_id"] == facts["run_id"]
+
+
+def _torchrun(nproc, synth_dir, log_dir, seqs_per_forward):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "speedrun.cli", "train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN),
+           "--val-tokens", str(VAL_TOKENS), "--steps", "4", "--val-every", "2", "--log-dir", str(log_dir), "--quiet",
+           "--seqs-per-forward", str(seqs_per_forward)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 1), out.stdout + out.stderr
+    (log,) = list(log_dir.glob("*.json"))
+    return json.loads(log.read_text())
+
+
+@pytest.mark.parametrize("seqs_per_forward, rel", [(4, 1e-6), (1, 1e-3)])
+def test_two_processes_equal_one_process_with_accumulation(synth_dir, tmp_path, seqs_per_forward, rel):
+    """Two gloo processes = one process accumulating over the same 8 sequences.
+
+    With 4 sequences per forward both runs do the same two forwards and average the same two gradients
+    (once by accumulation, once by all-reduce), which is exact in floating point: the losses agree to
+    1e-6 (in fact bit for bit). With 1 sequence per forward the 8 gradients are summed in another order;
+    the ~1e-7 rounding differences are then amplified by Muon's Newton-Schulz iteration, whose slope at
+    small singular values is a^5 ~ 500, so the runs drift apart by ~1e-4 relative within four steps.
+    """
+    one = _torchrun(1, synth_dir, tmp_path / "one", seqs_per_forward)
+    two = _torchrun(2, synth_dir, tmp_path / "two", seqs_per_forward)
+    assert two["env"]["world_size"] == 2 and one["env"]["world_size"] == 1
+    assert len(one["train_losses"]) == len(two["train_losses"]) == 4
+    for a, b in zip(one["train_losses"], two["train_losses"]):
+        assert a == pytest.approx(b, rel=rel, abs=rel)
+    for a, b in zip(one["val_curve"], two["val_curve"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=rel, abs=rel)
