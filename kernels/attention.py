@@ -50,6 +50,7 @@ recompute P = exp(scale * QK^T - LSE) tile by tile with the forward's mask. No a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.common import interpreting, new_empty, triton_usable
 
@@ -112,7 +113,8 @@ def attention_mask(doc_ids: torch.Tensor, window_blocks, block_size: int, q_star
 
 def attention_torch(q, k, v, doc_ids, window_blocks, scale, block_size=128, query_chunk=2048):
     """Reference: fp32 math (fp64 for float64 inputs) on a materialised mask, in query chunks so memory is
-    O(T * window).
+    O(T * window). fp32 goes through F.scaled_dot_product_attention with that boolean mask (every row keeps
+    its diagonal, so no row is empty); float64 is spelled out as matmul, masked_fill, softmax, matmul.
 
     Only the keys a chunk can see (its window, block-granular) are materialised, so this also runs the
     real preset's 64K-token sequences. Reads ``window_blocks`` on the host (a sync): a reference, not a
@@ -128,9 +130,13 @@ def attention_torch(q, k, v, doc_ids, window_blocks, scale, block_size=128, quer
         q1 = min(T, q0 + query_chunk)
         k0 = max(0, (q0 // block_size - w + 1) * block_size)
         mask = attention_mask(doc_ids, w, block_size, q0, q1, k0, q1)  # (B, q, k)
-        s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:q1].transpose(-1, -2)) * scale
-        s = s.masked_fill(~mask[:, None], float("-inf"))
-        outs.append(torch.matmul(torch.softmax(s, dim=-1), vf[:, :, k0:q1]))
+        if ct == torch.float64:  # spelled out: the fp64 ground truth the tests compare every variant with
+            s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:q1].transpose(-1, -2)) * scale
+            s = s.masked_fill(~mask[:, None], float("-inf"))
+            outs.append(torch.matmul(torch.softmax(s, dim=-1), vf[:, :, k0:q1]))
+        else:  # the same math through PyTorch's fused attention: ~3x faster on CPU for the tiny preset
+            outs.append(F.scaled_dot_product_attention(qf[:, :, q0:q1], kf[:, :, k0:q1], vf[:, :, k0:q1],
+                                                       attn_mask=mask[:, None], scale=scale))
     return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
 
 
