@@ -27,6 +27,7 @@ so it can be recomputed from the snapshot sections alone. Paths are relative to 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -95,7 +96,8 @@ SNAPSHOT_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(
 
 def parse_code_snapshot(text: str) -> dict[str, tuple[str, str]]:
     """{path: (source, sha256 written in the header)} from a text log. Raises ValueError if malformed."""
-    lines = text.splitlines(keepends=True)
+    lines = text.split("\n")  # only "\n" ends a line here: the writer counts nothing else
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
     files: dict[str, tuple[str, str]] = {}
     i = 0
     while i < len(lines):
@@ -210,13 +212,15 @@ class RunLog:
             "peak_memory_mib": None,
             "diverged_at_step": None,
             "message": None,
+            "started_at": utc_now(),
+            "finished_at": None,
         }
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
         parts = ["speedrun run log", f"run_id: {run_id}"]
         for path in sorted(snapshot):
-            parts.append(snapshot_section(path, snapshot[path], file_hashes[path]).rstrip("\n"))
+            parts.append(snapshot_section(path, snapshot[path], file_hashes[path])[:-1])  # "\n".join adds it back
         parts.append(SECTION.format(f"code_sha256: {self.facts['code']['code_sha256']}"))
         parts.append(SECTION.format("environment"))
         parts.append(json.dumps(env, indent=2, sort_keys=True))
@@ -244,6 +248,7 @@ class RunLog:
         """Write the summary section and the final JSON; the text log is closed."""
         if not self.enabled:
             return
+        self.facts["finished_at"] = utc_now()
         for text in summary_lines:
             self.line(text)
         self._txt.write(SECTION.format("summary") + "\n")
@@ -252,6 +257,10 @@ class RunLog:
         os.fsync(self._txt.fileno())
         self._txt.close()
         self.write_json()
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def relative_to_repo(path) -> str:

@@ -192,7 +192,7 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
                  enabled=env.is_main, echo=echo, quiet=quiet)
     manifest = read_manifest(data_dir) or {}
     log.facts["data"] = {"dir": relative_to_repo(data_dir), "val_shard": val_path.name,
-                         "kind": manifest.get("kind"), "val_optimal_loss": manifest.get("val_optimal_loss"),
+                         "kind": manifest.get("kind"), "val_optimal_loss": data_floor(manifest, cfg.data.val_tokens),
                          "val_shard_sha256": manifest.get("files", {}).get(val_path.name, {}).get("sha256")}
     status, final_val, diverged_at = None, None, None
     tokens_per_step = cfg.data.tokens_per_step
@@ -364,6 +364,12 @@ def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, di
     return cfg, data_dir, manifest
 
 
+def data_floor(manifest: dict, val_tokens: int) -> float | None:
+    """The exact optimal loss of the first ``val_tokens`` val targets, where the data's generator knows it."""
+    prefixes = manifest.get("val_optimal_loss_prefix") or {}  # the synthetic generator writes these
+    return float(prefixes[str(val_tokens)]) if str(val_tokens) in prefixes else None
+
+
 def train_command(args) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cuda = torch.cuda.is_available() if args.device != "cpu" else False
@@ -377,8 +383,11 @@ def train_command(args) -> int:
                              "of a step (use 1, 2, 4 or 8 processes)")
         cfg, data_dir, manifest = prepare_data(cfg, env)
         track = get_track(cfg.track)
+        floor = data_floor(manifest, cfg.data.val_tokens)
         on_track = (track.data == "synth") == (manifest.get("kind") == "synth")
-        target = track.target(manifest.get("val_optimal_loss")) if on_track else None
+        if track.target_val_loss is None and floor is None:
+            on_track = False  # a target above the data's floor needs the floor of exactly these val tokens
+        target = track.target(floor) if on_track else None
         if env.is_main:
             print(f"speedrun: preset {cfg.preset}, track {track.name if on_track else 'none (off-track data)'}, "
                   f"target {target if target is not None else 'none'}, kernels {cfg.train.kernels}, "
