@@ -261,7 +261,8 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     else:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         mem_line = f"peak memory (process RSS): {peak_mem:.0f} MiB"
-    log.facts.update(status=status, final_val_loss=final_val if status != "diverged" else None,
+    # Only a run that validated at its last step has a final val loss; an aborted one keeps its val curve.
+    log.facts.update(status=status, final_val_loss=final_val if status not in ("diverged", "aborted") else None,
                      train_time_ms=round(1000 * train_time, 3), steps_done=steps_done, tokens_seen=tokens,
                      tokens_per_second=tokens_per_s, mfu=mfu, peak_memory_mib=round(peak_mem, 1),
                      diverged_at_step=diverged_at)
@@ -279,7 +280,9 @@ def summary_lines(facts: dict, mem_line: str) -> list[str]:
     if status == "diverged":
         lines.append(f"DIVERGED: non-finite loss at step {facts['diverged_at_step']}")
     elif status == "aborted":
-        lines.append(f"ABORTED by signal after step {facts['steps_done']}")
+        last = facts["val_curve"][-1] if facts["val_curve"] else None
+        seen = f"; last validation at step {last['step']}: val_loss {last['val_loss']:.4f}" if last else ""
+        lines.append(f"ABORTED by signal after step {facts['steps_done']}{seen}")
     if val is not None:
         against = f" (target {target:.4f})" if target is not None else " (no target for this data)"
         lines.append(f"final val_loss {val:.4f} at step {facts['steps_done']}{against}: {status}")

@@ -147,7 +147,8 @@ def test_sigterm_aborts_after_the_current_step(synth_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(train_mod, "set_schedules", signal_at_step_2)
     result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, echo=False)
     facts = json.loads(result.json_path.read_text())
-    assert facts["status"] == "aborted"
+    assert facts["status"] == "aborted" and facts["final_val_loss"] is None
+    assert "ABORTED by signal after step" in result.log_path.read_text()
     assert 3 <= facts["steps_done"] <= 4  # the signalled step finishes; the stop is read one step later
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
