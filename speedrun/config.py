@@ -211,9 +211,9 @@ def tiny() -> RunConfig:
             window_pattern="LSSL",
         ),
         optim=OptimConfig(ns_dtype="float32"),
-        data=DataConfig(source="synth", data_dir="data/synth", seq_len=1024, batch_slots=8, val_tokens=262_144,
+        data=DataConfig(source="synth", data_dir="data/synth", seq_len=512, batch_slots=8, val_tokens=131_072,
                         seqs_per_forward=8),
-        train=TrainConfig(num_steps=300, val_every=50, warmup_steps=3, max_window_tokens=1024, dtype="float32"),
+        train=TrainConfig(num_steps=300, val_every=50, warmup_steps=3, max_window_tokens=512, dtype="float32"),
     )
 
 

@@ -37,12 +37,12 @@ from speedrun.data.shards import (MANIFEST_NAME, ShardError, list_shards, manife
                                   read_manifest, read_shard, write_manifest, write_shard)
 
 GENERATOR_NAME = "hmm-topics"
-GENERATOR_VERSION = 1  # bump whenever the language or the sampling changes: ensure_synth then regenerates
+GENERATOR_VERSION = 2  # bump whenever the language or the sampling changes: ensure_synth then regenerates
 VOCAB_SIZE = 2048
 EOT_TOKEN = 2047
 NUM_STATES = 32
 NUM_TOPICS = 8
-STATE_WORDS = 160  # content ids a state can emit
+STATE_WORDS = 48  # content ids a state can emit (few: a small model learns the tables in a few hundred steps)
 TOPIC_WORDS = 64  # content ids a topic adds
 TOPIC_WEIGHT = 0.3  # share of a token's probability that comes from the topic's words
 STAY_PROB = 0.9  # a state's chance of emitting the next token too
