@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.common import interpreting, new_empty, triton_usable
+from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
 
 try:
     import triton
@@ -155,13 +155,16 @@ def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
-def _tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq"). BLOCK_M tiles queries,
-    BLOCK_N keys. Not autotuned (autotuning would benchmark inside a CUDA-graph capture). The GPU choices
-    were checked only by compiling for sm_90 and sm_80 without a GPU: 16-bit configs use <= 66 KB of shared
-    memory and 196-255 registers with no spills on sm_90 (the D=128 forward: 8 bytes); they are untimed."""
-    if interpreting():  # the CPU interpreter is slow: small tiles, unequal so both tile sizes get tested
-        return {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kernel] + (1, 1)
+def _tiles(kernel: str, head_dim: int, dtype: torch.dtype, T: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv", "dq") for sequences of T tokens.
+    BLOCK_M tiles queries, BLOCK_N keys. Not autotuned (autotuning would benchmark inside a CUDA-graph
+    capture). The GPU choices were checked only by compiling for sm_90 and sm_80 without a GPU: 16-bit
+    configs use <= 66 KB of shared memory and 196-255 registers with no spills on sm_90 (the D=128 forward:
+    8 bytes); they are untimed. Under the CPU interpreter: t = kernels.common.INTERPRETER_TILE (read now,
+    cut to T rounded up to a power of two), (t, t/2) and (t/2, t), unequal so both orders get tested."""
+    if interpreting():  # (32, 16) / (16, 32) at the default tile
+        t = interpreter_block(T)
+        return {"fwd": (t, t // 2), "dkdv": (t // 2, t), "dq": (t, t // 2)}[kernel] + (1, 1)
     wide = head_dim == 128
     if dtype == torch.float32:  # exact fp32 dots (FMA, no tensor cores): small tiles, for tests and CPU-sized runs
         return {"fwd": (32, 32, 4, 2) if wide else (64, 32, 8, 2), "dkdv": (32, 32, 8, 2),
@@ -179,9 +182,9 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(kernel: str, tiles, D: int, dtype: torch.dtype):
+def _launch(kernel: str, tiles, D: int, dtype: torch.dtype, T: int):
     """(BLOCK_M, BLOCK_N, launch kwargs) for ``kernel``; ``tiles`` = (BLOCK_M, BLOCK_N) overrides the sizes."""
-    bm, bn, warps, stages = _tiles(kernel, D, dtype)
+    bm, bn, warps, stages = _tiles(kernel, D, dtype, T)
     if tiles is not None:
         bm, bn = tiles
     prec = "ieee" if dtype == torch.float32 else "tf32"
@@ -220,7 +223,7 @@ def attention_triton_fwd(q, k, v, doc_ids, window_blocks, scale, block_size=128,
     out = new_empty((B, T, H, D), q.dtype, q.device)
     lse = new_empty((B, H, T), torch.float32, q.device)
     if B * T * H > 0:
-        bm, _, kw = _launch("fwd", tiles, D, q.dtype)
+        bm, _, kw = _launch("fwd", tiles, D, q.dtype, T)
         _k.attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, out, lse, doc_start, window, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             T, H, scale * _k.LOG2E, block_size, **kw)
@@ -237,15 +240,15 @@ def attention_triton_bwd(dout, out, lse, saved, scale, block_size, *, tiles=None
     dq, dk, dv = (new_empty((B, T, H, D), q.dtype, q.device) for _ in range(3))
     if B * T * H == 0:
         return dq, dk, dv
-    pre_m = 16 if interpreting() else 64
+    pre_m = interpreter_block(T) // 2 if interpreting() else 64
     _k.attn_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), B * H)](
         out, dout, delta, *_strides(out), *_strides(dout), T, H, HEAD_DIM=D, BLOCK_M=pre_m)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), T, H, scale,
               scale * _k.LOG2E, block_size)
-    _, bn, kw = _launch("dkdv", tiles, D, q.dtype)
+    _, bn, kw = _launch("dkdv", tiles, D, q.dtype, T)
     _k.attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
         q, k, v, dout, dk, dv, lse, delta, doc_start, doc_end, window, *common, **kw)
-    bm, _, kw = _launch("dq", tiles, D, q.dtype)
+    bm, _, kw = _launch("dq", tiles, D, q.dtype, T)
     _k.attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, dout, dq, lse, delta, doc_start, window, *common, **kw)
     return dq, dk, dv

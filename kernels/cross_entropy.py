@@ -37,7 +37,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.common import interpreting, new_empty, triton_usable
+from kernels.common import interpreter_tile, interpreting, new_empty, triton_usable
 
 try:
     import triton
@@ -171,22 +171,92 @@ if triton is not None:
                     g = (p - tl.where(offs == t, 1.0, 0.0)) * dl * gscale
                     tl.store(dz_row + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _ce_fwd_rows_kernel(
+        z_ptr, z_row_stride, t_ptr, t_stride, loss_ptr, dz_ptr, n_valid_ptr,  # as in _ce_fwd_kernel
+        N, V, cap, inv_scale, ignore_index,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, FIXED_SHIFT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+        MEAN: tl.constexpr,
+    ):
+        """_ce_fwd_kernel on BLOCK_R rows per program ((BLOCK_R, BLOCK_V) tiles), for the CPU interpreter only,
+        whose cost is per program and per op, not per element (see kernels.common.INTERPRETER_TILE); the
+        GPU always runs _ce_fwd_kernel. Same math row by row; ignored rows are computed and then zeroed
+        (no per-row branch), and rows past N read row N - 1 (finite data, no NaN) and are never stored.
+        """
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rows < N
+        rows_in = tl.minimum(rows, N - 1)
+        z_rows = z_ptr + rows_in[:, None] * z_row_stride  # (BLOCK_R, 1)
+        dz_rows = dz_ptr + rows[:, None] * V
+        cols = tl.arange(0, BLOCK_V)
+        t = tl.load(t_ptr + rows_in * t_stride)
+        ignored = t == ignore_index
+        bad = (~ignored) & ((t < 0) | (t >= V))
+        if FIXED_SHIFT:
+            m = tl.zeros((BLOCK_R,), dtype=tl.float32) + cap
+            s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = (offs < V)[None, :]
+                zf = tl.load(z_rows + offs[None, :], mask=mask, other=0.0)
+                l = tl.where(mask, _softcap(zf.to(tl.float32), cap, inv_scale), float("-inf"))
+                s += tl.sum(tl.exp(l - cap), axis=1)
+        else:
+            m = tl.zeros((BLOCK_R,), dtype=tl.float32) + float("-inf")
+            s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = (offs < V)[None, :]
+                zf = tl.load(z_rows + offs[None, :], mask=mask, other=0.0)
+                l = tl.where(mask, _softcap(zf.to(tl.float32), cap, inv_scale), float("-inf"))
+                m_new = tl.maximum(m, tl.max(l, axis=1))  # finite: every row has >= 1 column
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(l - m_new[:, None]), axis=1)
+                m = m_new
+        lse = m + tl.log(s)
+        zt = tl.load(z_ptr + rows_in * z_row_stride + tl.where(bad | ignored, 0, t)).to(tl.float32)
+        loss = tl.where(bad, float("nan"), lse - _softcap(zt, cap, inv_scale))
+        tl.store(loss_ptr + rows, tl.where(ignored, 0.0, loss), mask=r_ok)
+        if COMPUTE_GRAD:
+            if MEAN:  # n_valid = 0 only when every row is ignored, and then gscale is unused
+                gscale = 1.0 / tl.maximum(tl.load(n_valid_ptr), 1).to(tl.float32)
+            else:
+                gscale = 1.0
+            gscale = tl.where(bad, float("nan"), tl.where(ignored, 0.0, gscale))  # (BLOCK_R,)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = (offs < V)[None, :]
+                zf = tl.load(z_rows + offs[None, :], mask=mask, other=0.0)
+                l, dl = _softcap_and_grad(zf.to(tl.float32), cap, inv_scale)
+                p = tl.exp(l - lse[:, None])
+                g = (p - tl.where(offs[None, :] == t[:, None], 1.0, 0.0)) * dl * gscale[:, None]
+                g = tl.where(ignored[:, None], 0.0, g)  # exactly 0, whatever z holds (even inf / NaN)
+                tl.store(dz_rows + offs[None, :], g.to(dz_ptr.dtype.element_ty), mask=r_ok[:, None] & mask)
+
 
 def _launch_config(V: int, block_v: int | None) -> tuple[int, int]:
     """(BLOCK_V, num_warps). Not autotuned (autotuning would benchmark inside a CUDA-graph capture) and
     NOT yet timed on a GPU; the reasoning: 4096-wide chunks (13 for V = 50304, the last 1152 wide) at 16
     warps give each thread 8 contiguous elements per chunk (one 16-byte load in bf16), and at most 4
     programs (rows) per SM at full thread occupancy, i.e. ~132 * 4 rows * 100 KB ~ 53 MB of bf16 rows in
-    flight on an H100 -- about its L2, so sweep 2 should mostly re-read z from L2, not HBM."""
+    flight on an H100 -- about its L2, so sweep 2 should mostly re-read z from L2, not HBM. Under the CPU
+    interpreter the chunk is up to 128 * kernels.common.INTERPRETER_TILE wide (4096 by default, read now)."""
     if block_v is None:
-        block_v = min(4096, triton.next_power_of_2(V))
+        block_v = min(128 * interpreter_tile() if interpreting() else 4096, triton.next_power_of_2(V))
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     return block_v, 1 if interpreting() else 16
 
 
+def _interpreter_rows(N: int, block_v: int) -> int:
+    """Rows per program under the CPU interpreter: (INTERPRETER_TILE / 32)^2 -- 1 at the default tile (the
+    GPU's one-row kernel, which the kernel tests thereby check), 64 at 256 (_ce_fwd_rows_kernel) -- but at
+    most next_power_of_2(N) and at most 2^18 / block_v (a tile of <= 256K elements; Triton's limit is 2^20)."""
+    return max(1, min((interpreter_tile() // 32) ** 2, triton.next_power_of_2(N), 2**18 // block_v))
+
+
 def cross_entropy_fwd_triton(z, targets, cap, scale, ignore_index, reduction, compute_grad, block_v=None):
-    """Host launcher: one program per row.
+    """Host launcher: one program per row (_ce_fwd_kernel); under the CPU interpreter with tiles larger than
+    the default (kernels.common.INTERPRETER_TILE, read now), several rows per program (_ce_fwd_rows_kernel).
 
     Returns ``(loss, dz)``: loss as the op documents (fp32: 0-dim for mean/sum, (N,) for none), and
     dz (N, V) contiguous in z's dtype, the gradient of ``loss`` w.r.t. z for grad_output = 1 (the mean's
@@ -209,12 +279,18 @@ def cross_entropy_fwd_triton(z, targets, cap, scale, ignore_index, reduction, co
     n_valid = (targets != ignore_index).sum()  # () int64, on device
     loss = new_empty((N,), torch.float32, z.device)
     dz = new_empty((N, V), z.dtype, z.device) if compute_grad else None
-    if N > 0:
+    rows = _interpreter_rows(N, BLOCK_V) if interpreting() else 1
+    flags = dict(BLOCK_V=BLOCK_V, FIXED_SHIFT=float(cap) <= FIXED_SHIFT_MAX_CAP, COMPUTE_GRAD=compute_grad,
+                 MEAN=reduction == "mean", num_warps=num_warps)
+    if N > 0 and rows == 1:
         _ce_fwd_kernel[(N,)](
             z, z.stride(0), targets, targets.stride(0), loss, dz if compute_grad else loss, n_valid,
-            V, float(cap), 1.0 / float(scale), int(ignore_index),
-            BLOCK_V=BLOCK_V, FIXED_SHIFT=float(cap) <= FIXED_SHIFT_MAX_CAP, COMPUTE_GRAD=compute_grad,
-            MEAN=reduction == "mean", num_warps=num_warps,
+            V, float(cap), 1.0 / float(scale), int(ignore_index), **flags,
+        )
+    elif N > 0:  # CPU interpreter with large tiles: several rows per program
+        _ce_fwd_rows_kernel[(triton.cdiv(N, rows),)](
+            z, z.stride(0), targets, targets.stride(0), loss, dz if compute_grad else loss, n_valid,
+            N, V, float(cap), 1.0 / float(scale), int(ignore_index), BLOCK_R=rows, **flags,
         )
     if reduction == "mean":
         loss = loss.sum() / n_valid  # 0/0 = NaN when every target is ignored, as in PyTorch

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.common import interpreting, new_empty, triton_usable
+from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
 
 
 def check_mlp_args(x, w_fc, w_proj):
@@ -84,8 +84,7 @@ EPILOGUE_NONE, EPILOGUE_RELU2, EPILOGUE_DRELU2 = 0, 1, 2
 if triton is not None:
 
     def _matmul_configs():
-        if interpreting():  # the CPU interpreter is slow: one small config, no tuning
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+        """The GPU configs. Under the CPU interpreter the autotuner is bypassed (see _matmul_epilogue)."""
         return [
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -121,10 +120,9 @@ if triton is not None:
             b_ptrs += BLOCK_K * stride_bk
         return acc
 
-    @triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _matmul_epilogue_kernel(
+    def _matmul_epilogue_jit(
         a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         EPILOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -167,6 +165,12 @@ if triton is not None:
             acc = acc * (2.0 * tl.sqrt(post))
         tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
+    # GPU: autotuned over _matmul_configs(). CPU interpreter: _matmul_epilogue_jit with the block sizes
+    # passed explicitly from kernels.common.INTERPRETER_TILE at each launch (autotune configs are fixed
+    # when the module is imported, and tuning under the interpreter would only waste time).
+    _matmul_epilogue_kernel = triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE"])(
+        _matmul_epilogue_jit)
+
     def _dot_flags(dtype: torch.dtype) -> dict:
         """IEEE fp32 dots for fp32 (not TF32); bf16 is upcast to fp32 under the CPU interpreter."""
         upcast = dtype == torch.bfloat16 and interpreting()
@@ -185,10 +189,15 @@ if triton is not None:
         elif aux.stride() != c.stride():
             aux = aux.contiguous()
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _matmul_epilogue_kernel[grid](
+        if interpreting():  # tile sizes from kernels.common.INTERPRETER_TILE, read now; no tuning
+            blocks = dict(BLOCK_M=interpreter_block(M), BLOCK_N=interpreter_block(N), BLOCK_K=interpreter_block(K))
+            kernel, blocks = _matmul_epilogue_jit, dict(blocks, GROUP_M=4)
+        else:
+            kernel, blocks = _matmul_epilogue_kernel, {}
+        kernel[grid](
             a, b, c, aux, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            EPILOGUE=epilogue, **_dot_flags(a.dtype),
+            EPILOGUE=epilogue, **_dot_flags(a.dtype), **blocks,
         )
         return c
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import interpreting, new_empty, triton_usable
+from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
 
 DEFAULT_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -98,8 +98,7 @@ except ImportError:  # no Triton: only the torch variant
 if triton is not None:
 
     def _syrk_configs():
-        if interpreting():  # the CPU interpreter is slow: one small config, no tuning
-            return [triton.Config({"BLOCK": 32, "BLOCK_K": 32})]
+        """The GPU configs. Under the CPU interpreter the autotuner is bypassed (see _syrk)."""
         return [
             triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
@@ -134,10 +133,9 @@ if triton is not None:
             b_ptrs += BLOCK_K * stride_k
         return acc
 
-    @triton.autotune(configs=_syrk_configs(), key=["M", "K", "HAS_A"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _syrk_kernel(
+    def _syrk_jit(
         x_ptr, a_ptr, c_ptr, M, K, alpha, beta,
         stride_xb, stride_xm, stride_xk, stride_ab, stride_am, stride_an, stride_cb, stride_cm, stride_cn,
         HAS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -181,6 +179,11 @@ if triton is not None:
             mask_t = (offs_n[:, None] < M) & (offs_m[None, :] < M)
             tl.store(c_base + on[:, None] * stride_cm + om[None, :] * stride_cn, tl.trans(out), mask=mask_t)
 
+    # GPU: autotuned over _syrk_configs(). CPU interpreter: _syrk_jit with the block sizes passed
+    # explicitly from kernels.common.INTERPRETER_TILE at each launch (autotune configs are fixed when the
+    # module is imported, and tuning under the interpreter would only waste time).
+    _syrk_kernel = triton.autotune(configs=_syrk_configs(), key=["M", "K", "HAS_A"])(_syrk_jit)
+
     def _dot_flags(dtype: torch.dtype) -> dict:
         """IEEE fp32 dots for fp32 (not TF32); bf16 is upcast to fp32 under the CPU interpreter."""
         upcast = dtype == torch.bfloat16 and interpreting()
@@ -194,11 +197,15 @@ if triton is not None:
             return C
         a = A if A is not None else C  # never read without HAS_A
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]) ** 2, batch)
-        _syrk_kernel[grid](
+        if interpreting():  # tile sizes from kernels.common.INTERPRETER_TILE, read now; no tuning
+            kernel, blocks = _syrk_jit, dict(BLOCK=interpreter_block(m), BLOCK_K=interpreter_block(k))
+        else:
+            kernel, blocks = _syrk_kernel, {}
+        kernel[grid](
             X, a, C, m, k, float(alpha), float(beta),
             X.stride(0), X.stride(1), X.stride(2), a.stride(0), a.stride(1), a.stride(2),
             C.stride(0), C.stride(1), C.stride(2),
-            HAS_A=A is not None, **_dot_flags(X.dtype),
+            HAS_A=A is not None, **_dot_flags(X.dtype), **blocks,
         )
         return C
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels
+import kernels.common
 import speedrun.train as train_mod
 from speedrun import dist
 from speedrun.cli import build_parser
@@ -14,7 +15,23 @@ from speedrun.config import tiny
 from speedrun.data.synth import generate_synth
 from speedrun.model import GPT
 
-pytestmark = pytest.mark.skipif("triton" not in kernels.variants("attention"), reason="triton is not installed")
+pytestmark = [
+    pytest.mark.skipif("triton" not in kernels.variants("attention"), reason="triton is not installed"),
+    pytest.mark.skipif(not kernels.common.triton_usable(torch.device("cpu")),
+                       reason="these CPU runs need Triton's interpreter (TRITON_INTERPRET=1)"),
+]
+
+
+@pytest.fixture(autouse=True)
+def interpreter_for_model_runs(monkeypatch):
+    """Model-sized launches under the interpreter: its large tiles (a few programs per launch, not
+    hundreds; the default small tiles are for the kernel tests, which cover the multi-tile paths) and one
+    CPU thread for torch and numpy's BLAS (kernels.common.limit_interpreter_threads: several times faster
+    on a busy 2-core machine). Both runs of a comparison get the same settings."""
+    monkeypatch.setattr(kernels.common, "INTERPRETER_TILE", kernels.common.LARGE_INTERPRETER_TILE)
+    restore = kernels.common.limit_interpreter_threads()
+    yield
+    restore()
 
 
 def small_config():
@@ -46,7 +63,8 @@ def test_triton_kernels_match_torch_in_the_model():
         randomise(model, seed=2)
         loss = model(inputs, targets, window=(2, 1))
         loss.backward()
-        results[variant] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[variant] = (loss.detach(), grads)
     (loss_ref, grads_ref), (loss_tri, grads_tri) = results["torch"], results["triton"]
     torch.testing.assert_close(loss_tri, loss_ref, rtol=1e-5, atol=1e-6)
     assert grads_ref.keys() == grads_tri.keys() and len(grads_ref) > 10
@@ -73,6 +91,18 @@ def test_twenty_tiny_steps_same_losses_with_triton(tmp_path):
         facts = json.loads(result.json_path.read_text())
         losses[variant] = facts["train_losses"] + [p["val_loss"] for p in facts["val_curve"]]
     assert len(losses["torch"]) == 23
-    # fp32 everywhere; the kernels sum in another order, and 20 optimizer steps amplify that a little.
-    for a, b in zip(losses["torch"], losses["triton"]):
-        assert a == pytest.approx(b, rel=2e-4), (losses["torch"], losses["triton"])
+    # fp32 everywhere, and the kernels round differently (e.g. the fused cross-entropy's gradient differs
+    # from PyTorch's in the last bit or two: max error vs fp64 2.5e-7 relative, PyTorch's 1.7e-7). Until
+    # the second update the losses agree to rounding. After it, training amplifies rounding noise in the
+    # cross-entropy gradient chaotically (the lm_head / embedding path): PyTorch against itself drifts by
+    # 4e-4 to 2.7e-3 within these 20 steps with relative noise of 1e-7 injected into that gradient (3
+    # seeds), and by 1.3e-3 with 1 vs 2 CPU threads; triton against torch drifts by 3.8e-3, all of it from
+    # the cross-entropy (swapping in only the triton cross-entropy gives the same losses; only the triton
+    # attention, MLP or Newton-Schulz: below 2e-7; noise of 1e-5 in the MLP's output gradient: 5e-7).
+    # All measured with this test's data and settings. So: rounding-level agreement where there is
+    # nothing to amplify yet, 1e-2 after.
+    torch_losses, triton_losses = losses["torch"], losses["triton"]
+    for i in (0, 1, 20):  # the first two training losses, the first validation loss
+        assert triton_losses[i] == pytest.approx(torch_losses[i], rel=1e-6), (i, torch_losses, triton_losses)
+    for a, b in zip(torch_losses, triton_losses, strict=True):
+        assert b == pytest.approx(a, rel=1e-2), (torch_losses, triton_losses)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import kernels
 import kernels.attention as A
+import kernels.common
 from kernels.common import triton_usable
 
 try:
@@ -88,6 +89,11 @@ CASES = {
 TILES = {"T_not_tile_multiple": (16, 16), "window_gt_tile": (64, 32), "batch3": (16, 64)}
 SLOW = {"tiny_docs", "block_size_1", "one_doc_long", "recipe_block_size", "recipe_block_size_d128"}
 FP16_CASES = ("T_not_tile_multiple", "window_gt_tile", "batch3", "head_dim_128", "recipe_block_size_d128")
+# Cases also run (triton only) with the large interpreter tile of model-level runs (conftest.py's
+# interpreter_tile fixture): one tile larger than T, T1, and T = 700 in tiles of 256 / 128.
+LARGE_TILE_CASES = ("T_not_tile_multiple", "window_gt_tile", "tiny_docs", "batch3", "head_dim_128", "T1",
+                    "recipe_block_size")
+LARGE_TILE_FP16_CASES = ("window_gt_tile",)
 
 
 def _case(name, dtype=torch.float64):
@@ -98,19 +104,25 @@ def _case(name, dtype=torch.float64):
     return q, k, v, do, doc_ids, w, bs
 
 
-def _params(names, with_tiles):
+def _params(names, with_tiles, large=()):
+    """(variant, name, tiles, interpreter_tile) for each case; the names in ``large`` also run (triton only,
+    no tile override) with the large interpreter tile."""
     out = []
     for variant in VARIANTS:
         for name in names:
+            marks = [pytest.mark.slow] if name in SLOW else []
             tiles = [None] + ([TILES[name]] if with_tiles and name in TILES and variant == "triton" else [])
             for t in tiles:
-                marks = [pytest.mark.slow] if name in SLOW else []
-                out.append(pytest.param(variant, name, t, marks=marks, id=f"{variant}-{name}-tiles{t}"))
+                out.append(pytest.param(variant, name, t, "default", marks=marks, id=f"{variant}-{name}-tiles{t}"))
+            if variant == "triton" and name in large:
+                out.append(pytest.param(variant, name, None, "large", marks=marks,
+                                        id=f"{variant}-{name}-large_interpreter_tile"))
     return out
 
 
-@pytest.mark.parametrize("variant,name,tiles", _params(CASES, with_tiles=True))
-def test_fp32_matches_fp64_reference(variant, name, tiles):
+@pytest.mark.parametrize("variant,name,tiles,interpreter_tile",
+                         _params(CASES, with_tiles=True, large=LARGE_TILE_CASES), indirect=["interpreter_tile"])
+def test_fp32_matches_fp64_reference(variant, name, tiles, interpreter_tile):
     _skip_unless_runs(variant)
     q, k, v, do, doc_ids, w, bs = _case(name)
     ref = _run(A.attention_torch, q, k, v, do, doc_ids, w, bs, torch.float64)
@@ -141,8 +153,10 @@ def _lowp_check(variant, q, k, v, do, doc_ids, w, bs, dtype, ref_dtype):
         assert err <= 2 * torch_err, f"{n}: max error {err:.3g} > 2 x PyTorch's {dtype} error {torch_err:.3g}"
 
 
-@pytest.mark.parametrize("variant,name,tiles", _params(FP16_CASES, with_tiles=False))
-def test_fp16_within_twice_torch_error(variant, name, tiles):
+@pytest.mark.parametrize("variant,name,tiles,interpreter_tile",
+                         _params(FP16_CASES, with_tiles=False, large=LARGE_TILE_FP16_CASES),
+                         indirect=["interpreter_tile"])
+def test_fp16_within_twice_torch_error(variant, name, tiles, interpreter_tile):
     _skip_unless_runs(variant, torch.float16)
     q, k, v, do, doc_ids, w, bs = _case(name)
     _lowp_check(variant, q, k, v, do, doc_ids, w, bs, torch.float16, torch.float64)
@@ -222,6 +236,25 @@ def test_changing_window_does_not_recompile():
             sizes = _cache_sizes()
     assert len(logs[0]) == 4 and all(log == logs[0] for log in logs)
     assert _cache_sizes() == sizes
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or triton is None, reason="the tile knob is the CPU interpreter's")
+def test_interpreter_tile_is_read_at_launch(monkeypatch):
+    """The interpreter's tile sizes come from kernels.common.INTERPRETER_TILE at each launch, cut to T rounded
+    up to a power of two: (t, t/2) for the forward and dQ, (t/2, t) for dK/dV, t/2 rows for the preprocess."""
+    q, k, v, do, doc_ids, w, bs = _case("T_not_tile_multiple")  # T = 83
+    seen = {}
+    for tile in (32, 256):
+        log = []
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel",
+                         "attn_bwd_dq_kernel"):
+                mp.setattr(K, name, _Recorder(getattr(K, name), log))
+            mp.setattr(kernels.common, "INTERPRETER_TILE", tile)
+            _run(A.attention_triton, q, k, v, do, doc_ids, w, bs, torch.float32)
+        seen[tile] = [(dict(kw).get("BLOCK_M"), dict(kw).get("BLOCK_N")) for *_, kw in log]
+    assert seen[32] == [(32, 16), (16, None), (16, 32), (32, 16)]
+    assert seen[256] == [(128, 64), (64, None), (64, 128), (128, 64)]
 
 
 if triton is not None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+import kernels.common
 from kernels import cross_entropy as ce
 from kernels.common import interpreting
 
@@ -36,6 +37,12 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # per-row magnitudes of z: small, moderate, and two that saturate the softcap (|z| / 7.5 >> 1)
 ROW_SCALES = (0.5, 3.0, 10.0, 60.0, 1.5)
+# Every variant with the CPU interpreter's default tile, plus triton with the large tile of model-level runs
+# (conftest.py's interpreter_tile fixture), where the kernel takes several rows per program
+# (_ce_fwd_rows_kernel): rows past N, ignored and out-of-range rows inside a multi-row tile.
+VARIANT_TILES = [pytest.param(v, "default", id=v) for v in VARIANTS] + (
+    [pytest.param("triton", "large", id="triton-large_interpreter_tile")] if HAS_TRITON else [])
+TILE_SIZES = pytest.mark.parametrize("interpreter_tile", ["default", "large"], indirect=True)
 
 
 def _make(N, V, dtype=torch.float32, seed=0, ignore=(), ignore_index=-100):
@@ -107,8 +114,8 @@ SHAPES = [
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("N,V", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_float64_reference(variant, dtype, N, V, reduction):
+@pytest.mark.parametrize("variant,interpreter_tile", VARIANT_TILES, indirect=["interpreter_tile"])
+def test_matches_float64_reference(variant, dtype, N, V, reduction, interpreter_tile):
     z, t = _make(N, V, dtype, seed=N * V)
     # mean: grad_output 1 (the training case, one rounding of dz); sum/none: a grad_output to apply
     grad_out = None if reduction == "mean" else _grad_out(reduction, N)
@@ -116,8 +123,8 @@ def test_matches_float64_reference(variant, dtype, N, V, reduction):
 
 
 @pytest.mark.parametrize("cap,scale", [(30.0, 7.5), (15.0, 2.0), (5.0, 30.0), (100.0, 10.0), (300.0, 1.0)])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cap_and_scale(variant, cap, scale):
+@pytest.mark.parametrize("variant,interpreter_tile", VARIANT_TILES, indirect=["interpreter_tile"])
+def test_cap_and_scale(variant, cap, scale, interpreter_tile):
     # caps above ce.FIXED_SHIFT_MAX_CAP take the kernel's online-max path
     z, t = _make(6, 1000, seed=3)
     _check_variant(variant, z, t, _grad_out("sum", 6), cap=cap, scale=scale, reduction="sum")
@@ -125,8 +132,8 @@ def test_cap_and_scale(variant, cap, scale):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignore_index", [-100, -1, 3])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_ignored_rows(variant, ignore_index, reduction):
+@pytest.mark.parametrize("variant,interpreter_tile", VARIANT_TILES, indirect=["interpreter_tile"])
+def test_ignored_rows(variant, ignore_index, reduction, interpreter_tile):
     z, t = _make(7, 1000, seed=4, ignore=(0, 3, 4), ignore_index=ignore_index)
     loss, dz = _check_variant(variant, z, t, _grad_out(reduction, 7), ignore_index=ignore_index,
                               reduction=reduction)
@@ -137,8 +144,8 @@ def test_ignored_rows(variant, ignore_index, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_all_rows_ignored(variant, reduction):
+@pytest.mark.parametrize("variant,interpreter_tile", VARIANT_TILES, indirect=["interpreter_tile"])
+def test_all_rows_ignored(variant, reduction, interpreter_tile):
     z, t = _make(3, 1000, seed=5, ignore=(0, 1, 2))
     loss, dz = _run(kernels.get("cross_entropy", variant), z, t, reduction=reduction)
     if reduction == "mean":
@@ -159,9 +166,10 @@ def test_empty_batch(variant, reduction):
 
 
 @needs_triton
+@TILE_SIZES
 @pytest.mark.parametrize("cap", [30.0, 100.0])
 @pytest.mark.parametrize("V,block_v", [(1000, 128), (200, 16), (1, 16), (50, 16), (1024, 256)])
-def test_triton_chunk_loop(V, block_v, cap):
+def test_triton_chunk_loop(V, block_v, cap, interpreter_tile):
     """Many chunks, a partial last chunk, and V smaller than one chunk; both logsumexp paths."""
     z, t = _make(5, V, seed=V + block_v, ignore=(2,))
     for reduction in ("mean", "none"):
@@ -175,7 +183,8 @@ def test_triton_chunk_loop(V, block_v, cap):
 
 
 @needs_triton
-def test_triton_no_host_sync(monkeypatch):
+@TILE_SIZES
+def test_triton_no_host_sync(monkeypatch, interpreter_tile):
     """Forward and backward never read a device value on the host (CUDA graphs / torch.compile safe)."""
     z, t = _make(5, 1000, seed=6, ignore=(1,))
 
@@ -195,8 +204,9 @@ def test_triton_no_host_sync(monkeypatch):
 
 
 @needs_triton
+@TILE_SIZES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_triton_out_of_range_target_is_nan(reduction, monkeypatch):
+def test_triton_out_of_range_target_is_nan(reduction, monkeypatch, interpreter_tile):
     z, t = _make(4, 1000, seed=7)
     t[1], t[2] = 1000, -5
     loss, dz = _run(ce.cross_entropy_triton, z, t, reduction=reduction)
@@ -213,8 +223,8 @@ def test_triton_out_of_range_target_is_nan(reduction, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["row_strided", "transposed", "row_stride_0"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_non_contiguous_z(variant, layout):
+@pytest.mark.parametrize("variant,interpreter_tile", VARIANT_TILES, indirect=["interpreter_tile"])
+def test_non_contiguous_z(variant, layout, interpreter_tile):
     z, t = _make(5, 1000, seed=8)
     if layout == "row_strided":  # a column slice of a wider buffer: rows read in place
         z = torch.cat([z, torch.randn(5, 24)], dim=1)[:, :1000]
@@ -225,8 +235,8 @@ def test_non_contiguous_z(variant, layout):
     _check_variant(variant, z, t, _grad_out("none", 5), reduction="none")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_without_grad(variant):
+@pytest.mark.parametrize("variant,interpreter_tile", VARIANT_TILES, indirect=["interpreter_tile"])
+def test_without_grad(variant, interpreter_tile):
     z, t = _make(5, 1000, seed=9, ignore=(2,))
     fn = kernels.get("cross_entropy", variant)
     with torch.no_grad():
@@ -236,6 +246,30 @@ def test_without_grad(variant):
     for out in (loss, loss2):
         assert not out.requires_grad
         torch.testing.assert_close(out.double(), loss64, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.skipif(not interpreting(), reason="the tile knob is the CPU interpreter's")
+def test_interpreter_tile_is_read_at_launch(monkeypatch):
+    """Rows per program and the chunk width come from kernels.common.INTERPRETER_TILE at each launch: the
+    one-row kernel at the default tile, (tile / 32)^2 rows (at most N rounded up to a power of two) at 256."""
+    seen = []
+    for name in ("_ce_fwd_kernel", "_ce_fwd_rows_kernel"):
+        real = getattr(ce, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, real=real):
+                def launch(*args, **kw):
+                    seen.append((name, grid, kw.get("BLOCK_R"), kw["BLOCK_V"]))
+                    return real[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(ce, name, Spy())
+    z, t = _make(5, 1000, seed=11, ignore=(1,))
+    for tile in (32, 256):
+        monkeypatch.setattr(kernels.common, "INTERPRETER_TILE", tile)
+        _check_variant("triton", z, t)
+    assert seen == [("_ce_fwd_kernel", (5,), None, 1024), ("_ce_fwd_rows_kernel", (1,), 8, 1024)]
 
 
 @needs_triton

@@ -26,9 +26,13 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # path itself is checked by the GPU tests.
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# (x shape, hidden); dim = x.shape[-1]. The CPU interpreter tiles are 32x32x32, so these cover M, N, K
-# not multiples of the tile, K < tile, K a multiple of the tile (the unmasked K loop), and one token.
+# (x shape, hidden); dim = x.shape[-1]. The CPU interpreter's default tiles are 32x32x32, so these cover
+# M, N, K not multiples of the tile, K < tile, K a multiple of the tile (the unmasked K loop), and one token.
 CASES = [((3, 37, 40), 72), ((1, 40), 72), ((1, 1, 20), 33), ((2, 33, 64), 96)]
+
+# The interpreter's tile edge (conftest.py's interpreter_tile fixture): the default, and for a few cases
+# the large one of model-level runs (one tile covering, and overhanging, these shapes).
+TILE_SIZES = pytest.mark.parametrize("interpreter_tile", ["default", "large"], indirect=True)
 
 
 def mlp_float64(x, w_fc, w_proj):
@@ -82,8 +86,9 @@ def test_float64_reference_is_mlp_torch():
     torch.testing.assert_close(mlp_float64(x, w_fc, w_proj), mlp_torch(x, w_fc, w_proj))
 
 
+@TILE_SIZES
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_mlp_mixed_dtypes_and_strides(variant):
+def test_mlp_mixed_dtypes_and_strides(variant, interpreter_tile):
     """fp16 activations (non-contiguous), fp32 weights: out in fp16, weight grads in fp32."""
     x, w_fc, w_proj, dout = make_inputs((37, 40), 72, torch.float16, w_dtype=torch.float32)
     x, dout = x.t().contiguous().t(), dout.t().contiguous().t()  # column-major (37, 40)
@@ -108,9 +113,10 @@ def test_mlp_frozen_weights(variant):
 
 
 @needs_triton
+@TILE_SIZES
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("m,k,n", [(37, 40, 72), (1, 20, 33), (64, 64, 64)])
-def test_linear_relu2_kernel(dtype, m, k, n):
+def test_linear_relu2_kernel(dtype, m, k, n, interpreter_tile):
     x, w, _, _ = make_inputs((m, k), n, dtype)
     post = mlp_mod.linear_relu2(x, w)
     ref = F.relu(x.double() @ w.double().t()).square()
@@ -119,8 +125,9 @@ def test_linear_relu2_kernel(dtype, m, k, n):
 
 
 @needs_triton
+@TILE_SIZES
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-def test_relu2_backward_matmul_kernel(dtype):
+def test_relu2_backward_matmul_kernel(dtype, interpreter_tile):
     """d_pre = (dout @ w_proj) * 2 sqrt(post) equals autograd through relu(pre)^2."""
     x, w_fc, w_proj, dout = make_inputs((37, 40), 72, dtype)
     post = mlp_mod.linear_relu2(x, w_fc)
@@ -136,6 +143,29 @@ def test_plain_matmul_epilogue():
     x, w, _, _ = make_inputs((37, 40), 72, torch.float32)
     c = mlp_mod._matmul_epilogue(x, w.t(), mlp_mod.EPILOGUE_NONE)
     assert rel_err(c, x.double() @ w.double().t()) <= 1e-6
+
+
+@needs_triton
+@pytest.mark.skipif(not kernels.common.interpreting(), reason="the tile knob is the CPU interpreter's")
+def test_interpreter_tile_is_read_at_launch(monkeypatch):
+    """The block sizes come from kernels.common.INTERPRETER_TILE when the kernel is launched, cut to each
+    dimension rounded up to a power of two."""
+    seen = []
+    real = mlp_mod._matmul_epilogue_jit
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(mlp_mod, "_matmul_epilogue_jit", Spy())
+    x, w, _, _ = make_inputs((300, 40), 72, torch.float32)
+    for tile in (32, 256):
+        monkeypatch.setattr(kernels.common, "INTERPRETER_TILE", tile)
+        assert rel_err(mlp_mod.linear_relu2(x, w), F.relu(x.double() @ w.double().t()).square()) <= 1e-5
+    assert seen == [(32, 32, 32), (256, 128, 64)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernels
+import kernels.common
 from kernels import newton_schulz as ns
 from kernels.newton_schulz import DEFAULT_COEFFS, newton_schulz_torch
 
@@ -17,8 +18,8 @@ HAS_TRITON = "triton" in VARIANTS
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not importable")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# The CPU interpreter's tiles are 32x32 (BLOCK_K 32): these cover m < tile, m and k not multiples of
-# the tile, multiples of it, batch 1, odd batch (3), extra leading dims and plain 2-D.
+# The CPU interpreter's default tiles are 32x32 (BLOCK_K 32): these cover m < tile, m and k not multiples
+# of the tile, multiples of it, batch 1, odd batch (3), extra leading dims and plain 2-D.
 XXT_SHAPES = [(1, 20, 9), (3, 40, 70), (70, 33), (2, 64, 64), (2, 1, 36, 50)]
 SYM_SHAPES = [(1, 20), (3, 40), (70,), (2, 64), (2, 1, 36)]  # leading dims + m: A is (..., m, m)
 # Full NS: square, wide, tall, the qkv batch of three, extra leading dims.
@@ -27,6 +28,9 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # bf16 runs on the CPU too: under the interpreter the kernels upcast bf16 tiles to fp32 before tl.dot
 # (the interpreter's bf16 dot is wrong); the bf16 MMA path itself is checked by the GPU tests.
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The interpreter's tile edge (conftest.py's interpreter_tile fixture): the default, and for some cases
+# the large one of model-level runs (one tile covering, and overhanging, these shapes).
+TILE_SIZES = pytest.mark.parametrize("interpreter_tile", ["default", "large"], indirect=True)
 
 
 def randn(*shape, dtype=torch.float32, seed=0, device=DEVICE):
@@ -61,9 +65,10 @@ def rel_err(got, ref):
 # ------------------------------------------------------------------------------------- the op
 
 
+@TILE_SIZES
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", NS_SHAPES, ids=str)
-def test_newton_schulz_matches_reference_fp32(variant, shape):
+def test_newton_schulz_matches_reference_fp32(variant, shape, interpreter_tile):
     G = randn(*shape)
     X = kernels.get("newton_schulz", variant)(G, dtype=torch.float32)
     ref = newton_schulz_torch(G, dtype=torch.float32)
@@ -143,9 +148,10 @@ def test_newton_schulz_misuse(variant):
 
 
 @needs_triton
+@TILE_SIZES
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", XXT_SHAPES, ids=str)
-def test_xxt(dtype, shape):
+def test_xxt(dtype, shape, interpreter_tile):
     X = randn(*shape, dtype=dtype)
     A = ns.xxt_triton(X)
     ref = X.double() @ X.double().mT
@@ -155,9 +161,10 @@ def test_xxt(dtype, shape):
 
 
 @needs_triton
+@TILE_SIZES
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SYM_SHAPES, ids=str)
-def test_ba_plus_caa(dtype, shape):
+def test_ba_plus_caa(dtype, shape, interpreter_tile):
     A = rand_symmetric(*shape, dtype=dtype)
     b, c = DEFAULT_COEFFS[1:]
     B = ns.ba_plus_caa_triton(A, b, c)
@@ -173,6 +180,29 @@ def test_xxt_strided_input():
     """A transposed (non-contiguous) X, as newton_schulz passes for tall matrices."""
     X = randn(2, 70, 40).mT
     torch.testing.assert_close(ns.xxt_triton(X).double(), X.double() @ X.double().mT, rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.skipif(not kernels.common.interpreting(), reason="the tile knob is the CPU interpreter's")
+def test_interpreter_tile_is_read_at_launch(monkeypatch):
+    """BLOCK and BLOCK_K come from kernels.common.INTERPRETER_TILE at each launch, cut to m and k rounded up
+    to powers of two."""
+    seen = []
+    real = ns._syrk_jit
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["BLOCK"], kw["BLOCK_K"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ns, "_syrk_jit", Spy())
+    X = randn(2, 100, 300)
+    for tile in (32, 256):
+        monkeypatch.setattr(kernels.common, "INTERPRETER_TILE", tile)
+        assert rel_err(ns.xxt_triton(X), X.double() @ X.double().mT) <= 1e-5
+    assert seen == [(32, 32), (128, 256)]
 
 
 @needs_triton
