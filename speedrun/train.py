@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import kernels
+import kernels.common
 from speedrun import REPO_ROOT, dist
 from speedrun.config import RunConfig, get_preset, window_blocks
 from speedrun.data.loader import TrainLoader, val_batches
@@ -125,6 +126,10 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     device = env.device
     torch.manual_seed(cfg.train.seed)
     dtype = getattr(torch, cfg.train.dtype)
+    if cfg.train.kernels == "triton" and device.type == "cpu" and kernels.common.interpreting():
+        # Triton's CPU interpreter: large tiles (its cost is per program) and one thread (see kernels.common).
+        kernels.common.use_large_interpreter_tiles()
+        kernels.common.limit_interpreter_threads()
     ops = kernels.resolve(cfg.train.kernels)
     raw_model = GPT(cfg.model, ops, dtype=dtype).to(device)
     dist.broadcast_parameters(raw_model)
