@@ -50,7 +50,7 @@ RUN_FIELDS = {
     "tokens_per_second": (*NUMBER, None), "mfu": (*NUMBER, None), "peak_memory_mib": (*NUMBER, None),
     "diverged_at_step": (int, None), "message": (str, None),
 }
-RUN_OPTIONAL_FIELDS = {"checkpoint": (str, None)}
+RUN_OPTIONAL_FIELDS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None)}
 CODE_FIELDS = {"files": (dict,), "code_sha256": (str,)}
 ENV_FIELDS = {
     "python": (str,), "torch": (str,), "triton": (str, None), "cuda": (str, None), "nccl": (str, int, None),
