@@ -168,6 +168,25 @@ def test_cli_run_writes_logs_and_exit_code(synth_dir, tmp_path):
     assert state["run_id"] == facts["run_id"]
 
 
+def test_sample_from_a_checkpoint(synth_dir, tmp_path, capsys):
+    from speedrun.cli import main
+
+    main(["train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN), "--val-tokens",
+          str(VAL_TOKENS), "--steps", "1", "--log-dir", str(tmp_path), "--quiet", "--save-checkpoint",
+          str(tmp_path / "ck.pt")])
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tmp_path / "ck.pt"), "--prompt", "5 17 99",
+                 "--max-new-tokens", "6", "--seed", "1"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert ids[:3] == ["5", "17", "99"] and 3 < len(ids) <= 9
+    assert all(0 <= int(t) < 2047 for t in ids)  # the synthetic vocabulary, end-of-text never printed
+    with pytest.raises(SystemExit, match="space-separated token ids"):
+        main(["sample", "--checkpoint", str(tmp_path / "ck.pt"), "--prompt", "hello"])
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a speedrun checkpoint"):
+        main(["sample", "--checkpoint", str(tmp_path / "bad.pt")])
+
+
 def _torchrun(nproc, synth_dir, log_dir, seqs_per_forward):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "speedrun.cli", "train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN),

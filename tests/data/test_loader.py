@@ -126,13 +126,14 @@ def test_reset_and_state_dict_replay_the_stream(tmp_path):
 
 
 def test_thread_error_reaches_the_consumer(tmp_path):
-    write_train_shards(tmp_path, [300, 300], np.random.default_rng())
+    # The thread runs out of data after two steps (rewriting a shard under it instead would race with
+    # its memory map: truncating a mapped file kills the process with SIGBUS).
+    write_train_shards(tmp_path, [300], np.random.default_rng())
     loader = TrainLoader(tmp_path, 16, 8, prefetch=True)
-    (tmp_path / "rand_train_000002.bin").write_bytes(b"not a shard")  # read when the stream gets there
     take(loader, 2)
-    with pytest.raises(ShardError, match="rand_train_000002.bin"):
+    with pytest.raises(RuntimeError, match="ran out after 2 steps"):
         loader.next_step()
-    with pytest.raises(ShardError):
+    with pytest.raises(RuntimeError, match="ran out"):
         loader.next_step()  # not swallowed, not replaced by a hang
     loader.close()
 
