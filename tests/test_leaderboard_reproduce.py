@@ -37,8 +37,9 @@ def main():
     parser.add_argument("--no-compile", action="store_true", required=True)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    assert (args.preset, args.device, args.kernels, args.seq_len, args.val_tokens) == ("tiny", "cpu", "torch", "1024",
-                                                                                       "262144")
+    from speedrun.config import tiny
+    expected = ("tiny", "cpu", "torch", str(tiny().data.seq_len), str(tiny().data.val_tokens))
+    assert (args.preset, args.device, args.kernels, args.seq_len, args.val_tokens) == expected
     seed = int(args.seed)
     write_synthetic_run(Path(args.log_dir), str(uuid.uuid4()), seed=seed, num_steps=int(args.steps),
                         val_every=int(args.val_every), final_val_loss=5.12 + 0.001 * seed,
@@ -61,8 +62,9 @@ def test_train_arguments_and_seeds_come_from_the_logs(tmp_path):
     record = find_record(str(stand_in_record(tmp_path / "records")), tmp_path / "records")
     facts = record.runs[0].facts
     args = train_arguments(facts, seed=7, log_dir=tmp_path / "logs")
-    assert args[:12] == ["--preset", "tiny", "--steps", "20", "--val-every", "5", "--seq-len", "1024",
-                         "--val-tokens", "262144", "--seed", "7"]
+    data = facts["config"]["data"]
+    assert args[:12] == ["--preset", "tiny", "--steps", "20", "--val-every", "5", "--seq-len", str(data["seq_len"]),
+                         "--val-tokens", str(data["val_tokens"]), "--seed", "7"]
     assert "--no-compile" in args and args[args.index("--device") + 1] == "cpu" and "--data" not in args
     assert seeds_for(record, 2) == [0, 1] and seeds_for(record, 5) == [0, 1, 2, 3, 4]
 
