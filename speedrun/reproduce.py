@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speedrun.cli import _positive_int
 from speedrun import REPO_ROOT
 from speedrun.config import get_preset
 from speedrun.data.shards import atomic_write_text
@@ -417,16 +418,6 @@ def reproduce(record_spec: str, runs: int = 3, out: Path | None = None, records_
     report_png(record, new_runs, partial / "report.png")
     os.rename(partial, out)
     return out, len(new_runs) == len(attempts)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
