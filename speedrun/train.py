@@ -325,23 +325,16 @@ def save_model_checkpoint(path, model, cfg: RunConfig, run_id: str, step: int) -
 def resolve_config(args, cuda: bool) -> RunConfig:
     """The preset with the command line's overrides applied."""
     cfg = get_preset(args.preset or ("gpt2-124m" if cuda else "tiny"))
+    # command-line option -> (config section, field); options left unset keep the preset's value
+    overrides = {"steps": ("train", "num_steps"), "val_every": ("train", "val_every"), "seed": ("train", "seed"),
+                 "val_tokens": ("data", "val_tokens"), "seq_len": ("data", "seq_len"),
+                 "seqs_per_forward": ("data", "seqs_per_forward"), "data": ("data", "data_dir")}
     train_over, data_over = {}, {}
-    if args.steps is not None:
-        train_over["num_steps"] = args.steps
-    if args.val_every is not None:
-        train_over["val_every"] = args.val_every
-    if args.seed is not None:
-        train_over["seed"] = args.seed
+    for option, (section, field) in overrides.items():
+        if getattr(args, option) is not None:
+            (train_over if section == "train" else data_over)[field] = getattr(args, option)
     train_over["kernels"] = args.kernels or ("triton" if cuda and "triton" in kernels.variants("attention") else "torch")
     train_over["compile"] = cuda if args.compile is None else args.compile
-    if args.val_tokens is not None:
-        data_over["val_tokens"] = args.val_tokens
-    if args.seq_len is not None:
-        data_over["seq_len"] = args.seq_len
-    if args.seqs_per_forward is not None:
-        data_over["seqs_per_forward"] = args.seqs_per_forward
-    if args.data is not None:
-        data_over["data_dir"] = args.data
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),
                                data=dataclasses.replace(cfg.data, **data_over))
 
