@@ -140,7 +140,47 @@ def attention_torch(q, k, v, doc_ids, window_blocks, scale, block_size=128, quer
     return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
 
 
-VARIANTS = {"torch": attention_torch}
+def attention_sdpa(q, k, v, doc_ids, window_blocks, scale, block_size=128):
+    """What plain PyTorch offers: F.scaled_dot_product_attention in the inputs' dtype on the full
+    materialised (B, 1, T, T) boolean mask. O(T^2) memory (2 GiB of mask per 46K-token row); reads
+    ``window_blocks`` on the host. The output is a (B, T, H, D) view of SDPA's (B, H, T, D) result."""
+    check_attention_args(q, k, v, doc_ids, window_blocks, block_size)
+    mask = attention_mask(doc_ids, window_blocks, block_size)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+_compiled_flex = None
+
+
+def attention_flex(q, k, v, doc_ids, window_blocks, scale, block_size=128):
+    """PyTorch's flex_attention with the mask as a ``mask_mod`` and a BlockMask built for each call (the
+    doc ids change every batch, as in training). On CUDA both flex_attention and the BlockMask are
+    compiled (the only way flex_attention is fast). Registered only where CUDA is (PyTorch has no CPU
+    backward for it). ``window_blocks`` stays on the device (no sync)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+    check_attention_args(q, k, v, doc_ids, window_blocks, block_size)
+    B, T, H, D = q.shape
+    window = torch.as_tensor(window_blocks, device=q.device).reshape(()).clamp(min=1)
+    docs = doc_ids.to(torch.int32)
+
+    def mask_mod(b, h, qi, kj):
+        same_doc = docs[b, qi] == docs[b, kj]
+        return (kj <= qi) & same_doc & (kj // block_size >= qi // block_size - window + 1)
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device, _compile=True)
+    out = _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+VARIANTS = {"torch": attention_torch, "sdpa": attention_sdpa}
+if torch.cuda.is_available():  # flex_attention has no CPU backward
+    VARIANTS["flex"] = attention_flex
 
 def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(doc_start, doc_end), (B, T) int32 contiguous: first index of each token's document and one past its

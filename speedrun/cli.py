@@ -96,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the race: train to the target validation loss, write a run log")
     add_train_arguments(train)
 
-    # --- leaderboard, reproduce (parsed by their own modules; listed here for --help) -------------
+    # --- leaderboard, reproduce, bench (parsed by their own modules; listed here for --help) -------------
     sub.add_parser("leaderboard", help="records and the leaderboard: check, build, submit, show, compare, "
                                        "import-upstream (see `speedrun leaderboard --help`)", add_help=False)
     sub.add_parser("reproduce", help="re-run a record's code on this machine and compare "
                                      "(see `speedrun reproduce --help`)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: kernels, train, converge (see `speedrun bench --help`)",
+                   add_help=False)
 
     # --- sample ---------------------------------------------------------------------------------
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
@@ -137,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
         os.environ["TRITON_INTERPRET"] = "1"
     argv = sys.argv[1:] if argv is None else list(argv)
-    # These two own their whole command line (their own --help and options): dispatch before argparse.
+    # These own their whole command line (their own --help and options): dispatch before argparse.
     if argv[:1] == ["leaderboard"]:
         from speedrun.leaderboard_cli import main as leaderboard_main
         return leaderboard_main(argv[1:], prog="speedrun leaderboard")
     if argv[:1] == ["reproduce"]:
         from speedrun.reproduce import reproduce_main
         return reproduce_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from speedrun.bench.cli import main as bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "data":
         return _run_data(args)

@@ -115,6 +115,29 @@ def evaluate(model, cfg: RunConfig, env: dist.DistEnv, val_path: Path, window) -
     return dist.all_reduce_mean_(total / count).item()
 
 
+def optimizer_step(model, raw_model, optimizers, cfg: RunConfig, pairs, per_forward: int, window,
+                   step: int) -> torch.Tensor:
+    """One optimizer step on this rank's ``pairs`` (a list of (inputs, targets), each (T,)), ``per_forward``
+    sequences per forward pass; returns the mean loss (a device tensor: no sync). ``model`` may be the
+    compiled ``raw_model``; the gradients of ``raw_model`` are averaged over ranks."""
+    micro_steps = len(pairs) // per_forward
+    loss_sum = torch.zeros((), device=pairs[0][0].device)
+    for i in range(0, len(pairs), per_forward):
+        inputs = torch.stack([x for x, _ in pairs[i:i + per_forward]])
+        targets = torch.stack([y for _, y in pairs[i:i + per_forward]])
+        loss = model(inputs, targets, window=window)
+        # Average over micro-steps (and, below, over ranks): the math is the same for any world size.
+        (loss / micro_steps).backward()
+        loss_sum += loss.detach().float()
+    dist.all_reduce_grads_(raw_model.parameters())
+    set_schedules(optimizers, step, cfg)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return loss_sum / micro_steps
+
+
 def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | None, track: str | None,
           log_dir="logs", run_id: str | None = None, clock=time.perf_counter, quiet: bool = False,
           save_checkpoint: str | None = None, echo: bool = True) -> RunResult:
@@ -144,7 +167,6 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     per_forward = max(1, min(cfg.data.seqs_per_forward, slots_per_rank))
     if slots_per_rank % per_forward:
         raise ValueError(f"seqs_per_forward {per_forward} must divide the {slots_per_rank} sequences per process")
-    micro_steps = slots_per_rank // per_forward
     n = cfg.train.num_steps
     long_w = torch.ones((), dtype=torch.int32, device=device)
     short_w = torch.ones((), dtype=torch.int32, device=device)
@@ -156,23 +178,8 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
         return long_w, short_w
 
     def train_step(step: int) -> torch.Tensor:
-        window = set_window(step)
-        loss_sum = torch.zeros((), device=device)
-        pairs = train_loader.next_step()
-        for i in range(0, len(pairs), per_forward):
-            inputs = torch.stack([x for x, _ in pairs[i:i + per_forward]])
-            targets = torch.stack([y for _, y in pairs[i:i + per_forward]])
-            loss = model(inputs, targets, window=window)
-            # Average over micro-steps (and, below, over ranks): the math is the same for any world size.
-            (loss / micro_steps).backward()
-            loss_sum += loss.detach().float()
-        dist.all_reduce_grads_(raw_model.parameters())
-        set_schedules(optimizers, step, cfg)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        return loss_sum / micro_steps
+        return optimizer_step(model, raw_model, optimizers, cfg, train_loader.next_step(), per_forward,
+                              set_window(step), step)
 
     # ---- untimed: compile and warm up on every shape the run will see, then restore ----
     initial_model = copy.deepcopy(raw_model.state_dict())

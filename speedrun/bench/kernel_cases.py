@@ -1,0 +1,198 @@
+"""What the kernel benchmark runs: for each op, its shapes (the recipe's, and a sweep over the main size),
+its inputs, and its counted FLOPs and minimum bytes.
+
+Shapes come from a preset's config, never typed in: ``gpt2-124m`` on a GPU, ``tiny`` on a CPU (where the
+Triton interpreter runs: times mean nothing there, only the pipeline and the correctness checks do).
+
+    op              main size (x axis)   recipe shape (gpt2-124m)                      sweep
+    attention       seq_len T            B=1, T=seq_len, H=6, D=128, final long window  T / 8, T / 4, T / 2, T
+    mlp             tokens M             M=seq_len, dim 768, hidden 3072               M / 8, M / 4, M / 2, M
+    cross_entropy   tokens N             N=seq_len, V=50304 (padded vocab)              N / 8, N / 4, N / 2, N
+    newton_schulz   elements             every Muon matrix shape of the model           squares n x n (GPU)
+
+Counting conventions:
+- attention FLOPs count only the (query, key) pairs the mask keeps (counted exactly from the doc ids and
+  the window): forward 4 D per pair per head (QK^T and PV), backward 2.5x the forward (five matmuls, the
+  recomputed QK^T included, as FlashAttention's benchmarks count).
+- mlp: forward 4 M dim hidden, backward twice that. newton_schulz: per step 4 m^2 n + 2 m^3 for the wide
+  orientation (X X^T in full, A A, B X). cross_entropy: no FLOPs (memory-bound); GB/s only.
+- minimum bytes: every input read once and every output written once, nothing else (a perfectly fused
+  kernel); forward and backward counted separately, fwd+bwd their sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+from speedrun.config import RunConfig, get_preset, window_blocks
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+MEAN_DOC_TOKENS = 1024  # synthetic documents for attention: exponential lengths with this mean
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape of one op. ``params`` holds what ``problem`` needs to build the inputs."""
+
+    op: str
+    label: str  # e.g. "T=65536"
+    size: int  # the main size (the plot's x axis)
+    size_name: str
+    recipe: bool  # the shape the preset's training actually runs
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Problem:
+    """The inputs of one case: ``fn(*args, **kwargs)`` is the op; ``args[:n_leaves]`` are differentiated."""
+
+    args: tuple
+    kwargs: dict
+    n_leaves: int
+    grad_out: torch.Tensor | None
+    flops: dict  # mode -> counted FLOPs, or None
+    min_bytes: dict  # mode -> bytes
+
+
+def op_modes(op: str) -> tuple[str, ...]:
+    """Newton-Schulz runs inside the optimizer, never differentiated: forward only."""
+    return ("fwd",) if op == "newton_schulz" else MODES
+
+
+def bench_config(device: torch.device) -> RunConfig:
+    return get_preset("gpt2-124m" if device.type == "cuda" else "tiny")
+
+
+def muon_shapes(cfg: RunConfig) -> list[tuple[int, ...]]:
+    """The distinct shapes of the matrices Muon orthogonalises (each one Newton-Schulz call per step)."""
+    from speedrun.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg.model, kernels.resolve("torch"))
+    shapes = []
+    for p in model.blocks.parameters():
+        if p.dim() >= 2 and tuple(p.shape) not in shapes:
+            shapes.append(tuple(p.shape))
+    return shapes
+
+
+def cases(op: str, cfg: RunConfig, quick: bool, on_gpu: bool) -> list[Case]:
+    """The shapes of ``op`` for the preset ``cfg``: the recipe's, plus (unless ``quick``) the sweep."""
+    m, T = cfg.model, cfg.data.seq_len
+    if not on_gpu:  # the interpreter is slow: the tiny preset's shapes at half its sequence and below
+        T = T // 2
+    sweep = [T] if quick else [T // 8, T // 4, T // 2, T]
+    sweep = sorted({s for s in sweep if s >= 64})
+    if op == "attention":
+        long_blocks, _ = window_blocks(cfg.train.num_steps, cfg)
+        return [Case(op, f"T={t}", t, "seq_len", t == T,
+                     dict(B=1, T=t, H=m.n_head, D=m.head_dim, block=m.attn_block_size, window=long_blocks))
+                for t in sweep]
+    if op == "mlp":
+        return [Case(op, f"M={t}", t, "tokens", t == T, dict(M=t, dim=m.dim, hidden=m.mlp_hidden)) for t in sweep]
+    if op == "cross_entropy":
+        return [Case(op, f"N={t},V={m.padded_vocab_size}", t, "tokens", t == T,
+                     dict(N=t, V=m.padded_vocab_size, cap=m.logit_cap, scale=m.logit_scale))
+                for t in sweep]
+    if op == "newton_schulz":
+        shapes = [(s, True) for s in muon_shapes(cfg)]
+        if not quick and on_gpu:
+            shapes += [((n, n), False) for n in (1024, 2048, 4096)]
+        return [Case(op, "x".join(map(str, s)), _numel(s), "elements", recipe,
+                     dict(shape=s, steps=cfg.optim.ns_steps, dtype=cfg.optim.ns_dtype)) for s, recipe in shapes]
+    raise ValueError(f"unknown op {op!r}; ops: {', '.join(kernels.OP_MODULES)}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _with_bwd_sum(fwd, bwd):
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": None if fwd is None else fwd + bwd}
+
+
+def problem(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
+    """Fresh random inputs (never zeros) for ``case`` in ``dtype`` on ``device``, with FLOPs and bytes."""
+    g = torch.Generator().manual_seed(seed)
+    p = case.params
+    esize = torch.empty((), dtype=dtype).element_size()
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype).to(device).requires_grad_()
+
+    if case.op == "attention":
+        B, T, H, D = p["B"], p["T"], p["H"], p["D"]
+        q, k, v = (randn(B, T, H, D) for _ in range(3))
+        doc_ids = synthetic_doc_ids(B, T, g).to(device)
+        pairs = kept_pairs(doc_ids, p["window"], p["block"])
+        fwd = 4.0 * D * H * pairs
+        io = B * T * H * D * esize
+        return Problem((q, k, v, doc_ids, p["window"], 0.12, p["block"]), {}, 3, randn(B, T, H, D),
+                       _with_bwd_sum(fwd, 2.5 * fwd), _with_bwd_sum(4 * io, 8 * io))
+    if case.op == "mlp":
+        M, dim, hidden = p["M"], p["dim"], p["hidden"]
+        x = randn(M, dim)
+        w_fc, w_proj = randn(hidden, dim, scale=dim**-0.5), randn(dim, hidden, scale=hidden**-0.5)
+        fwd = 4.0 * M * dim * hidden
+        act, weights = M * dim * esize, 2 * dim * hidden * esize
+        return Problem((x, w_fc, w_proj), {}, 3, randn(M, dim), _with_bwd_sum(fwd, 2 * fwd),
+                       _with_bwd_sum(2 * act + weights, 2 * act + 2 * weights + act + weights))
+    if case.op == "cross_entropy":
+        N, V = p["N"], p["V"]
+        z = randn(N, V, scale=5.0)
+        targets = torch.randint(0, V, (N,), generator=g).to(device)
+        logits = N * V * esize
+        return Problem((z, targets, p["cap"], p["scale"]), {}, 1, torch.ones((), device=device),
+                       _with_bwd_sum(None, None), _with_bwd_sum(logits + 8 * N, 2 * logits))
+    if case.op == "newton_schulz":
+        shape, steps = p["shape"], p["steps"]
+        G = torch.randn(*shape, generator=g).to(device)  # Muon orthogonalises fp32 momentum buffers
+        m, n = sorted(shape[-2:])
+        batch = _numel(shape[:-2])
+        ns_dtype = getattr(torch, p["dtype"]) if dtype == torch.float32 else dtype
+        flops = steps * batch * (4.0 * m * m * n + 2.0 * m**3)
+        out_bytes = _numel(shape) * torch.empty((), dtype=ns_dtype).element_size()
+        return Problem((G,), dict(steps=steps, dtype=ns_dtype), 0, None, {"fwd": flops},
+                       {"fwd": 4 * _numel(shape) + out_bytes})
+    raise ValueError(f"unknown op {case.op!r}")
+
+
+def synthetic_doc_ids(B: int, T: int, g: torch.Generator) -> torch.Tensor:
+    """(B, T) int32 non-decreasing doc ids: documents of exponential length (mean MEAN_DOC_TOKENS)."""
+    rows = []
+    for _ in range(B):
+        lengths = torch.empty(T // 16 + 2).exponential_(1.0 / MEAN_DOC_TOKENS, generator=g).long() + 1
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:T]
+        rows.append(torch.cat([ids, ids.new_full((T - len(ids),), len(lengths))]))
+    return torch.stack(rows).to(torch.int32)
+
+
+def kept_pairs(doc_ids: torch.Tensor, window, block_size: int) -> int:
+    """Number of (query, key) pairs the attention mask keeps (kernels/attention.py's rule), summed over B."""
+    B, T = doc_ids.shape
+    w = max(int(window), 1)
+    i = torch.arange(T, device=doc_ids.device)
+    first_of_doc = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    doc_start = torch.where(first_of_doc, i, 0).cummax(1).values
+    window_start = ((i // block_size - w + 1) * block_size).clamp(min=0)
+    lo = torch.maximum(doc_start, window_start)
+    return int((i - lo + 1).sum())
+
+
+def as_reference(prob: Problem) -> Problem:
+    """The same problem in fp32 (floating inputs upcast, Newton-Schulz computed in fp32): the reference
+    that every variant's result is checked against."""
+    args = tuple(a.detach().float().requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a for a in prob.args)
+    kwargs = dict(prob.kwargs)
+    if "dtype" in kwargs:
+        kwargs["dtype"] = torch.float32
+    grad_out = None if prob.grad_out is None else prob.grad_out.detach().float()
+    return dataclasses.replace(prob, args=args, kwargs=kwargs, grad_out=grad_out)

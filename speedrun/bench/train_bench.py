@@ -1,0 +1,204 @@
+"""``speedrun bench train``: how fast is a training step, and where does the time go.
+
+For each kernel set (``--kernels torch,triton``, side by side in one process) the preset's model and
+optimizers are built, compiled (when enabled) and warmed up, then ``--steps`` optimizer steps are timed
+one by one (each ends with a device synchronise): median step time with p20/p80, tokens/s, MFU (model
+FLOPs per token x tokens/s / the GPU's dense bf16 peak from speedrun.train's table; not computed on a CPU),
+peak memory. Then ``--profile-steps`` more steps run under ``torch.profiler`` and the ops with the most
+self time (device time on a GPU, CPU time on a CPU) are listed with their share.
+
+The tokens are synthetic (uniform random ids with an end-of-text token every ~1024 tokens on average,
+generated on the device): step time does not depend on what the tokens say, and the GPU machines have no
+FineWeb. The output says so. The step is the trainer's own (speedrun.train.optimizer_step) at the window
+of the schedule's last step (the longest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import resource
+import sys
+import time
+
+import torch
+
+import kernels
+import kernels.common
+from speedrun.bench.measure import device_name, results_dir, sync, timing_from_samples, utc_timestamp, versions
+from speedrun.config import PRESETS, RunConfig, get_preset, window_blocks
+from speedrun.data.shards import atomic_write_text
+from speedrun.model import GPT, flops_per_token
+from speedrun.optim import build_optimizers
+from speedrun.train import optimizer_step, peak_tflops
+
+TOP_OPS = 12
+
+
+def synthetic_pairs(cfg: RunConfig, device: torch.device, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``batch_slots`` (inputs, targets) pairs of ``seq_len`` random tokens on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    m, T = cfg.model, cfg.data.seq_len
+    tokens = torch.randint(0, m.vocab_size, (cfg.data.batch_slots, T + 1), generator=g)
+    eot = torch.rand(tokens.shape, generator=g) < 1 / 1024
+    tokens = torch.where(eot, m.eot_token, tokens)
+    tokens[:, 0] = m.eot_token  # every sequence starts a document, as the loader's do
+    return [(row[:-1].to(device), row[1:].to(device)) for row in tokens]
+
+
+def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: int, profile_steps: int,
+                     log=print) -> dict:
+    """Time ``steps`` optimizer steps of ``cfg`` (its kernel set, compile flag) after ``warmup`` untimed ones."""
+    restore_threads = None
+    if cfg.train.kernels == "triton" and device.type == "cpu" and kernels.common.interpreting():
+        previous_tile = kernels.common.use_large_interpreter_tiles()
+        restore_threads = kernels.common.limit_interpreter_threads()
+    try:
+        torch.manual_seed(cfg.train.seed)
+        ops = kernels.resolve(cfg.train.kernels)
+        raw_model = GPT(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype)).to(device)
+        optimizers = build_optimizers(raw_model, cfg, ops)
+        model = torch.compile(raw_model, dynamic=False) if cfg.train.compile else raw_model
+        pairs = synthetic_pairs(cfg, device, cfg.train.seed)
+        per_forward = min(cfg.data.seqs_per_forward, len(pairs))
+        long_blocks, short_blocks = window_blocks(cfg.train.num_steps, cfg)
+        window = tuple(torch.tensor(b, dtype=torch.int32, device=device) for b in (long_blocks, short_blocks))
+        step_at = cfg.train.num_steps - 1  # schedules at the last step; the weights change, the shapes do not
+
+        def one_step():
+            optimizer_step(model, raw_model, optimizers, cfg, pairs, per_forward, window, step_at)
+
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            one_step()
+        sync(device)
+        log(f"  {cfg.train.kernels}: warm-up ({warmup} steps, compile included) {time.perf_counter() - t0:.1f} s")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        samples = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            one_step()
+            sync(device)
+            samples.append(1000 * (time.perf_counter() - t0))
+        timing = timing_from_samples(samples)
+        breakdown = profile(one_step, device, profile_steps) if profile_steps else []
+    finally:
+        if restore_threads is not None:
+            restore_threads()
+            kernels.common.use_large_interpreter_tiles(previous_tile)
+    tokens_per_step = cfg.data.tokens_per_step
+    tokens_per_s = tokens_per_step / (timing.median_ms / 1000)
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len, long_blocks * cfg.model.attn_block_size)
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process RSS so far, KiB on Linux
+    return dict(kernels=cfg.train.kernels, compile=cfg.train.compile, steps=steps, median_ms=timing.median_ms,
+                p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, tokens_per_step=tokens_per_step,
+                tokens_per_s=tokens_per_s, mfu=fpt * tokens_per_s / (peak * 1e12) if peak else None,
+                peak_mem_mib=peak_mem, breakdown=breakdown)
+
+
+def profile(one_step, device: torch.device, steps: int) -> list[dict]:
+    """The ops with the most self time over ``steps`` steps: name, calls, total ms, share of the total."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [dict(op=e.key, calls=e.count, total_ms=getattr(e, attr) / 1000, share=getattr(e, attr) / total)
+            for e in events[:TOP_OPS]]
+
+
+def report(results: list[dict], cfg: RunConfig, device: torch.device) -> str:
+    """Markdown: the comparison table, then each kernel set's profile breakdown."""
+    v = versions()
+    lines = [f"# bench train: preset {cfg.preset} on {device_name(device)}",
+             "",
+             f"torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}; {utc_timestamp()}. Synthetic tokens "
+             f"(random ids; step time does not depend on them). {cfg.data.batch_slots} x {cfg.data.seq_len} "
+             f"tokens per step on 1 device, window at the schedule's end.",
+             ""]
+    if device.type == "cpu":
+        lines += ["CPU run: the triton set runs under the Triton interpreter, so its time means nothing; "
+                  "MFU is not computed on a CPU; peak memory is the process's peak RSS so far.", ""]
+    lines += ["| kernels | compile | step median (ms) | p20-p80 (ms) | tokens/s | MFU | peak memory (MiB) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['kernels']} | {r['compile']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} "
+                     f"| {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_mib']:,.0f} |")
+    if len(results) == 2:
+        a, b = results
+        lines += ["", f"{b['kernels']} vs {a['kernels']}: step time ratio {b['median_ms'] / a['median_ms']:.3f}"]
+    for r in results:
+        if r["breakdown"]:
+            lines += ["", f"## where the time goes: kernels {r['kernels']} (self time, top {TOP_OPS})", "",
+                      "| op | calls | ms | share |", "|---|---|---|---|"]
+            lines += [f"| `{e['op'][:80]}` | {e['calls']} | {e['total_ms']:.2f} | {100 * e['share']:.1f}% |"
+                      for e in r["breakdown"]]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from speedrun.cli import _non_negative_int, _positive_int
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpt2-124m on GPU, tiny on CPU")
+    p.add_argument("--kernels", default="torch,triton", help="kernel sets, comma-separated (default: torch,triton)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="timed steps (default: 10 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=_non_negative_int, default=None, help="untimed steps first (default: 3 / 1)")
+    p.add_argument("--profile-steps", type=_non_negative_int, default=2, help="profiled steps (0: no profile)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="override the preset's sequence length")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None, help="default on CUDA")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/)")
+
+
+def train_command(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    sets = [s.strip() for s in args.kernels.split(",") if s.strip()]
+    if not sets or any(s not in ("torch", "triton") for s in sets) or len(set(sets)) != len(sets):
+        raise SystemExit(f"--kernels must list torch and/or triton once each, got {args.kernels!r}")
+    if "triton" in sets and "triton" not in kernels.variants("attention"):
+        raise SystemExit("--kernels triton: Triton is not installed")
+    gpu = device.type == "cuda"
+    cfg = get_preset(args.preset or ("gpt2-124m" if gpu else "tiny"))
+    if args.seq_len is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=args.seq_len))
+    if cfg.data.seq_len % cfg.model.attn_block_size and cfg.model.arch == "recipe":
+        raise SystemExit(f"--seq-len must be a multiple of the attention block ({cfg.model.attn_block_size})")
+    steps = args.steps or (10 if gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    compile_ = gpu if args.compile is None else args.compile
+    out_dir = results_dir(device, args.out)
+    print(f"bench train: preset {cfg.preset}, kernels {', '.join(sets)}, {steps} timed steps on "
+          f"{device_name(device)}; synthetic tokens")
+    results = []
+    for k in sets:
+        cfg_k = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kernels=k, compile=compile_))
+        results.append(bench_kernel_set(copy.deepcopy(cfg_k), device, steps, warmup, args.profile_steps))
+        if gpu:
+            torch.cuda.empty_cache()
+    text = report(results, cfg, device)
+    print(text)
+    atomic_write_text(out_dir / "train.md", text)
+    print(f"wrote {out_dir / 'train.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="speedrun bench train")
+    add_arguments(parser)
+    sys.exit(train_command(parser.parse_args()))

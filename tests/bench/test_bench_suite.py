@@ -1,0 +1,101 @@
+"""bench/gpu_suite.sh in its dry-run mode (the whole pipeline on the CPU, which is also the end-to-end test of
+`speedrun bench train` and `speedrun bench converge`), its summary, and the convergence comparison."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from speedrun import REPO_ROOT
+from speedrun.bench.converge import compare
+from speedrun.bench.summary import summary
+from speedrun.cli import main
+
+SUITE = REPO_ROOT / "bench" / "gpu_suite.sh"
+
+
+def _suite_env(out) -> dict:
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SPEEDRUN_VENV=str(out / "no-venv"))
+    env.pop("TRITON_INTERPRET", None)  # the dry run must set it itself
+    return env
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run(tmp_path):
+    out = tmp_path / "suite"
+    proc = subprocess.run(["bash", str(SUITE), "--dry-run"], cwd=REPO_ROOT, env=_suite_env(out),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("env.txt", "tests.txt", "kernels.csv", "kernels.txt", "train.md", "converge.md", "converge.png",
+                 "summary.md", "steps.tsv"):
+        assert (out / name).is_file(), name
+    text = (out / "summary.md").read_text()
+    assert "Dry run on a CPU" in text and "FAILED" not in text
+    assert "| bench kernels | ok |" in text and "| bench converge | ok |" in text
+    assert "| torch | False |" in text and "| triton | False |" in text  # the train table, both kernel sets
+    assert "PASS" in text and "missing" not in text
+    train = (out / "train.md").read_text()
+    assert "Synthetic tokens" in train and "where the time goes: kernels torch" in train
+    assert len(list((out / "converge_logs").rglob("*.json"))) == 2
+
+
+def test_gpu_suite_refuses_unknown_options_and_a_missing_gpu(tmp_path):
+    proc = subprocess.run(["bash", str(SUITE), "--fast"], cwd=REPO_ROOT, env=_suite_env(tmp_path),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+    proc = subprocess.run(["bash", str(SUITE)], cwd=REPO_ROOT, env=_suite_env(tmp_path), capture_output=True,
+                          text=True)
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+
+
+def test_summary_names_missing_files_and_failed_steps(tmp_path):
+    (tmp_path / "steps.tsv").write_text("environment\t0\t1\nbench kernels\t1\t5\n")
+    (tmp_path / "kernels.csv").write_text(
+        "op,variant,mode,shape,recipe,dtype,status,detail,median_ms,tflops,gbps,speedup_vs_torch,speedup_vs_compile\n"
+        "mlp,triton,fwd,M=8,True,bfloat16,wrong,max error 3 > tolerance 0.1,,,,,\n"
+        "mlp,torch,fwd,M=8,True,bfloat16,ok,,1.5,2.0,100,1.0,\n")
+    text = summary(tmp_path)
+    assert "| bench kernels | FAILED (exit 1) | 5 |" in text
+    assert "| mlp | M=8 | fwd | torch | ok | 1.500 | 2.0 | 100 | 1.00 | - |" in text
+    assert "Wrong or failed: mlp triton fwd: max error 3 > tolerance 0.1" in text
+    for name in ("env.txt", "tests.txt", "train.md", "converge.md"):
+        assert f"{name} missing" in text
+
+
+def _run_log(status, curve):
+    return {"status": status, "train_time_ms": 1000.0,
+            "val_curve": [{"step": s, "val_loss": v} for s, v in curve]}
+
+
+def test_converge_compare_passes_close_curves_and_fails_the_rest():
+    torch_run = _run_log("completed", [(0, 7.0), (50, 5.0), (100, 4.0)])
+    ok, lines = compare({"torch": torch_run, "triton": _run_log("completed", [(0, 7.0), (50, 5.01), (100, 4.02)])},
+                        0.05)
+    assert ok and "largest difference 0.0200" in lines[-1] and lines[-1].endswith("PASS")
+    ok, lines = compare({"torch": torch_run, "triton": _run_log("completed", [(0, 7.0), (50, 5.3), (100, 4.0)])},
+                        0.05)
+    assert not ok and "curves differ by 0.3000" in lines[-1]
+    ok, lines = compare({"torch": torch_run, "triton": _run_log("diverged", [(0, 7.0)])}, 0.05)
+    assert not ok and "triton: status diverged" in lines[-1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--kernels", "cuda"], "--kernels must list torch and/or triton"),
+    (["train", "--kernels", "torch,torch"], "--kernels must list torch and/or triton"),
+    (["train", "--seq-len", "100"], "multiple of the attention block"),
+    (["converge", "--tolerance", "0"], "--tolerance must be positive"),
+])
+def test_bench_misuse_is_refused(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv, "--device", "cpu", "--out", str(tmp_path)])
+    assert message in str(e.value)
