@@ -3,6 +3,7 @@ capability checks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -108,6 +109,22 @@ def limit_interpreter_threads(threads: int = 1):
             set_threads(n)
 
     return restore
+
+
+@contextlib.contextmanager
+def interpreter_settings_for_model_runs(device: torch.device):
+    """Inside the block, model-sized work under the CPU interpreter gets use_large_interpreter_tiles() and
+    limit_interpreter_threads(); both are restored on exit. Does nothing on a GPU or without the interpreter."""
+    if device.type != "cpu" or not interpreting():
+        yield
+        return
+    previous_tile = use_large_interpreter_tiles()
+    restore_threads = limit_interpreter_threads()
+    try:
+        yield
+    finally:
+        restore_threads()
+        use_large_interpreter_tiles(previous_tile)
 
 
 def _openblas_thread_setters() -> list:

@@ -16,6 +16,7 @@ of the schedule's last step (the longest).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import resource
@@ -50,11 +51,9 @@ def synthetic_pairs(cfg: RunConfig, device: torch.device, seed: int) -> list[tup
 def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: int, profile_steps: int,
                      log=print) -> dict:
     """Time ``steps`` optimizer steps of ``cfg`` (its kernel set, compile flag) after ``warmup`` untimed ones."""
-    restore_threads = None
-    if cfg.train.kernels == "triton" and device.type == "cpu" and kernels.common.interpreting():
-        previous_tile = kernels.common.use_large_interpreter_tiles()
-        restore_threads = kernels.common.limit_interpreter_threads()
-    try:
+    settings = (kernels.common.interpreter_settings_for_model_runs(device) if cfg.train.kernels == "triton"
+                else contextlib.nullcontext())
+    with settings:
         torch.manual_seed(cfg.train.seed)
         ops = kernels.resolve(cfg.train.kernels)
         raw_model = GPT(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype)).to(device)
@@ -84,10 +83,6 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
             samples.append(1000 * (time.perf_counter() - t0))
         timing = timing_from_samples(samples)
         breakdown = profile(one_step, device, profile_steps) if profile_steps else []
-    finally:
-        if restore_threads is not None:
-            restore_threads()
-            kernels.common.use_large_interpreter_tiles(previous_tile)
     tokens_per_step = cfg.data.tokens_per_step
     tokens_per_s = tokens_per_step / (timing.median_ms / 1000)
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None

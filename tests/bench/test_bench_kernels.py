@@ -13,6 +13,7 @@ import torch
 
 import kernels
 import kernels.attention as A
+import kernels.common
 import kernels.mlp
 from speedrun.bench import kernel_cases as kc
 from speedrun.bench import kernels_bench as kb
@@ -102,7 +103,10 @@ def test_wrong_variant_is_reported_and_not_timed(monkeypatch):
 def test_every_op_quick_end_to_end(tmp_path, capsys):
     """The CI pass of `speedrun bench kernels --quick`: every op, the CPU-runnable variants, CSV + table + PNGs."""
     out = tmp_path / "res"
+    tile, threads = kernels.common.INTERPRETER_TILE, torch.get_num_threads()
     assert main(["bench", "kernels", "--quick", "--variant", "torch,triton,sdpa", "--out", str(out)]) == 0
+    # the interpreter settings of the run are restored (they leaked into later tests once)
+    assert (kernels.common.INTERPRETER_TILE, torch.get_num_threads()) == (tile, threads)
     printed = capsys.readouterr().out
     assert "times mean nothing" in printed and "0 wrong or failed" in printed
     rows = list(csv.DictReader((out / "kernels.csv").read_text().splitlines()))

@@ -43,3 +43,15 @@ def test_limit_interpreter_threads_restores():
         restore()
     assert torch.get_num_threads() == before
     assert [get() for get, _ in blas] == blas_before
+
+
+def test_interpreter_settings_for_model_runs_are_restored():
+    tile, threads = common.INTERPRETER_TILE, torch.get_num_threads()
+    with common.interpreter_settings_for_model_runs(torch.device("cpu")):
+        if common.interpreting():
+            assert common.INTERPRETER_TILE == common.LARGE_INTERPRETER_TILE and torch.get_num_threads() == 1
+    assert (common.INTERPRETER_TILE, torch.get_num_threads()) == (tile, threads)
+    with pytest.raises(KeyError):  # restored when the block raises, too
+        with common.interpreter_settings_for_model_runs(torch.device("cpu")):
+            raise KeyError("x")
+    assert (common.INTERPRETER_TILE, torch.get_num_threads()) == (tile, threads)
