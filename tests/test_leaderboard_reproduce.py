@@ -7,10 +7,7 @@ logged options, collect the logs, write the report. The slow test does the same 
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -103,20 +100,11 @@ def test_reproduce_runs_the_snapshot_and_writes_the_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path):
-    """End to end on tiny-cpu with real training: several minutes on a CPU."""
+def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_run):
+    """End to end on tiny-cpu with real training (the shared real run, then one reproduction): minutes."""
     from speedrun.leaderboard_cli import main as leaderboard_main
 
-    data = tmp_path / "data"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    synth = subprocess.run([sys.executable, "-m", "speedrun.cli", "data", "synth", "--out", str(data / "synth")],
-                           cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert synth.returncode == 0, synth.stderr
-    logs = tmp_path / "logs"
-    train = subprocess.run([sys.executable, "-m", "speedrun.cli", "train", "--preset", "tiny", "--data",
-                            str(data / "synth"), "--log-dir", str(logs), "--quiet"], cwd=REPO_ROOT, env=env,
-                           capture_output=True, text=True)
-    assert train.returncode == 0, train.stdout + train.stderr
+    data, logs = tiny_track_run
     records = tmp_path / "records"
     assert leaderboard_main(["submit", *map(str, logs.glob("*.txt")), "--records", str(records), "--track",
                              "tiny-cpu", "--title", "Tiny baseline", "--author", "Test", "--kind", "systems",
