@@ -69,13 +69,15 @@ VARIANTS = {"torch": mlp_torch}
 # x's dtype (re-cast in the backward, not saved). Every matmul accumulates in fp32; tensors are in x's
 # dtype, so in fp16 post = inf where relu(pre) > 256, as in the reference (whose backward stays finite
 # there; this one does not). fp32 inputs use IEEE fp32 dots on the GPU (not TF32), like PyTorch's default.
-# bf16 tl.dot is wrong under Triton's CPU interpreter, so there (only) bf16 tiles are upcast to fp32
-# before the dot (UPCAST): CPU runs check bf16 loads, epilogues and stores, not the bf16 MMA path.
+# The K loop and the dot flags (IEEE fp32 dots; bf16 upcast under the CPU interpreter) are shared with the
+# other matmul kernels: kernels/matmul_tiles.py.
 # ------------------------------------------------------------------------------------------------------
 
 try:
     import triton
     import triton.language as tl
+
+    from kernels.matmul_tiles import dot_flags, k_loop
 except ImportError:  # no Triton: only the torch variant
     triton = None
 
@@ -92,33 +94,6 @@ if triton is not None:
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         ]
-
-    @triton.jit
-    def _matmul_k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """fp32 (BLOCK_M, BLOCK_N) = sum over K of the A tile (BLOCK_M, BLOCK_K) @ the B tile (BLOCK_K, BLOCK_N).
-
-        The pointers address the first K block; the last block is masked to zeros unless EVEN_K.
-        UPCAST: the tiles are cast to fp32 before the dot (only under the interpreter).
-        """
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_left = K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if UPCAST:  # bf16 under the CPU interpreter, whose bf16 tl.dot is wrong
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
-        return acc
 
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
@@ -152,8 +127,8 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-        acc = _matmul_k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
-                             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+        acc = k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                     DOT_PRECISION, UPCAST)
 
         c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -170,11 +145,6 @@ if triton is not None:
     # when the module is imported, and tuning under the interpreter would only waste time).
     _matmul_epilogue_kernel = triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE"])(
         _matmul_epilogue_jit)
-
-    def _dot_flags(dtype: torch.dtype) -> dict:
-        """IEEE fp32 dots for fp32 (not TF32); bf16 is upcast to fp32 under the CPU interpreter."""
-        upcast = dtype == torch.bfloat16 and interpreting()
-        return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
 
     def _matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None = None):
         """Launch: C (M, N) = epilogue(a @ b) in a's dtype, for a (M, K) and b (K, N) of one dtype (any strides,
@@ -197,7 +167,7 @@ if triton is not None:
         kernel[grid](
             a, b, c, aux, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            EPILOGUE=epilogue, **_dot_flags(a.dtype), **blocks,
+            EPILOGUE=epilogue, **dot_flags(a.dtype), **blocks,
         )
         return c
 

@@ -85,13 +85,15 @@ VARIANTS = {"torch": newton_schulz_torch}
 #
 # The third step of an iteration, X = a X + B X, is torch.baddbmm(X, B, X, beta=a): one cuBLAS batched
 # matmul with the a X term fused by cuBLAS (beta), not a Triton kernel.
-# bf16 tl.dot is wrong under Triton's CPU interpreter, so there (only) bf16 tiles are upcast to fp32
-# before the dot (UPCAST): CPU runs check bf16 loads, epilogues and stores, not the bf16 MMA path.
+# The K loop and the dot flags (IEEE fp32 dots; bf16 upcast under the CPU interpreter) are shared with the
+# other matmul kernels: kernels/matmul_tiles.py.
 # ------------------------------------------------------------------------------------------------------
 
 try:
     import triton
     import triton.language as tl
+
+    from kernels.matmul_tiles import dot_flags, k_loop
 except ImportError:  # no Triton: only the torch variant
     triton = None
 
@@ -105,33 +107,6 @@ if triton is not None:
             triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         ]
-
-    @triton.jit
-    def _syrk_k_loop(a_ptrs, b_ptrs, K, stride_k,
-                     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """fp32 (BLOCK, BLOCK) = sum over K of X[rows_i, k] (BLOCK, BLOCK_K) @ X[rows_j, k]^T (BLOCK_K, BLOCK).
-
-        The pointers address the first K block; the last block is masked to zeros unless EVEN_K.
-        UPCAST: the tiles are cast to fp32 before the dot (only under the interpreter).
-        """
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_left = K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if UPCAST:  # bf16 under the CPU interpreter, whose bf16 tl.dot is wrong
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_k
-            b_ptrs += BLOCK_K * stride_k
-        return acc
 
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
@@ -162,7 +137,8 @@ if triton is not None:
         x_base = x_ptr + z * stride_xb
         a_ptrs = x_base + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
         b_ptrs = x_base + offs_k[:, None] * stride_xk + rows_n[None, :] * stride_xm
-        acc = _syrk_k_loop(a_ptrs, b_ptrs, K, stride_xk, BLOCK, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+        acc = k_loop(a_ptrs, b_ptrs, K, stride_xk, stride_xk, BLOCK, BLOCK, BLOCK_K, EVEN_K,
+                     DOT_PRECISION, UPCAST)
 
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < M)
         acc = acc * alpha
@@ -184,11 +160,6 @@ if triton is not None:
     # module is imported, and tuning under the interpreter would only waste time).
     _syrk_kernel = triton.autotune(configs=_syrk_configs(), key=["M", "K", "HAS_A"])(_syrk_jit)
 
-    def _dot_flags(dtype: torch.dtype) -> dict:
-        """IEEE fp32 dots for fp32 (not TF32); bf16 is upcast to fp32 under the CPU interpreter."""
-        upcast = dtype == torch.bfloat16 and interpreting()
-        return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
-
     def _syrk(X: torch.Tensor, alpha: float, beta: float = 0.0, A: torch.Tensor | None = None) -> torch.Tensor:
         """Launch on X (batch, m, k) [and A (batch, m, m)]; returns C (batch, m, m) in X's dtype."""
         batch, m, k = X.shape
@@ -205,7 +176,7 @@ if triton is not None:
             X, a, C, m, k, float(alpha), float(beta),
             X.stride(0), X.stride(1), X.stride(2), a.stride(0), a.stride(1), a.stride(2),
             C.stride(0), C.stride(1), C.stride(2),
-            HAS_A=A is not None, **_dot_flags(X.dtype), **blocks,
+            HAS_A=A is not None, **dot_flags(X.dtype), **blocks,
         )
         return C
 
