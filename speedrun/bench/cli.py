@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 
 
+def add_common_arguments(p: argparse.ArgumentParser, with_compile: bool = False) -> None:
+    """--device and --out (and --compile/--no-compile) as every bench command takes them."""
+    if with_compile:
+        p.add_argument("--compile", dest="compile", action="store_true", default=None, help="default on CUDA")
+        p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/)")
+
+
 def build_parser(prog: str = "speedrun bench") -> argparse.ArgumentParser:
     from speedrun.bench import converge, kernels_bench, train_bench
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from speedrun import REPO_ROOT
+from speedrun.bench.cli import add_common_arguments
 from speedrun.config import PRESETS
 from speedrun.data.shards import atomic_write_bytes, atomic_write_text, list_shards
 
@@ -109,18 +110,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="token shards (default: data/fineweb10B when present, else the synthetic language)")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest allowed val-loss difference (0.05)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None, help="default on CUDA")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/)")
+    add_common_arguments(p, with_compile=True)
 
 
 def converge_command(args) -> int:
-    import torch
+    from speedrun.bench.measure import bench_device, device_name, results_dir
 
-    from speedrun.bench.measure import device_name, results_dir
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(args.device)
     if not args.tolerance > 0:
         raise SystemExit(f"--tolerance must be positive, got {args.tolerance}")
     args.preset = args.preset or ("gpt2-124m" if device.type == "cuda" else "tiny")

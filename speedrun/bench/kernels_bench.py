@@ -34,7 +34,17 @@ import torch
 import kernels
 import kernels.common
 from speedrun.bench import kernel_cases as kc
-from speedrun.bench.measure import PeakMemory, device_name, measure_peaks, results_dir, time_fn, utc_timestamp, versions
+from speedrun.bench.cli import add_common_arguments
+from speedrun.bench.measure import (
+    PeakMemory,
+    bench_device,
+    device_name,
+    measure_peaks,
+    results_dir,
+    time_fn,
+    utc_timestamp,
+    versions,
+)
 from speedrun.data.shards import atomic_write_bytes, atomic_write_text
 
 RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -382,14 +392,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the recipe's shapes only, fewer timing repetitions")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/)")
+    add_common_arguments(p)
 
 
 def kernels_command(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    device = bench_device(args.device)
     if args.variant is not None:
         known = sorted({v for op in args.op for v in bench_variants(op)})
         unknown = [v for v in args.variant if v not in known]

@@ -124,6 +124,13 @@ class PeakMemory:
             self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
 
 
+def bench_device(requested: str | None) -> torch.device:
+    """The device a bench command runs on: ``requested`` ("cuda"/"cpu"), else CUDA when available."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -27,7 +27,16 @@ import torch
 
 import kernels
 import kernels.common
-from speedrun.bench.measure import device_name, results_dir, sync, timing_from_samples, utc_timestamp, versions
+from speedrun.bench.cli import add_common_arguments
+from speedrun.bench.measure import (
+    bench_device,
+    device_name,
+    results_dir,
+    sync,
+    timing_from_samples,
+    utc_timestamp,
+    versions,
+)
 from speedrun.config import PRESETS, RunConfig, get_preset, window_blocks
 from speedrun.data.shards import atomic_write_text
 from speedrun.model import GPT, flops_per_token
@@ -153,16 +162,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=_non_negative_int, default=None, help="untimed steps first (default: 3 / 1)")
     p.add_argument("--profile-steps", type=_non_negative_int, default=2, help="profiled steps (0: no profile)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="override the preset's sequence length")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None, help="default on CUDA")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/)")
+    add_common_arguments(p, with_compile=True)
 
 
 def train_command(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    device = bench_device(args.device)
     sets = [s.strip() for s in args.kernels.split(",") if s.strip()]
     if not sets or any(s not in ("torch", "triton") for s in sets) or len(set(sets)) != len(sets):
         raise SystemExit(f"--kernels must list torch and/or triton once each, got {args.kernels!r}")

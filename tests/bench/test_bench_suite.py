@@ -99,3 +99,14 @@ def test_bench_misuse_is_refused(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", *argv, "--device", "cpu", "--out", str(tmp_path)])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["kernels", "train", "converge"])
+def test_device_cuda_without_a_gpu_is_refused(command, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", command, "--device", "cuda", "--out", str(tmp_path)])
+    assert "torch sees no CUDA GPU" in str(e.value)
