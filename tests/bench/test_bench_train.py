@@ -1,0 +1,43 @@
+"""speedrun bench train: the numbers it derives from its own timings, on the tiny preset with torch kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from speedrun.bench import train_bench as tb
+from speedrun.config import get_preset
+
+CPU = torch.device("cpu")
+
+
+def _small_tiny():
+    cfg = get_preset("tiny")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=128))
+
+
+def test_synthetic_pairs_are_documents_of_the_model_vocabulary():
+    cfg = _small_tiny()
+    pairs = tb.synthetic_pairs(cfg, CPU, seed=0)
+    assert len(pairs) == cfg.data.batch_slots
+    for x, y in pairs:
+        assert x.shape == y.shape == (128,) and x.dtype == torch.int64
+        assert int(x[0]) == cfg.model.eot_token and bool((x[1:] == y[:-1]).all())  # targets are the next tokens
+        assert 0 <= int(x.min()) and int(x.max()) < cfg.model.vocab_size
+    assert len({tuple(x.tolist()) for x, _ in pairs}) == len(pairs)  # random, not repeated
+
+
+def test_one_kernel_set_rates_and_profile():
+    cfg = _small_tiny()
+    r = tb.bench_kernel_set(cfg, CPU, steps=3, warmup=1, profile_steps=1, log=lambda line: None)
+    assert r["kernels"] == "torch" and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    assert r["tokens_per_step"] == 8 * 128
+    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["median_ms"] / 1000))
+    assert r["mfu"] is None  # no known peak on a CPU
+    shares = [e["share"] for e in r["breakdown"]]
+    assert 0 < len(shares) <= tb.TOP_OPS and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert any("mm" in e["op"] for e in r["breakdown"])  # matmuls take time in a transformer step
+    text = tb.report([r, dict(r, kernels="triton", median_ms=2 * r["median_ms"])], cfg, CPU)
+    assert "| torch | False |" in text and "step time ratio 2.000" in text and "CPU run" in text
