@@ -628,3 +628,14 @@ def test_compare_refuses_a_broken_side(records, tmp_path, capsys):
     assert leaderboard_main(["compare", str(folder / "runs/f0.txt"), str(folder / "runs/f1.txt"),
                              "--plot", str(tmp_path / "x.png")]) == 1
     assert "does not match its sha256" in capsys.readouterr().out
+
+
+def test_a_time_interval_reaching_below_zero_is_shown_from_zero(records, tmp_path):
+    runs = [dict(run_id="w0", seed=0, final_val_loss=5.1, train_time_ms=10_000.0),
+            dict(run_id="w1", seed=1, final_val_loss=5.1, train_time_ms=200_000.0)]
+    make(records, "spread", runs=runs, kind="systems")
+    low, high = check_tree(records).records[0].stats.time_ci95_ms
+    assert low < 0  # two runs far apart: the t-interval of the mean reaches below 0
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    board = (tmp_path / "LEADERBOARD.md").read_text()
+    assert f"| 0.00 – {high / 1000:.2f} |" in board and "-" + f"{abs(low) / 1000:.2f}" not in board
