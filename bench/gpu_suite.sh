@@ -8,7 +8,8 @@
 #   5. speedrun bench converge: a shortened gpt2-124m run per kernel set, val curves compared
 #                                                            -> converge.md, converge.png, converge_logs/
 #   6. a markdown summary of all of it                       -> summary.md
-# Results go to $OUT if set, else bench/results/<date>_<gpu>/. Every step runs even if one fails; the
+# Results go to $OUT if set, else bench/results/<date>_<gpu>/. Every step runs even if one fails, each
+# within a time budget (together 9.5 min; a step over its budget is stopped and counts as failed); the
 # script then exits non-zero and summary.md names the failed steps.
 #
 #   bench/gpu_suite.sh              on a machine with a CUDA GPU
@@ -21,7 +22,7 @@ DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_suite.sh: unknown option $arg (use --dry-run or --help)" >&2; exit 2 ;;
     esac
 done
@@ -44,16 +45,21 @@ STEPS_FILE="$OUT/steps.tsv"
 : > "$STEPS_FILE"
 echo "gpu_suite: results in $OUT$([ "$DRY_RUN" = 1 ] && echo ' (dry run on CPU)')"
 
-# step NAME LOGFILE COMMAND...: run, tee the output, record "name<TAB>rc<TAB>seconds" in steps.tsv
+# step NAME LOGFILE SECONDS COMMAND...: run with a time budget (the suite must stay under 10 minutes; exit
+# 124 = over budget), tee the output, record "name<TAB>rc<TAB>seconds" in steps.tsv
 step() {
-    local name=$1 log=$2
-    shift 2
-    echo "=== $name: $*"
+    local name=$1 log=$2 budget=$3
+    shift 3
+    echo "=== $name (budget ${budget}s): $*"
     local t0=$SECONDS
-    "$@" 2>&1 | tee "$OUT/$log"
+    if declare -F "$1" > /dev/null; then  # a function of this script (the environment report): no budget
+        "$@" 2>&1 | tee "$OUT/$log"
+    else
+        timeout --kill-after=15 "$budget" "$@" 2>&1 | tee "$OUT/$log"
+    fi
     local rc=${PIPESTATUS[0]}
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS_FILE"
-    [ "$rc" = 0 ] || echo "=== $name FAILED (exit $rc)"
+    [ "$rc" = 0 ] || echo "=== $name FAILED (exit $rc$([ "$rc" = 124 ] && echo ': over its time budget'))"
 }
 
 env_report() {
@@ -65,22 +71,23 @@ env_report() {
 
 SB=("$PY" -m speedrun.cli bench)
 if [ "$DRY_RUN" = 1 ]; then
-    step environment env.txt env_report
-    step tests tests.txt "$PY" -m pytest -q -m gpu tests/kernels
-    step "bench kernels" kernels.log "${SB[@]}" kernels --quick --device cpu --variant torch,triton,sdpa \
+    step environment env.txt 60 env_report
+    step tests tests.txt 300 "$PY" -m pytest -q -m gpu tests/kernels
+    step "bench kernels" kernels.log 300 "${SB[@]}" kernels --quick --device cpu --variant torch,triton,sdpa \
         --out "$OUT"
-    step "bench train" train.log "${SB[@]}" train --device cpu --steps 1 --warmup 1 --profile-steps 1 --seq-len 128 \
+    step "bench train" train.log 300 "${SB[@]}" train --device cpu --steps 1 --warmup 1 --profile-steps 1 --seq-len 128 \
         --out "$OUT"
-    step "bench converge" converge.log "${SB[@]}" converge --device cpu --preset tiny --steps 2 --val-every 1 \
+    step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset tiny --steps 2 --val-every 1 \
         --seq-len 128 --val-tokens 4096 --out "$OUT"
 else
-    step environment env.txt env_report
-    step tests tests.txt "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_model.py \
+    # budgets: 30 + 150 + 150 + 120 + 120 s = 9.5 min at the most
+    step environment env.txt 30 env_report
+    step tests tests.txt 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_model.py \
         tests/test_kernels_in_model.py tests/data/test_loader.py -m "gpu or not slow"
-    step "bench kernels" kernels.log "${SB[@]}" kernels --quick --out "$OUT"
-    step "bench train" train.log "${SB[@]}" train --steps 10 --warmup 3 --profile-steps 2 --out "$OUT"
+    step "bench kernels" kernels.log 150 "${SB[@]}" kernels --quick --out "$OUT"
+    step "bench train" train.log 120 "${SB[@]}" train --steps 10 --warmup 3 --profile-steps 2 --out "$OUT"
     # eager (no compile): this step checks that the kernel sets train alike, not their speed
-    step "bench converge" converge.log "${SB[@]}" converge --steps 200 --val-every 25 --seq-len 8192 \
+    step "bench converge" converge.log 120 "${SB[@]}" converge --steps 200 --val-every 25 --seq-len 8192 \
         --val-tokens 524288 --no-compile --out "$OUT"
 fi
 "$PY" -m speedrun.bench.summary "$OUT"

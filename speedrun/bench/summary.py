@@ -23,7 +23,8 @@ def _steps(folder: Path) -> list[str]:
     for row in csv.reader(path.read_text().splitlines(), delimiter="\t"):
         if len(row) == 3:
             name, rc, seconds = row
-            lines.append(f"| {name} | {'ok' if rc == '0' else f'FAILED (exit {rc})'} | {seconds} |")
+            result = "ok" if rc == "0" else "FAILED: over its time budget" if rc == "124" else f"FAILED (exit {rc})"
+            lines.append(f"| {name} | {result} | {seconds} |")
     return lines
 
 

@@ -59,13 +59,14 @@ def test_gpu_suite_refuses_unknown_options_and_a_missing_gpu(tmp_path):
 
 
 def test_summary_names_missing_files_and_failed_steps(tmp_path):
-    (tmp_path / "steps.tsv").write_text("environment\t0\t1\nbench kernels\t1\t5\n")
+    (tmp_path / "steps.tsv").write_text("environment\t0\t1\nbench kernels\t1\t5\nbench train\t124\t120\n")
     (tmp_path / "kernels.csv").write_text(
         "op,variant,mode,shape,recipe,dtype,status,detail,median_ms,tflops,gbps,speedup_vs_torch,speedup_vs_compile\n"
         "mlp,triton,fwd,M=8,True,bfloat16,wrong,max error 3 > tolerance 0.1,,,,,\n"
         "mlp,torch,fwd,M=8,True,bfloat16,ok,,1.5,2.0,100,1.0,\n")
     text = summary(tmp_path)
     assert "| bench kernels | FAILED (exit 1) | 5 |" in text
+    assert "| bench train | FAILED: over its time budget | 120 |" in text
     assert "| mlp | M=8 | fwd | torch | ok | 1.500 | 2.0 | 100 | 1.00 | - |" in text
     assert "Wrong or failed: mlp triton fwd: max error 3 > tolerance 0.1" in text
     for name in ("env.txt", "tests.txt", "train.md", "converge.md"):
