@@ -9,7 +9,7 @@
 #                                                            -> converge.md, converge.png, converge_logs/
 #   6. a markdown summary of all of it                       -> summary.md
 # Results go to $OUT if set, else bench/results/<date>_<gpu>/. Every step runs even if one fails, each
-# within a time budget (together 9.5 min; a step over its budget is stopped and counts as failed); the
+# within a time budget (together 8.3 min; a step over its budget is stopped and counts as failed); the
 # script then exits non-zero and summary.md names the failed steps.
 #
 #   bench/gpu_suite.sh              on a machine with a CUDA GPU
@@ -80,12 +80,12 @@ if [ "$DRY_RUN" = 1 ]; then
     step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset tiny --steps 2 --val-every 1 \
         --seq-len 128 --val-tokens 4096 --out "$OUT"
 else
-    # budgets: 30 + 150 + 150 + 120 + 120 s = 9.5 min at the most
+    # budgets: 120 + 140 + 120 + 120 s = 8.3 min at the most, under the 10-minute limit of one command
     step environment env.txt 30 env_report
-    step tests tests.txt 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_model.py \
+    step tests tests.txt 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_model.py \
         tests/test_kernels_in_model.py tests/data/test_loader.py -m "gpu or not slow"
-    step "bench kernels" kernels.log 150 "${SB[@]}" kernels --quick --out "$OUT"
-    step "bench train" train.log 120 "${SB[@]}" train --steps 10 --warmup 3 --profile-steps 2 --out "$OUT"
+    step "bench kernels" kernels.log 140 "${SB[@]}" kernels --quick --out "$OUT"
+    step "bench train" train.log 120 "${SB[@]}" train --steps 5 --warmup 2 --profile-steps 1 --out "$OUT"
     # eager (no compile): this step checks that the kernel sets train alike, not their speed
     step "bench converge" converge.log 120 "${SB[@]}" converge --steps 200 --val-every 25 --seq-len 8192 \
         --val-tokens 524288 --no-compile --out "$OUT"
