@@ -200,7 +200,9 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
 
     # ---- the run log: written only by rank 0, after everything the run uses has been imported ----
     env_facts = environment(env.world_size, device.type)
-    log = RunLog(log_dir, run_id, cfg.to_dict(), env_facts, code_snapshot(), target, track=track,
+    config = cfg.to_dict()
+    config["data"]["data_dir"] = relative_to_repo(data_dir)  # as given, it may be absolute: never in a log
+    log = RunLog(log_dir, run_id, config, env_facts, code_snapshot(), target, track=track,
                  enabled=env.is_main, echo=echo, quiet=quiet)
     manifest = read_manifest(data_dir) or {}
     log.facts["data"] = {"dir": relative_to_repo(data_dir), "val_shard": val_path.name,
