@@ -39,6 +39,7 @@ from speedrun.bench.measure import (
     device_name,
     measure_peaks,
     results_dir,
+    shown,
     time_fn,
     utc_timestamp,
     versions,
@@ -306,7 +307,7 @@ def kernels_command(args) -> int:
     if cpu and dtype == torch.bfloat16:
         raise SystemExit("--dtype bfloat16 on CPU: the Triton interpreter's bf16 dot is wrong; use float32 or float16")
     out_dir = results_dir(device, args.out)
-    print(f"bench kernels on {device_name(device)}, {dtype}, torch {torch.__version__}; results in {out_dir}")
+    print(f"bench kernels on {device_name(device)}, {dtype}, torch {torch.__version__}; results in {shown(out_dir)}")
     if cpu:
         print("note: CPU run (Triton interpreter): correctness checks and the report pipeline only; "
               "the times mean nothing")
@@ -326,7 +327,7 @@ def kernels_command(args) -> int:
     for op in args.op:
         plot(rows, op, out_dir / f"kernels_{op}.png", cpu)
     wrong = [r for r in rows if r.status in ("wrong", "error")]
-    print(f"wrote {out_dir / 'kernels.csv'}, kernels.txt, kernels_<op>.png; "
+    print(f"wrote {shown(out_dir / 'kernels.csv')}, kernels.txt, kernels_<op>.png; "
           f"{sum(r.status == 'ok' for r in rows)} timed, {len(wrong)} wrong or failed")
     return 1 if wrong else 0
 

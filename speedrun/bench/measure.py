@@ -156,6 +156,15 @@ def utc_timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def shown(path) -> str:
+    """``path`` relative to the repository when inside it (for output that may be committed), else as is."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def results_dir(device: torch.device, out: str | None = None) -> Path:
     """``out`` if given, else bench/results/<date>_<device slug>/ in the repository; created."""
     if out:

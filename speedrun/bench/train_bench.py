@@ -32,6 +32,7 @@ from speedrun.bench.measure import (
     bench_device,
     device_name,
     results_dir,
+    shown,
     sync,
     timing_from_samples,
     utc_timestamp,
@@ -193,7 +194,7 @@ def train_command(args) -> int:
     text = report(results, cfg, device)
     print(text)
     atomic_write_text(out_dir / "train.md", text)
-    print(f"wrote {out_dir / 'train.md'}")
+    print(f"wrote {shown(out_dir / 'train.md')}")
     return 0
 
 
