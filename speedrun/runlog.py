@@ -263,6 +263,14 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def logged_data_dir(path) -> str:
+    """The data folder as a run's config records it: relative to the repository when inside it (a log must
+    not reveal where the clone lives); a folder outside the clone stays absolute, so that the run can be
+    reproduced on this machine."""
+    resolved = Path(path).resolve()
+    return relative_to_repo(resolved) if resolved.is_relative_to(REPO_ROOT) else str(resolved)
+
+
 def relative_to_repo(path) -> str:
     """A path as it may appear in a log: relative to the repository when inside it."""
     path = Path(path).resolve()

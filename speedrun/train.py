@@ -38,7 +38,7 @@ from speedrun.data.loader import TrainLoader, val_batches
 from speedrun.data.shards import data_vocab, list_shards, read_manifest
 from speedrun.model import GPT, flops_per_token
 from speedrun.optim import build_optimizers, set_schedules
-from speedrun.runlog import RunLog, code_snapshot, environment, relative_to_repo
+from speedrun.runlog import RunLog, code_snapshot, environment, logged_data_dir, relative_to_repo
 from speedrun.tracks import get_track
 
 # Dense bf16 tensor-core peak (TFLOP/s) by GPU name substring, for the MFU estimate.
@@ -189,11 +189,12 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     if cfg.train.warmup_steps:  # every validation batch shape, without the clock
         with torch.no_grad():
             model.eval()
-            for inputs, targets in {tuple(x.shape): (x, y) for x, y in stacked_val_batches(cfg, env, val_path)}.values():
+            shapes = {tuple(x.shape): (x, y) for x, y in stacked_val_batches(cfg, env, val_path)}
+            for inputs, targets in shapes.values():
                 model(inputs, targets, window=set_window(n))
             model.train()
     raw_model.load_state_dict(initial_model)
-    for opt, state in zip(optimizers, initial_optim):
+    for opt, state in zip(optimizers, initial_optim, strict=True):
         opt.load_state_dict(state)
     train_loader.reset()
     del initial_model, initial_optim
@@ -201,7 +202,7 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     # ---- the run log: written only by rank 0, after everything the run uses has been imported ----
     env_facts = environment(env.world_size, device.type)
     config = cfg.to_dict()
-    config["data"]["data_dir"] = relative_to_repo(data_dir)  # as given, it may be absolute: never in a log
+    config["data"]["data_dir"] = logged_data_dir(data_dir)
     log = RunLog(log_dir, run_id, config, env_facts, code_snapshot(), target, track=track,
                  enabled=env.is_main, echo=echo, quiet=quiet)
     manifest = read_manifest(data_dir) or {}
@@ -342,7 +343,8 @@ def resolve_config(args, cuda: bool) -> RunConfig:
     for option, (section, field) in overrides.items():
         if getattr(args, option) is not None:
             (train_over if section == "train" else data_over)[field] = getattr(args, option)
-    train_over["kernels"] = args.kernels or ("triton" if cuda and "triton" in kernels.variants("attention") else "torch")
+    triton_ok = cuda and "triton" in kernels.variants("attention")
+    train_over["kernels"] = args.kernels or ("triton" if triton_ok else "torch")
     train_over["compile"] = cuda if args.compile is None else args.compile
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),
                                data=dataclasses.replace(cfg.data, **data_over))
