@@ -108,6 +108,14 @@ if triton is not None:
         return cap * tl.where(x >= 0, r, e * r), (cap * inv_scale) * e * r * r
 
     @triton.jit
+    def _softcapped_chunk(z_rows, offs, V, cap, inv_scale):
+        """Softcapped fp32 logits (rows, len(offs)) of the columns ``offs`` of the rows at ``z_rows``
+        (pointers (rows, 1)); columns >= V are -inf."""
+        mask = (offs < V)[None, :]
+        zf = tl.load(z_rows + offs[None, :], mask=mask, other=0.0)
+        return tl.where(mask, _softcap(zf.to(tl.float32), cap, inv_scale), float("-inf"))
+
+    @triton.jit
     def _ce_fwd_kernel(
         z_ptr, z_row_stride,  # (N, V) z, unit column stride
         t_ptr, t_stride,  # (N,) int64 targets
@@ -197,18 +205,14 @@ if triton is not None:
             s = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
-                mask = (offs < V)[None, :]
-                zf = tl.load(z_rows + offs[None, :], mask=mask, other=0.0)
-                l = tl.where(mask, _softcap(zf.to(tl.float32), cap, inv_scale), float("-inf"))
+                l = _softcapped_chunk(z_rows, offs, V, cap, inv_scale)
                 s += tl.sum(tl.exp(l - cap), axis=1)
         else:
             m = tl.zeros((BLOCK_R,), dtype=tl.float32) + float("-inf")
             s = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
-                mask = (offs < V)[None, :]
-                zf = tl.load(z_rows + offs[None, :], mask=mask, other=0.0)
-                l = tl.where(mask, _softcap(zf.to(tl.float32), cap, inv_scale), float("-inf"))
+                l = _softcapped_chunk(z_rows, offs, V, cap, inv_scale)
                 m_new = tl.maximum(m, tl.max(l, axis=1))  # finite: every row has >= 1 column
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(l - m_new[:, None]), axis=1)
                 m = m_new
