@@ -8,7 +8,8 @@ For each op, shape (speedrun/bench/kernel_cases.py) and variant:
    max(2 x PyTorch's own error in that dtype, RTOL[dtype] x max|reference|), where PyTorch's own error is
    the largest error of the PyTorch-implemented variants (``torch``, and ``sdpa`` for attention) run
    eagerly in that dtype (Tri Dao's rule; the floor covers fp32, where PyTorch's error is ~0). A wrong
-   variant is reported as ``wrong`` and not timed; a variant that raises is reported as ``error`` (out of memory: ``skipped``).
+   variant is reported as ``wrong`` and not timed; a variant that raises is reported as ``error`` (out of
+   memory: ``skipped``).
 2. Timing (speedrun/bench/measure.py): median, p20, p80 per mode. The forward runs with inputs that
    require grad (as in training: it saves what the backward needs); ``bwd`` times the backward alone
    on a retained graph; ``fwd+bwd`` both.
