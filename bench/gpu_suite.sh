@@ -36,8 +36,7 @@ fi
 if [ "$DRY_RUN" = 1 ]; then export TRITON_INTERPRET=1; fi
 
 if [ -z "${OUT:-}" ]; then
-    GPU=$("$PY" -c "import torch, re; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '-', n.lower()).strip('-'))")
-    OUT="bench/results/$(date -u +%Y-%m-%d)_${GPU}"
+    OUT=$("$PY" -c "from speedrun.bench.measure import bench_device, results_dir; print(results_dir(bench_device(None)))")
 fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -263,10 +263,10 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def logged_data_dir(path) -> str:
-    """The data folder as a run's config records it: relative to the repository when inside it (a log must
-    not reveal where the clone lives); a folder outside the clone stays absolute, so that the run can be
-    reproduced on this machine."""
+def repo_or_absolute_path(path) -> str:
+    """``path`` relative to the repository when inside it (logs and committed output must not reveal where
+    the clone lives), else absolute (so that it still leads somewhere on this machine: e.g. the data folder
+    of a run, which reproduce passes on)."""
     resolved = Path(path).resolve()
     return relative_to_repo(resolved) if resolved.is_relative_to(REPO_ROOT) else str(resolved)
 

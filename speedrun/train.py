@@ -38,7 +38,7 @@ from speedrun.data.loader import TrainLoader, val_batches
 from speedrun.data.shards import data_vocab, list_shards, read_manifest
 from speedrun.model import GPT, flops_per_token
 from speedrun.optim import build_optimizers, set_schedules
-from speedrun.runlog import RunLog, code_snapshot, environment, logged_data_dir, relative_to_repo
+from speedrun.runlog import RunLog, code_snapshot, environment, relative_to_repo, repo_or_absolute_path
 from speedrun.tracks import get_track
 
 # Dense bf16 tensor-core peak (TFLOP/s) by GPU name substring, for the MFU estimate.
@@ -202,7 +202,7 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     # ---- the run log: written only by rank 0, after everything the run uses has been imported ----
     env_facts = environment(env.world_size, device.type)
     config = cfg.to_dict()
-    config["data"]["data_dir"] = logged_data_dir(data_dir)
+    config["data"]["data_dir"] = repo_or_absolute_path(data_dir)
     log = RunLog(log_dir, run_id, config, env_facts, code_snapshot(), target, track=track,
                  enabled=env.is_main, echo=echo, quiet=quiet)
     manifest = read_manifest(data_dir) or {}

@@ -226,7 +226,7 @@ def test_an_absolute_data_path_inside_the_clone_is_logged_relative_to_it(synth_d
     cfg, env, data_dir, target, track = make_run(synth_dir.resolve(), "--steps", "1", "--val-every", "1")
     assert cfg.data.data_dir == str(synth_dir.resolve())  # what the user typed: absolute
     # outside the clone (where the test's data is): kept absolute, so the run can be reproduced here
-    assert speedrun.runlog.logged_data_dir(synth_dir) == str(synth_dir.resolve())
+    assert speedrun.runlog.repo_or_absolute_path(synth_dir) == str(synth_dir.resolve())
     monkeypatch.setattr(speedrun.runlog, "REPO_ROOT", synth_dir.parent)  # as if the data were in the clone
     result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, echo=False)
     facts = json.loads(result.json_path.read_text())

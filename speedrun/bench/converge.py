@@ -21,6 +21,7 @@ from speedrun import REPO_ROOT
 from speedrun.bench.cli import add_common_arguments
 from speedrun.config import PRESETS
 from speedrun.data.shards import atomic_write_bytes, atomic_write_text, list_shards
+from speedrun.runlog import repo_or_absolute_path
 
 
 def default_data_dir() -> Path:
@@ -37,12 +38,10 @@ def default_data_dir() -> Path:
 def run_one(kernel_set: str, args, data_dir: Path, log_dir: Path) -> dict:
     """Train once with ``kernel_set``; returns the run's JSON log (raises SystemExit if there is none)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    from speedrun.bench.measure import shown
-
     # paths relative to the repository (the working directory of the run) when inside it, as the logs keep them
     cmd = [sys.executable, "-m", "speedrun.cli", "train", "--preset", args.preset, "--kernels", kernel_set,
-           "--steps", str(args.steps), "--val-every", str(args.val_every), "--data", shown(data_dir),
-           "--log-dir", shown(log_dir), "--quiet"]
+           "--steps", str(args.steps), "--val-every", str(args.val_every), "--data", repo_or_absolute_path(data_dir),
+           "--log-dir", repo_or_absolute_path(log_dir), "--quiet"]
     for option, value in (("--seq-len", args.seq_len), ("--val-tokens", args.val_tokens),
                           ("--device", args.device)):
         if value is not None:

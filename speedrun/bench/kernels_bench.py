@@ -40,12 +40,11 @@ from speedrun.bench.measure import (
     device_name,
     measure_peaks,
     results_dir,
-    shown,
     time_fn,
-    utc_timestamp,
     versions,
 )
 from speedrun.data.shards import atomic_write_text
+from speedrun.runlog import repo_or_absolute_path, utc_now
 
 RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 PYTORCH_VARIANTS = ("torch", "sdpa")  # eager PyTorch implementations: their error defines "PyTorch's own"
@@ -120,7 +119,7 @@ def run(ops, variants, modes, dtype, device, quick, peaks, shapes="all", log=pri
     """Rows for every op x case x variant x mode asked for (see the module docstring)."""
     cfg = kc.bench_config(device)
     meta = dict(dtype=str(dtype).removeprefix("torch."), device=device_name(device), **_versions_row(),
-                timestamp=utc_timestamp())
+                timestamp=utc_now())
     rows = []
     for op in ops:
         op_variants = [v for v in bench_variants(op) if variants is None or v in variants]
@@ -308,7 +307,8 @@ def kernels_command(args) -> int:
     if cpu and dtype == torch.bfloat16:
         raise SystemExit("--dtype bfloat16 on CPU: the Triton interpreter's bf16 dot is wrong; use float32 or float16")
     out_dir = results_dir(device, args.out)
-    print(f"bench kernels on {device_name(device)}, {dtype}, torch {torch.__version__}; results in {shown(out_dir)}")
+    print(f"bench kernels on {device_name(device)}, {dtype}, torch {torch.__version__}; "
+          f"results in {repo_or_absolute_path(out_dir)}")
     if cpu:
         print("note: CPU run (Triton interpreter): correctness checks and the report pipeline only; "
               "the times mean nothing")
@@ -328,7 +328,7 @@ def kernels_command(args) -> int:
     for op in args.op:
         plot(rows, op, out_dir / f"kernels_{op}.png", cpu)
     wrong = [r for r in rows if r.status in ("wrong", "error")]
-    print(f"wrote {shown(out_dir / 'kernels.csv')}, kernels.txt, kernels_<op>.png; "
+    print(f"wrote {repo_or_absolute_path(out_dir / 'kernels.csv')}, kernels.txt, kernels_<op>.png; "
           f"{sum(r.status == 'ok' for r in rows)} timed, {len(wrong)} wrong or failed")
     return 1 if wrong else 0
 

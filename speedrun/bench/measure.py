@@ -31,11 +31,6 @@ class Timing:
     p80_ms: float
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fn(fn, device: torch.device, quick: bool = False) -> Timing:
     """Median, p20 and p80 of ``fn()``'s run time in ms (module docstring). ``fn`` must already have run
     once (compilation, autotuning)."""
@@ -152,17 +147,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def utc_timestamp() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def shown(path) -> str:
-    """``path`` relative to the repository when inside it (for output that may be committed), else as is."""
-    path = Path(path).resolve()
-    try:
-        return path.relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def results_dir(device: torch.device, out: str | None = None) -> Path:

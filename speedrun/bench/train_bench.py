@@ -32,17 +32,15 @@ from speedrun.bench.measure import (
     bench_device,
     device_name,
     results_dir,
-    shown,
-    sync,
     timing_from_samples,
-    utc_timestamp,
     versions,
 )
 from speedrun.config import PRESETS, RunConfig, get_preset, window_blocks
 from speedrun.data.shards import atomic_write_text
 from speedrun.model import GPT, flops_per_token
 from speedrun.optim import build_optimizers
-from speedrun.train import optimizer_step, peak_tflops
+from speedrun.runlog import repo_or_absolute_path, utc_now
+from speedrun.train import device_sync, optimizer_step, peak_tflops
 
 TOP_OPS = 12
 
@@ -81,7 +79,7 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
         t0 = time.perf_counter()
         for _ in range(warmup):
             one_step()
-        sync(device)
+        device_sync(device)
         log(f"  {cfg.train.kernels}: warm-up ({warmup} steps, compile included) {time.perf_counter() - t0:.1f} s")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -89,7 +87,7 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
         for _ in range(steps):
             t0 = time.perf_counter()
             one_step()
-            sync(device)
+            device_sync(device)
             samples.append(1000 * (time.perf_counter() - t0))
         timing = timing_from_samples(samples)
         breakdown = profile(one_step, device, profile_steps) if profile_steps else []
@@ -115,7 +113,7 @@ def profile(one_step, device: torch.device, steps: int) -> list[dict]:
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             one_step()
-        sync(device)
+        device_sync(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
     total = sum(getattr(e, attr) for e in events) or 1.0
@@ -129,7 +127,7 @@ def report(results: list[dict], cfg: RunConfig, device: torch.device) -> str:
     v = versions()
     lines = [f"# bench train: preset {cfg.preset} on {device_name(device)}",
              "",
-             f"torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}; {utc_timestamp()}. Synthetic tokens "
+             f"torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}; {utc_now()}. Synthetic tokens "
              f"(random ids; step time does not depend on them). {cfg.data.batch_slots} x {cfg.data.seq_len} "
              f"tokens per step on 1 device, window at the schedule's end.",
              ""]
@@ -194,7 +192,7 @@ def train_command(args) -> int:
     text = report(results, cfg, device)
     print(text)
     atomic_write_text(out_dir / "train.md", text)
-    print(f"wrote {shown(out_dir / 'train.md')}")
+    print(f"wrote {repo_or_absolute_path(out_dir / 'train.md')}")
     return 0
 
 
