@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the race: train to the target validation loss, write a run log")
     add_train_arguments(train)
 
+    # --- schedule -------------------------------------------------------------------------------
+    sched = sub.add_parser("schedule", help="print a preset's plan: every step-indexed value of its run")
+    sched.add_argument("--preset", choices=sorted(PRESETS), default="record89",
+                       help="the recipe whose plan to print (default: record89)")
+    sched.add_argument("--every", type=_positive_int, default=None, metavar="N",
+                       help="also a row every N steps (default: only where something changes)")
+    sched.add_argument("--json", action="store_true",
+                       help="every step's plan as one JSON object per line, for programs")
+
     # --- leaderboard, reproduce, bench (parsed by their own modules; listed here for --help) -------------
     sub.add_parser("leaderboard", help="records and the leaderboard: check, build, submit, show, compare, "
                                        "import-upstream (see `speedrun leaderboard --help`)", add_help=False)
@@ -157,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from speedrun.train import train_command
         return train_command(args)
+    if args.command == "schedule":
+        from speedrun.schedule import schedule_command
+        return schedule_command(args.preset, every=args.every, as_json=args.json)
     if args.command == "sample":
         from speedrun.sample import sample_command
         return sample_command(args)

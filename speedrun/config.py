@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "recipe"  # "recipe": the speedrun GPT; "nanogpt": the baseline of preset tiny-adamw
+    # "recipe": the Sub3Min GPT (speedrun/model.py); "nanogpt": the baseline of preset tiny-adamw;
+    # "record89": record #89's GPT (its model is issue [2/6]; its data, optimizers and schedules are here)
+    arch: str = "recipe"
     vocab_size: int = 50257  # rows of the token and value embeddings (GPT-2 vocabulary)
     padded_vocab_size: int = 50304  # rows of lm_head: vocab rounded up to a multiple of 128
     eot_token: int = 50256  # starts every document; document ids for the attention mask count it
@@ -39,8 +41,8 @@ class ModelConfig:
     max_seq_len: int = 0  # nanogpt arch only: rows of the learned position table
 
     def __post_init__(self):
-        if self.arch not in ("recipe", "nanogpt"):
-            raise ValueError(f"ModelConfig.arch must be 'recipe' or 'nanogpt', got {self.arch!r}")
+        if self.arch not in ("recipe", "nanogpt", "record89"):
+            raise ValueError(f"ModelConfig.arch must be 'recipe', 'nanogpt' or 'record89', got {self.arch!r}")
         if self.arch == "recipe" and len(self.window_pattern) != self.n_layer:
             raise ValueError(f"window_pattern has {len(self.window_pattern)} entries for {self.n_layer} layers")
         if self.n_head * self.head_dim != self.dim:
@@ -55,6 +57,7 @@ class OptimConfig:
     muon_momentum_start: float = 0.85
     muon_momentum_end: float = 0.95
     muon_momentum_warmup_steps: int = 300
+    muon_momentum_cooldown_steps: int = 0  # last steps of the run: momentum falls back linearly to the start value
     ns_steps: int = 5
     ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
     ns_dtype: str = "bfloat16"  # Newton-Schulz compute dtype (the CPU presets use float32: bf16 is slow there)
@@ -75,9 +78,26 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_frac: float = 0.1
 
+    # NorMuon + Adam (kind == "normuon_adam", record #89, spec recipe-frontier.md section 3). Every parameter's
+    # lr is its base lr times the schedule's multiplier times its own lr_mul (speedrun/optim/frontier.py);
+    # Adam steps only on odd steps, with the gradients of two steps summed. Momentum: the muon_momentum_* fields.
+    normuon_lr: float = 0.023
+    normuon_weight_decay: float = 1.2  # cautious: only where update and weight agree in sign
+    normuon_beta2: float = 0.9  # EMA of the per-row (or per-column) mean square of the update
+    # Polar Express: one (a, b, c) per iteration (ns_dtype is its compute dtype)
+    polar_express_coeffs: tuple[tuple[float, float, float], ...] = (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    )
+    adam_lr: float = 0.008
+    adam_weight_decay: float = 0.005  # cautious, scaled by lr**2 and each parameter's wd_mul
+
     def __post_init__(self):
-        if self.kind not in ("muon_adam", "adamw"):
-            raise ValueError(f"OptimConfig.kind must be 'muon_adam' or 'adamw', got {self.kind!r}")
+        if self.kind not in ("muon_adam", "adamw", "normuon_adam"):
+            raise ValueError(f"OptimConfig.kind must be 'muon_adam', 'adamw' or 'normuon_adam', got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,74 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of a staged recipe (record #89, spec recipe-frontier.md section 4.2)."""
+
+    duration: float | None  # share of the scheduled steps; None for the extension stage (always the last)
+    batch_tokens: int  # tokens per optimizer step, all ranks together
+    max_doc_len: int  # a document longer than this is cut to its first max_doc_len tokens
+    windows: tuple[int, int]  # attention windows (short, long), in blocks of ModelConfig.attn_block_size
+    lr_mul: float
+    mtp_start: tuple[float, ...]  # multi-token-prediction weights at the stage's first step ...
+    mtp_end: tuple[float, ...]  # ... moving linearly to these at its end
+
+    def __post_init__(self):
+        if len(self.mtp_start) != len(self.mtp_end) or not self.mtp_start:
+            raise ValueError(f"Stage: mtp_start {self.mtp_start} and mtp_end {self.mtp_end} need one weight per "
+                             "predicted token, as many at the start as at the end")
+        if len(self.windows) != 2 or not 1 <= self.windows[0] <= self.windows[1]:
+            raise ValueError(f"Stage: windows must be (short, long) blocks with 1 <= short <= long, got {self.windows}")
+        if self.batch_tokens <= 0 or self.max_doc_len <= 0:
+            raise ValueError(f"Stage: batch_tokens and max_doc_len must be positive, got {self.batch_tokens}, "
+                             f"{self.max_doc_len}")
+
+
+@dataclass(frozen=True)
+class StagedSchedule:
+    """A run in stages (record #89): the step plan is speedrun.schedule.plan(cfg, step).
+
+    The scheduled steps are cut into stages by the rounded cumulative sums of the stages' durations; the
+    last stage (duration None) is an extension of ``extension_steps`` steps after them.
+    """
+
+    stages: tuple[Stage, ...]
+    scheduled_steps: int = 1380
+    extension_steps: int = 10
+    split_embed_stage: int = 2  # the embedding is untied from lm_head after the first odd step of this stage
+    final_long_window: int = 20  # blocks: the final validation's long window (no YaRN update for it)
+    val_batch_tokens: int = 2_097_152  # validation tokens per micro-step, all ranks together
+    fp8_bootstrap_steps: int = 16  # the FP8 down-projection weights use current scaling after steps < this
+
+    def __post_init__(self):
+        if len(self.stages) < 2 or self.stages[-1].duration is not None:
+            raise ValueError("StagedSchedule: at least one scheduled stage, then the extension stage (duration None)")
+        if any(s.duration is None or s.duration <= 0 for s in self.stages[:-1]):
+            raise ValueError("StagedSchedule: every stage but the last needs a positive duration")
+        if abs(sum(s.duration for s in self.stages[:-1]) - 1) > 1e-9:
+            raise ValueError("StagedSchedule: the scheduled stages' durations must add up to 1")
+        if not 0 <= self.split_embed_stage < len(self.stages):
+            raise ValueError(f"StagedSchedule: split_embed_stage {self.split_embed_stage} is not a stage index")
+
+    @property
+    def total_steps(self) -> int:
+        return self.scheduled_steps + self.extension_steps
+
+
+def _build(cls, values: dict):
+    """A config dataclass from its dict (a run log's JSON): unknown fields are an error, lists become tuples."""
+    def tuples(v):
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    if not isinstance(values, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**{k: tuples(v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str
     track: str
@@ -118,26 +206,29 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: StagedSchedule | None = None  # a staged recipe (record #89); None: the step-count schedules below
+
+    def __post_init__(self):
+        if self.schedule is not None and self.train.num_steps > self.schedule.total_steps:
+            raise ValueError(f"train.num_steps {self.train.num_steps} is past the staged schedule's "
+                             f"{self.schedule.total_steps} steps")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> RunConfig:
-        def build(cls, values):
-            names = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(values) - names
-            if unknown:
-                raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
+        schedule = d.get("schedule")
+        if schedule is not None:
+            schedule = _build(StagedSchedule, {**schedule, "stages": [_build(Stage, s) for s in schedule["stages"]]})
         return RunConfig(
             preset=d["preset"],
             track=d["track"],
-            model=build(ModelConfig, d["model"]),
-            optim=build(OptimConfig, d["optim"]),
-            data=build(DataConfig, d["data"]),
-            train=build(TrainConfig, d["train"]),
+            model=_build(ModelConfig, d["model"]),
+            optim=_build(OptimConfig, d["optim"]),
+            data=_build(DataConfig, d["data"]),
+            train=_build(TrainConfig, d["train"]),
+            schedule=schedule,
         )
 
 
@@ -188,6 +279,36 @@ def gpt2_124m() -> RunConfig:
     return RunConfig(preset="gpt2-124m", track="8xH100-3.28")
 
 
+def record89() -> RunConfig:
+    """The public speedrun's record #89, "MLP down projection in FP8" (2026-07-17), track 8xH100 -> 3.28.
+
+    Spec: recipe-frontier.md. Three stages and an extension (1390 steps); NorMuon + Adam.
+    """
+    # Tokens per rank per micro-step are batch_tokens / 8 for every world size (8 = DataConfig.batch_slots).
+    stages = (
+        Stage(duration=1 / 3, batch_tokens=8 * 2048 * 8, max_doc_len=896, windows=(1, 3), lr_mul=1.0,
+              mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
+        Stage(duration=1 / 3, batch_tokens=16 * 2048 * 8, max_doc_len=2048, windows=(3, 7), lr_mul=1.52,
+              mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
+        Stage(duration=1 / 3, batch_tokens=24 * 2048 * 8, max_doc_len=2048, windows=(5, 11), lr_mul=1.73,
+              mtp_start=(1.0,), mtp_end=(1.0,)),
+        # the extension: its lr_mul is never used (the cooldown has reached final_lr_frac by then)
+        Stage(duration=None, batch_tokens=24 * 2048 * 8, max_doc_len=2048, windows=(6, 13), lr_mul=1.0,
+              mtp_start=(1.0,), mtp_end=(1.0,)),
+    )
+    schedule = StagedSchedule(stages=stages)
+    return RunConfig(
+        preset="record89",
+        track="8xH100-3.28",
+        model=ModelConfig(arch="record89", n_layer=11, window_pattern=""),
+        optim=OptimConfig(kind="normuon_adam", cooldown_frac=0.6, final_lr_frac=0.15,
+                          muon_momentum_cooldown_steps=50),
+        data=DataConfig(seq_len=schedule.val_batch_tokens // 8, batch_slots=8),
+        train=TrainConfig(num_steps=schedule.total_steps, val_every=250, warmup_steps=0),
+        schedule=schedule,
+    )
+
+
 def tiny() -> RunConfig:
     """The CPU track: the recipe's model code at a small size, on the generated synthetic language."""
     return RunConfig(
@@ -228,7 +349,7 @@ def tiny_adamw() -> RunConfig:
     )
 
 
-PRESETS = {"gpt2-124m": gpt2_124m, "tiny": tiny, "tiny-adamw": tiny_adamw}
+PRESETS = {"gpt2-124m": gpt2_124m, "record89": record89, "tiny": tiny, "tiny-adamw": tiny_adamw}
 
 
 def get_preset(name: str) -> RunConfig:

@@ -15,6 +15,16 @@ SHARED = REPO_ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
 
 
+@pytest.fixture(scope="session")
+def golden89():
+    """../shared/reference/golden/record89-tiny as a tests/golden.py ``Golden``; skips when absent."""
+    from golden import GOLDEN89, Golden
+
+    if not (GOLDEN89 / "config.json").is_file():
+        pytest.skip("../shared/reference/golden/record89-tiny is absent (a user's fresh clone has no ../shared)")
+    return Golden(GOLDEN89)
+
+
 @pytest.fixture
 def shared_data() -> pathlib.Path:
     """../shared/data (the GPT-2 vocabulary and a FineWeb text sample); skips when absent."""

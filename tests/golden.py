@@ -1,0 +1,57 @@
+"""Access to ../shared/reference/golden/record89-tiny: tensors computed by record #89's own code at a tiny size
+(see its README). Tests get a ``Golden`` through the ``golden89`` fixture (tests/conftest.py), which skips
+when ../shared is absent."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import torch
+
+from speedrun.config import RunConfig, Stage, get_preset
+
+GOLDEN89 = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "golden" / "record89-tiny"
+
+
+class Golden:
+    """One golden folder: ``config``, ``steps_json`` (dicts) and ``tensors(name)`` (a .pt file, cached)."""
+
+    def __init__(self, folder: pathlib.Path):
+        self.folder = folder
+        self.config = json.loads((folder / "config.json").read_text())
+
+    @functools.cached_property
+    def steps_json(self) -> dict:
+        return json.loads((self.folder / "steps.json").read_text())
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one Golden per session
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return torch.load(self.folder / f"{name}.pt", weights_only=True)
+
+    def tensor(self, file: str, key: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``key`` from ``file``, with row-sparse entries (``key::rows`` / ``key::values``) expanded onto ``like``
+        (the init value in steps.pt, zeros in grads.pt)."""
+        d = self.tensors(file)
+        if key + "::rows" not in d:
+            return d[key].contiguous()
+        out = like.clone()
+        out[d[key + "::rows"]] = d[key + "::values"]
+        return out
+
+    def run_config(self) -> RunConfig:
+        """The record89 preset at the golden folder's tiny sizes (stages, block size, validation batch)."""
+        c = self.config
+        stages = tuple(Stage(duration=s["duration"], batch_tokens=s["batch_size"], max_doc_len=s["train_max_seq_len"],
+                             windows=tuple(s["window_sizes_blocks"]), lr_mul=s["lr_mul"],
+                             mtp_start=tuple(s["mtp_weights_start"]), mtp_end=tuple(s["mtp_weights_end"]))
+                       for s in c["training_stages_tiny"])
+        base = get_preset("record89")
+        schedule = dataclasses.replace(base.schedule, stages=stages, scheduled_steps=c["num_scheduled_iterations"],
+                                       extension_steps=c["num_extension_iterations"],
+                                       val_batch_tokens=c["val_batch_size"])
+        model = dataclasses.replace(base.model, attn_block_size=c["block_size"], dim=c["model_dim"],
+                                    n_head=c["num_heads"], head_dim=c["head_dim"], mlp_hidden=c["mlp_hidden"])
+        return dataclasses.replace(base, model=model, schedule=schedule)
