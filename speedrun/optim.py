@@ -120,7 +120,8 @@ class Muon(torch.optim.Optimizer):
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.lerp_(grad, 1 - mu)  # M <- mu M + (1 - mu) G
         nesterov = grad.lerp(buf, mu)  # U = (1 - mu) G + mu M
-        return self.newton_schulz(nesterov, group["ns_steps"], group["ns_coeffs"], dtype=self.ns_dtype).to(self.ns_dtype)
+        update = self.newton_schulz(nesterov, group["ns_steps"], group["ns_coeffs"], dtype=self.ns_dtype)
+        return update.to(self.ns_dtype)
 
     def _wait_and_apply(self, handle, gathered: torch.Tensor, chunk: list, group: dict):
         handle.wait()

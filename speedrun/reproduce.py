@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from speedrun.cli import _positive_int
 from speedrun import REPO_ROOT
+from speedrun.cli import _positive_int
 from speedrun.config import get_preset
 from speedrun.data.shards import atomic_write_text
 from speedrun.records import MIN_ML_RUNS, RECORDS_DIR, SIGNIFICANCE_LEVEL, Record, load_record, loss_p_value, today_utc

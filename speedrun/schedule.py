@@ -256,7 +256,8 @@ def format_table(cfg: RunConfig, every: int | None = None) -> str:
         interesting = events or marks or (every and p.step % every == 0)
         if interesting:
             tail = ", ".join(events + marks) if previous is not None else ", ".join(marks)
-            lines.append(f"{p.step:>5} {p.stage:>5} {p.lr_mul:>8.5f} {p.momentum:>8.5f} {'yes' if p.adam_step else '-':>4} "
+            adam = "yes" if p.adam_step else "-"
+            lines.append(f"{p.step:>5} {p.stage:>5} {p.lr_mul:>8.5f} {p.momentum:>8.5f} {adam:>4} "
                          f"{p.batch_tokens:>7} {p.max_doc_len if p.max_doc_len else '-':>7} "
                          f"{_short(p.window_tokens):>9} {p.attn_scale:>10.6f} {_short(p.mtp_weights):<22} {tail}")
         previous = p

@@ -27,7 +27,7 @@ class Golden:
     def steps_json(self) -> dict:
         return json.loads((self.folder / "steps.json").read_text())
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one Golden per session
+    @functools.cache  # noqa: B019 - one Golden per session
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         return torch.load(self.folder / f"{name}.pt", weights_only=True)
 

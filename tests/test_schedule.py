@@ -69,7 +69,8 @@ def test_record89_preset_has_the_records_full_size_values(golden89):
 def test_record89_plan_matches_the_spec_tables():
     """Values the spec (recipe-frontier.md 1.3, 2.8, 4.2-4.4) lists, independent of the golden data."""
     cfg = get_preset("record89")
-    p = {s: schedule.plan(cfg, s) for s in (0, 150, 459, 460, 551, 919, 920, 921, 922, 1000, 1341, 1379, 1380, 1389, 1390)}
+    steps = (0, 150, 459, 460, 551, 919, 920, 921, 922, 1000, 1341, 1379, 1380, 1389, 1390)
+    p = {s: schedule.plan(cfg, s) for s in steps}
     assert [p[s].tokens_per_rank for s in (0, 460, 920, 1380)] == [16384, 32768, 49152, 49152]
     assert [p[s].cu_slots for s in (0, 460, 920)] == [64, 96, 128]
     assert schedule.cu_seqlens_slots(262_144) == 896 and schedule.cu_seqlens_slots(512) == 128
@@ -121,10 +122,11 @@ def test_staged_config_round_trips_through_json_and_is_checked():
     assert again == cfg
     with pytest.raises(ValueError, match="past the staged schedule"):
         RunConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "num_steps": 1391}})
-    bad_stage = {**cfg.to_dict()["schedule"]["stages"][0], "mtp_end": [1.0]}
+    stages = cfg.to_dict()["schedule"]["stages"]
+    bad_stage = {**stages[0], "mtp_end": [1.0]}
     with pytest.raises(ValueError, match="one weight per"):
         RunConfig.from_dict({**cfg.to_dict(), "schedule": {**cfg.to_dict()["schedule"],
-                                                          "stages": [bad_stage, *cfg.to_dict()["schedule"]["stages"][1:]]}})
+                                                          "stages": [bad_stage, *stages[1:]]}})
     # An old run log (no schedule section) still reads.
     old = get_preset("gpt2-124m").to_dict()
     del old["schedule"]

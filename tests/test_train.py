@@ -214,9 +214,9 @@ def test_two_processes_equal_one_process_with_accumulation(synth_dir, tmp_path):
     two = _torchrun(2, synth_dir, tmp_path / "two", seqs_per_forward)
     assert two["env"]["world_size"] == 2 and one["env"]["world_size"] == 1
     assert len(one["train_losses"]) == len(two["train_losses"]) == 4
-    for a, b in zip(one["train_losses"], two["train_losses"]):
+    for a, b in zip(one["train_losses"], two["train_losses"], strict=False):
         assert a == pytest.approx(b, rel=rel, abs=rel)
-    for a, b in zip(one["val_curve"], two["val_curve"]):
+    for a, b in zip(one["val_curve"], two["val_curve"], strict=False):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=rel, abs=rel)
 
 

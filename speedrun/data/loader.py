@@ -97,21 +97,21 @@ class _TrainStream:
                 eots = np.flatnonzero(self.tokens[start:start + self.seq_len] == self.eot_token)
                 start += int(eots[0]) if eots.size else 0
             chunk = np.array(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
-            pairs.append((chunk[:-1], chunk[1:]))
+            pairs.append((chunk[:-1].astype(np.int32), chunk[1:]))
         self.pos += global_batch
         self.step += 1
         return pairs
 
 
-def _as_tensors(pairs, pin: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """numpy (inputs, targets) pairs -> int32 / int64 CPU tensors, pinned for a non-blocking copy to CUDA."""
+def _as_tensors(items, pin: bool) -> list[tuple[torch.Tensor, ...]]:
+    """Tuples of numpy arrays (already in their final dtypes) -> tuples of CPU tensors, pinned for a
+    non-blocking copy to CUDA."""
     out = []
-    for inputs, targets in pairs:
+    for arrays in items:
         # Convert with numpy, not torch: a torch op on another thread starts a second OpenMP pool, and
         # two spinning pools on a small CPU slow every op of the training thread down ~10x (measured).
-        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.int32))
-        y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
-        out.append((x.pin_memory(), y.pin_memory()) if pin else (x, y))
+        tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        out.append(tuple(t.pin_memory() for t in tensors) if pin else tensors)
     return out
 
 
@@ -142,44 +142,25 @@ def _stop_thread(thread: threading.Thread, stop: threading.Event, out: queue.Que
     thread.join(timeout=10)
 
 
-class TrainLoader:
-    """The train stream of one process: ``next_step()`` returns its A = batch_slots / world_size
-    (inputs, targets) pairs for the next optimizer step, each of shape (seq_len,), on ``device``.
+class PrefetchingLoader:
+    """The background-thread machinery shared by the train loaders: ``next_step()`` returns what the stream's
+    ``next_step()`` made for the next optimizer step (a list of tuples of tensors, one tuple per micro-step),
+    on ``device``.
 
-    ``shards``: a folder (its ``*_train_*.bin`` in sorted-name order) or a list of shard paths (used in
-    the order given). With ``prefetch`` a background thread prepares the next steps (queue of depth 2;
-    pinned memory on CUDA, copied with non_blocking=True); the output is the same either way.
-    ``reset()`` / ``load_state_dict()`` restart the stream, e.g. at step 0 after untimed warm-up steps.
+    ``stream`` has ``next_step()`` (a list of tuples of numpy arrays), ``state()`` and ``seek(state)``. With
+    ``prefetch`` a background thread prepares the next steps (queue of depth 2; pinned memory on CUDA,
+    copied with non_blocking=True); the output is the same either way. ``reset()`` /
+    ``load_state_dict()`` restart the stream, e.g. at step 0 after untimed warm-up steps.
     """
 
-    def __init__(self, shards, seq_len: int, batch_slots: int, world_size: int = 1, rank: int = 0,
-                 device="cpu", prefetch: bool = True, align_to_bos: bool = False, eot_token: int | None = None):
-        self.seq_len = _check_int("seq_len", seq_len, 1)
-        self.batch_slots = _check_int("batch_slots", batch_slots, 1)
-        self.world_size, self.rank = _check_world(world_size, rank)
-        if self.batch_slots % self.world_size:
-            raise ValueError(f"world_size {self.world_size} must divide batch_slots {self.batch_slots}")
-        self.micro_steps = self.batch_slots // self.world_size
-        if isinstance(shards, (str, Path)):
-            if not Path(shards).is_dir():
-                raise ValueError(f"shards: {shards} is not a folder (give a folder or a list of shard paths)")
-            paths = list_shards(shards, "train")
-            if not paths:
-                raise ValueError(f"shards: no train shards (*_train_*.bin) in {shards}")
-        else:
-            paths = [Path(p) for p in shards]
-            if not paths:
-                raise ValueError("shards: the list of train shards is empty")
-        for path in paths:
-            read_header(path)  # a missing or malformed shard fails here, not steps later
-        if align_to_bos and eot_token is None:
-            eot_token = data_vocab(paths[0].parent)[1]
+    thread_name = "TrainLoader"
+
+    def __init__(self, stream, device, prefetch: bool, state_keys: tuple[str, ...]):
         self.device = torch.device(device)
         self.prefetch = bool(prefetch)
-        first_slot = self.rank * self.micro_steps
-        self._stream = _TrainStream(paths, self.seq_len, self.batch_slots,
-                                    range(first_slot, first_slot + self.micro_steps), bool(align_to_bos), eot_token)
-        self._state = self._stream.state()  # after the last step handed out
+        self._stream, self._state_keys = stream, state_keys
+        self._initial_state = stream.state()
+        self._state = stream.state()  # after the last step handed out
         self._error: BaseException | None = None
         self._thread, self._closed = None, False
         self._start()
@@ -193,46 +174,46 @@ class TrainLoader:
         # the finalizer then stops the thread.
         to_tensors = functools.partial(_as_tensors, pin=self.device.type == "cuda")
         self._thread = threading.Thread(target=_produce, args=(self._stream, to_tensors, self._queue, self._stop),
-                                        name="TrainLoader", daemon=True)
+                                        name=self.thread_name, daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, _stop_thread, self._thread, self._stop, self._queue)
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_step(self) -> list[tuple[torch.Tensor, ...]]:
         if self._closed:
-            raise RuntimeError("next_step() on a closed TrainLoader")
+            raise RuntimeError(f"next_step() on a closed {type(self).__name__}")
         if self._error is not None:
             raise self._error  # the stream failed: every later call fails the same way
         if self._thread is None:
-            pairs = _as_tensors(self._stream.next_step(), pin=self.device.type == "cuda")
+            items = _as_tensors(self._stream.next_step(), pin=self.device.type == "cuda")
             state = self._stream.state()
         else:
             while True:
                 try:
-                    kind, pairs, state = self._queue.get(timeout=1.0)
+                    kind, items, state = self._queue.get(timeout=1.0)
                     break
                 except queue.Empty:
                     if not self._thread.is_alive():
-                        raise RuntimeError("the TrainLoader thread stopped without a result") from None
+                        raise RuntimeError(f"the {self.thread_name} thread stopped without a result") from None
             if kind == "error":
-                self._error = pairs
-                raise pairs
+                self._error = items
+                raise items
         self._state = state
         non_blocking = self.device.type == "cuda"
-        return [(x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking))
-                for x, y in pairs]
+        return [tuple(t.to(self.device, non_blocking=non_blocking) for t in item) for item in items]
 
     def __iter__(self):
         while True:
             yield self.next_step()
 
     def state_dict(self) -> dict:
-        """Where the stream stands after the steps handed out so far: {"step", "shard_index", "pos"}."""
+        """Where the stream stands after the steps handed out so far."""
         return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (a ``state_dict()``): steps prefetched beyond the old position are dropped."""
-        if not isinstance(state, dict) or not {"step", "shard_index", "pos"} <= state.keys():
-            raise ValueError(f"state must be a TrainLoader.state_dict() (keys step, shard_index, pos), got {state!r}")
+        if not isinstance(state, dict) or not set(self._state_keys) <= state.keys():
+            raise ValueError(f"state must be a {type(self).__name__}.state_dict() (keys "
+                             f"{', '.join(self._state_keys)}), got {state!r}")
         self._stop_prefetch()
         self._stream.seek(state)
         self._state, self._error, self._closed = self._stream.state(), None, False
@@ -240,7 +221,7 @@ class TrainLoader:
 
     def reset(self) -> None:
         """Back to step 0: the next step is the stream's first again."""
-        self.load_state_dict({"step": 0, "shard_index": 0, "pos": 0})
+        self.load_state_dict(self._initial_state)
 
     def _stop_prefetch(self) -> None:
         if self._thread is not None:
@@ -252,6 +233,49 @@ class TrainLoader:
         fails until load_state_dict() or reset()."""
         self._stop_prefetch()
         self._closed = True
+
+
+def train_shard_paths(shards) -> list[Path]:
+    """A folder (its ``*_train_*.bin`` in sorted-name order) or a list of shard paths (in the order given),
+    each header checked now: a missing or malformed shard fails here, not steps later."""
+    if isinstance(shards, (str, Path)):
+        if not Path(shards).is_dir():
+            raise ValueError(f"shards: {shards} is not a folder (give a folder or a list of shard paths)")
+        paths = list_shards(shards, "train")
+        if not paths:
+            raise ValueError(f"shards: no train shards (*_train_*.bin) in {shards}")
+    else:
+        paths = [Path(p) for p in shards]
+        if not paths:
+            raise ValueError("shards: the list of train shards is empty")
+    for path in paths:
+        read_header(path)
+    return paths
+
+
+class TrainLoader(PrefetchingLoader):
+    """The Sub3Min train stream of one process: ``next_step()`` returns its A = batch_slots / world_size
+    (inputs, targets) pairs for the next optimizer step, each of shape (seq_len,), on ``device``.
+
+    ``shards``: a folder or a list of shard paths (``train_shard_paths``). Prefetching, ``reset()`` and
+    ``state_dict()`` ({"step", "shard_index", "pos"}): see ``PrefetchingLoader``.
+    """
+
+    def __init__(self, shards, seq_len: int, batch_slots: int, world_size: int = 1, rank: int = 0,
+                 device="cpu", prefetch: bool = True, align_to_bos: bool = False, eot_token: int | None = None):
+        self.seq_len = _check_int("seq_len", seq_len, 1)
+        self.batch_slots = _check_int("batch_slots", batch_slots, 1)
+        self.world_size, self.rank = _check_world(world_size, rank)
+        if self.batch_slots % self.world_size:
+            raise ValueError(f"world_size {self.world_size} must divide batch_slots {self.batch_slots}")
+        self.micro_steps = self.batch_slots // self.world_size
+        paths = train_shard_paths(shards)
+        if align_to_bos and eot_token is None:
+            eot_token = data_vocab(paths[0].parent)[1]
+        first_slot = self.rank * self.micro_steps
+        stream = _TrainStream(paths, self.seq_len, self.batch_slots, range(first_slot, first_slot + self.micro_steps),
+                              bool(align_to_bos), eot_token)
+        super().__init__(stream, device, prefetch, ("step", "shard_index", "pos"))
 
 
 class ValLoader:

@@ -33,8 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-from speedrun.data.shards import (MANIFEST_NAME, ShardError, list_shards, manifest_entry, read_header,
-                                  read_manifest, read_shard, write_manifest, write_shard)
+from speedrun.data.shards import (
+    MANIFEST_NAME,
+    ShardError,
+    list_shards,
+    manifest_entry,
+    read_header,
+    read_manifest,
+    read_shard,
+    write_manifest,
+    write_shard,
+)
 
 GENERATOR_NAME = "hmm-topics"
 GENERATOR_VERSION = 2  # bump whenever the language or the sampling changes: ensure_synth then regenerates

@@ -45,9 +45,9 @@ def take(loader, n):
 
 def assert_same_steps(got, expected):
     assert len(got) == len(expected)
-    for step_got, step_expected in zip(got, expected):
+    for step_got, step_expected in zip(got, expected, strict=False):
         assert len(step_got) == len(step_expected)
-        for (x, y), (ex, ey) in zip(step_got, step_expected):
+        for (x, y), (ex, ey) in zip(step_got, step_expected, strict=False):
             np.testing.assert_array_equal(x, ex)
             np.testing.assert_array_equal(y, ey)
 
@@ -217,7 +217,7 @@ def test_cuda_batches_match_cpu(tmp_path):
     on_gpu = TrainLoader(tmp_path, 32, 8, world_size=2, rank=1, device="cuda", prefetch=True)
     on_cpu = TrainLoader(tmp_path, 32, 8, world_size=2, rank=1, prefetch=False)
     for _ in range(5):
-        for (gx, gy), (cx, cy) in zip(on_gpu.next_step(), on_cpu.next_step()):
+        for (gx, gy), (cx, cy) in zip(on_gpu.next_step(), on_cpu.next_step(), strict=False):
             assert gx.is_cuda and torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
     on_gpu.close()
 

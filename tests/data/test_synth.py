@@ -102,7 +102,7 @@ def test_forward_matches_brute_force_enumeration():
         total = 0.0
         for hidden in itertools.product(range(1, 5), repeat=len(positions)):
             path = [0] * n
-            for i, h in zip(positions, hidden):
+            for i, h in zip(positions, hidden, strict=False):
                 path[i] = h
             p = 1.0
             for i in range(1, n):
@@ -155,7 +155,7 @@ def test_sampler_matches_exact_document_statistics():
                                end_prob=0.25, eot_token=3)
     tokens = synth.sample_stream(lang, 300_000, np.random.default_rng())
     starts = np.flatnonzero(tokens == 3)
-    docs = [tokens[a + 1:b] for a, b in zip(starts[:-1], starts[1:])]  # the last one may be cut: dropped
+    docs = [tokens[a + 1:b] for a, b in zip(starts[:-1], starts[1:], strict=False)]  # the last one may be cut: dropped
     B = emission[:, :, :3]  # (topic, state, token)
     A = lang.transition
     first = np.einsum("t,s,tsa->a", lang.topic_prior, lang.start_probs, B)
