@@ -16,6 +16,7 @@ OP_MODULES = {
     "mlp": "kernels.mlp",
     "cross_entropy": "kernels.cross_entropy",
     "newton_schulz": "kernels.newton_schulz",
+    "polar_express": "kernels.polar_express",
 }
 
 

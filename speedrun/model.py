@@ -5,7 +5,7 @@ MLP, block), the baseline's modules, the GPT that assembles either, and the FLOP
 
 The model calls its hot ops only through ``ops``, the dict returned by ``kernels.resolve(variant)``:
 ``ops["attention"]``, ``ops["mlp"]``, ``ops["cross_entropy"]`` (``ops["newton_schulz"]`` is Muon's, in
-speedrun/optim.py). Their signatures are documented in kernels/<op>.py; swapping the torch references for
+speedrun/optim/muon.py). Their signatures are documented in kernels/<op>.py; swapping the torch references for
 Triton kernels changes nothing here.
 
 Precision (spec section 2): every matrix and scalar is stored in fp32, the embedding tables in bf16 when

@@ -1,4 +1,4 @@
-"""Tests of speedrun/optim.py against the spec (recipe-sub3min.md sections 3 and 4)."""
+"""Tests of speedrun/optim/muon.py and build.py against the spec (recipe-sub3min.md sections 3 and 4)."""
 
 from __future__ import annotations
 
