@@ -20,7 +20,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
 
-from speedrun.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from speedrun.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StagedSchedule, TrainConfig
 from speedrun.runlog import SCHEMA_VERSION, STATUSES, code_hash
 from speedrun.tracks import Track
 
@@ -50,7 +50,8 @@ RUN_FIELDS = {
     "tokens_per_second": (*NUMBER, None), "mfu": (*NUMBER, None), "peak_memory_mib": (*NUMBER, None),
     "diverged_at_step": (int, None), "message": (str, None),
 }
-RUN_OPTIONAL_FIELDS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None)}
+RUN_OPTIONAL_FIELDS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
+                       "schedule_changes": (list,)}
 CODE_FIELDS = {"files": (dict,), "code_sha256": (str,)}
 ENV_FIELDS = {
     "python": (str,), "torch": (str,), "triton": (str, None), "cuda": (str, None), "nccl": (str, int, None),
@@ -458,6 +459,14 @@ def _config_problem(key: str) -> str | None:
 
 CONFIG_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
 CONFIG_SECTION_FIELDS = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in CONFIG_SECTIONS.items()}
+STAGED_SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(StagedSchedule)}
+# Fields added to a section after runs were recorded: a config written before them may lack them, and
+# from_dict gives them their defaults, which keep the older recipes' meaning (record #89's port, 2026-11-26).
+FIELDS_ADDED_LATER = {
+    "model": {"bigram_vocab_size"},
+    "optim": {"muon_momentum_cooldown_steps", "normuon_lr", "normuon_weight_decay", "normuon_beta2",
+              "polar_express_coeffs", "adam_lr", "adam_weight_decay"},
+}
 
 
 def _is_val_point(point: dict) -> bool:
@@ -467,10 +476,14 @@ def _is_val_point(point: dict) -> bool:
 
 
 def _config_is_complete(config: dict) -> bool:
-    """Every field of the resolved RunConfig is present (from_dict fills missing ones with defaults)."""
-    if set(config) != {"preset", "track", *CONFIG_SECTIONS}:
+    """Every field of the resolved RunConfig is present (from_dict fills missing ones with defaults), but
+    for FIELDS_ADDED_LATER, and the schedule section only in staged recipes' configs."""
+    if set(config) - {"schedule"} != {"preset", "track", *CONFIG_SECTIONS}:
         return False
-    return all(isinstance(config[name], dict) and set(config[name]) == fields
+    if isinstance(config.get("schedule"), dict) and set(config["schedule"]) != STAGED_SCHEDULE_FIELDS:
+        return False
+    return all(isinstance(config[name], dict) and set(config[name]) <= fields
+               and fields - set(config[name]) <= FIELDS_ADDED_LATER.get(name, set())
                for name, fields in CONFIG_SECTION_FIELDS.items())
 
 

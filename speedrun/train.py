@@ -32,7 +32,7 @@ import torch
 
 import kernels
 import kernels.common
-from speedrun import REPO_ROOT, dist
+from speedrun import REPO_ROOT, dist, schedule
 from speedrun.config import RunConfig, get_preset, window_blocks
 from speedrun.data.loader import TrainLoader, val_batches
 from speedrun.data.shards import data_vocab, list_shards, read_manifest
@@ -138,66 +138,104 @@ def optimizer_step(model, raw_model, optimizers, cfg: RunConfig, pairs, per_forw
     return loss_sum / micro_steps
 
 
-def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | None, track: str | None,
-          log_dir="logs", run_id: str | None = None, clock=time.perf_counter, quiet: bool = False,
-          save_checkpoint: str | None = None, echo: bool = True) -> RunResult:
-    """Train ``cfg`` on the shards in ``data_dir``; returns what the run log says.
+class Sub3MinRace:
+    """The Sub3Min recipe (and the baselines) on this process: model, optimizers, data, and what the timed
+    loop asks of a race: ``warm_up()`` (untimed; leaves the initial state), ``train_step(step)`` (returns
+    the step's mean training loss as a device tensor: no host sync), ``evaluate(step)``,
+    ``step_flops(step)`` (None: not known), ``raw_model`` (for the checkpoint) and ``close()``."""
 
-    ``clock`` is injectable so tests can check the timing rules with a fake clock.
-    """
-    run_id = run_id or str(uuid.uuid4())
-    device = env.device
-    torch.manual_seed(cfg.train.seed)
-    dtype = getattr(torch, cfg.train.dtype)
-    if cfg.train.kernels == "triton" and device.type == "cpu" and kernels.common.interpreting():
+    def __init__(self, cfg: RunConfig, env: dist.DistEnv, data_dir: Path, ops: dict):
+        self.cfg, self.env = cfg, env
+        device = env.device
+        self.raw_model = GPT(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype)).to(device)
+        dist.broadcast_parameters(self.raw_model)
+        self.optimizers = build_optimizers(self.raw_model, cfg, ops)
+        self.model = torch.compile(self.raw_model, dynamic=False) if cfg.train.compile else self.raw_model
+        self.train_loader = TrainLoader(list_shards(data_dir, "train"), seq_len=cfg.data.seq_len,
+                                        batch_slots=cfg.data.batch_slots, world_size=env.world_size,
+                                        rank=env.rank, device=device, prefetch=True)
+        self.val_path = list_shards(data_dir, "val")[0]
+        slots_per_rank = cfg.data.batch_slots // env.world_size
+        self.per_forward = max(1, min(cfg.data.seqs_per_forward, slots_per_rank))
+        if slots_per_rank % self.per_forward:
+            raise ValueError(f"seqs_per_forward {self.per_forward} must divide the {slots_per_rank} sequences "
+                             "per process")
+        self.long_w = torch.ones((), dtype=torch.int32, device=device)
+        self.short_w = torch.ones((), dtype=torch.int32, device=device)
+
+    def window(self, step: int):
+        """The window tensors (long, short blocks) of ``step``, refilled in place (no recompile, no sync)."""
+        long_blocks, short_blocks = window_blocks(step, self.cfg)
+        self.long_w.fill_(long_blocks)
+        self.short_w.fill_(short_blocks)
+        return self.long_w, self.short_w
+
+    def train_step(self, step: int) -> torch.Tensor:
+        return optimizer_step(self.model, self.raw_model, self.optimizers, self.cfg, self.train_loader.next_step(),
+                              self.per_forward, self.window(step), step)
+
+    def evaluate(self, step: int) -> float:
+        return evaluate(self.model, self.cfg, self.env, self.val_path, self.window(step))
+
+    def step_flops(self, step: int) -> float:
+        return self.cfg.data.tokens_per_step * flops_per_token(
+            self.cfg.model, self.cfg.data.seq_len, window_blocks(step, self.cfg)[0] * self.cfg.model.attn_block_size)
+
+    def warm_up(self) -> None:
+        """Compile and warm up on every shape the run will see (cfg.train.warmup_steps training steps and
+        every validation batch shape), then restore the model, the optimizers and the data stream."""
+        cfg = self.cfg
+        initial_model = copy.deepcopy(self.raw_model.state_dict())
+        initial_optim = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        for step in range(cfg.train.warmup_steps):
+            self.train_step(step)
+        if cfg.train.warmup_steps:  # every validation batch shape, without the clock
+            with torch.no_grad():
+                self.model.eval()
+                shapes = {tuple(x.shape): (x, y) for x, y in stacked_val_batches(cfg, self.env, self.val_path)}
+                for inputs, targets in shapes.values():
+                    self.model(inputs, targets, window=self.window(cfg.train.num_steps))
+                self.model.train()
+        self.raw_model.load_state_dict(initial_model)
+        for opt, state in zip(self.optimizers, initial_optim, strict=True):
+            opt.load_state_dict(state)
+        self.train_loader.reset()
+
+    def close(self) -> None:
+        self.train_loader.close()
+
+
+def make_race(cfg: RunConfig, env: dist.DistEnv, data_dir: Path):
+    """The race object for ``cfg``'s recipe (see Sub3MinRace for what one provides)."""
+    if cfg.train.kernels == "triton" and env.device.type == "cpu" and kernels.common.interpreting():
         # Triton's CPU interpreter: large tiles (its cost is per program) and one thread (see kernels.common).
         kernels.common.use_large_interpreter_tiles()
         kernels.common.limit_interpreter_threads()
     ops = kernels.resolve(cfg.train.kernels)
-    raw_model = GPT(cfg.model, ops, dtype=dtype).to(device)
-    dist.broadcast_parameters(raw_model)
-    optimizers = build_optimizers(raw_model, cfg, ops)
-    model = torch.compile(raw_model, dynamic=False) if cfg.train.compile else raw_model
+    if cfg.schedule is not None:
+        from speedrun.train89 import Record89Race
+        return Record89Race(cfg, env, data_dir, ops)
+    return Sub3MinRace(cfg, env, data_dir, ops)
 
-    train_loader = TrainLoader(list_shards(data_dir, "train"), seq_len=cfg.data.seq_len,
-                               batch_slots=cfg.data.batch_slots, world_size=env.world_size, rank=env.rank,
-                               device=device, prefetch=True)
+
+def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | None, track: str | None,
+          log_dir="logs", run_id: str | None = None, clock=time.perf_counter, quiet: bool = False,
+          save_checkpoint: str | None = None, echo: bool = True, race=None) -> RunResult:
+    """Train ``cfg`` on the shards in ``data_dir``; returns what the run log says.
+
+    ``clock`` is injectable so tests can check the timing rules with a fake clock; ``race`` (default:
+    ``make_race``) is the recipe's model, optimizers and data on this process.
+    """
+    run_id = run_id or str(uuid.uuid4())
+    device = env.device
+    torch.manual_seed(cfg.train.seed)
+    race = race or make_race(cfg, env, data_dir)
+    raw_model = race.raw_model
     val_path = list_shards(data_dir, "val")[0]
-    slots_per_rank = cfg.data.batch_slots // env.world_size
-    per_forward = max(1, min(cfg.data.seqs_per_forward, slots_per_rank))
-    if slots_per_rank % per_forward:
-        raise ValueError(f"seqs_per_forward {per_forward} must divide the {slots_per_rank} sequences per process")
     n = cfg.train.num_steps
-    long_w = torch.ones((), dtype=torch.int32, device=device)
-    short_w = torch.ones((), dtype=torch.int32, device=device)
-
-    def set_window(step: int):
-        long_blocks, short_blocks = window_blocks(step, cfg)
-        long_w.fill_(long_blocks)
-        short_w.fill_(short_blocks)
-        return long_w, short_w
-
-    def train_step(step: int) -> torch.Tensor:
-        return optimizer_step(model, raw_model, optimizers, cfg, train_loader.next_step(), per_forward,
-                              set_window(step), step)
 
     # ---- untimed: compile and warm up on every shape the run will see, then restore ----
-    initial_model = copy.deepcopy(raw_model.state_dict())
-    initial_optim = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    for step in range(cfg.train.warmup_steps):
-        train_step(step)
-    if cfg.train.warmup_steps:  # every validation batch shape, without the clock
-        with torch.no_grad():
-            model.eval()
-            shapes = {tuple(x.shape): (x, y) for x, y in stacked_val_batches(cfg, env, val_path)}
-            for inputs, targets in shapes.values():
-                model(inputs, targets, window=set_window(n))
-            model.train()
-    raw_model.load_state_dict(initial_model)
-    for opt, state in zip(optimizers, initial_optim, strict=True):
-        opt.load_state_dict(state)
-    train_loader.reset()
-    del initial_model, initial_optim
+    race.warm_up()
 
     # ---- the run log: written only by rank 0, after everything the run uses has been imported ----
     env_facts = environment(env.world_size, device.type)
@@ -210,8 +248,9 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
                          "kind": manifest.get("kind"), "val_optimal_loss": data_floor(manifest, cfg.data.val_tokens),
                          "val_shard_sha256": manifest.get("files", {}).get(val_path.name, {}).get("sha256")}
     status, final_val, diverged_at = None, None, None
-    tokens_per_step = cfg.data.tokens_per_step
-    flops = 0.0
+    tokens, flops = 0, 0.0
+    log.facts["schedule_changes"] = []
+    previous_plan = None
 
     # ---- the timed loop ----
     with StopRequest() as stop:
@@ -231,10 +270,16 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
                     status = "aborted"
                 pending = None
             last = step == n
-            if status is None and (last or step % cfg.train.val_every == 0):
+            plan = schedule.plan(cfg, step)
+            changed = schedule.changes(previous_plan, plan) if status is None else []
+            if changed:  # no sync: the plan is host data
+                log.facts["schedule_changes"].append({"step": step, "changes": changed})
+                log.line(f"schedule at step {step}: {', '.join(changed)}", important=False)
+            previous_plan = plan
+            if status is None and plan.validate:
                 device_sync(device)
                 train_time += clock() - t0
-                final_val = evaluate(model, cfg, env, val_path, set_window(step))
+                final_val = race.evaluate(step)
                 avg = f"{1000 * train_time / step:.2f}" if step else "nan"
                 log.line(f"step:{step}/{n} val_loss:{final_val:.4f} train_time:{1000 * train_time:.0f}ms "
                          f"step_avg:{avg}ms")
@@ -247,12 +292,13 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
                 t0 = clock()
             if status is not None or last:
                 break
-            loss = train_step(step)
-            flags = torch.stack([loss, torch.tensor(float(stop.signal is not None), device=device)])
+            loss = race.train_step(step)
+            flags = torch.stack([loss.float(), torch.tensor(float(stop.signal is not None), device=device)])
             pending = (step, dist.all_reduce_mean_(flags))
+            tokens += plan.batch_tokens
+            step_flops = race.step_flops(step)
+            flops = None if flops is None or step_flops is None else flops + step_flops
             step += 1
-            flops += tokens_per_step * flops_per_token(cfg.model, cfg.data.seq_len,
-                                                       window_blocks(step - 1, cfg)[0] * cfg.model.attn_block_size)
             elapsed = train_time + clock() - t0  # host time, no sync: the public format's per-step line
             if step % cfg.train.log_every == 0:
                 log.line(f"step:{step}/{n} train_time:{1000 * elapsed:.0f}ms step_avg:{1000 * elapsed / step:.2f}ms",
@@ -264,11 +310,11 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
             train_time += clock() - t0
 
     # ---- after the clock: summary, checkpoint, final log ----
+    race.close()
     steps_done = step
-    tokens = steps_done * tokens_per_step
     peak = peak_tflops(env_facts["gpu_name"])
     tokens_per_s = tokens / train_time if train_time > 0 else None
-    mfu = (flops / train_time / (peak * 1e12 * env.world_size)) if (peak and train_time > 0) else None
+    mfu = (flops / train_time / (peak * 1e12 * env.world_size)) if (peak and flops and train_time > 0) else None
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
         mem_line = (f"peak memory allocated: {peak_mem:.0f} MiB "
@@ -339,6 +385,11 @@ def resolve_config(args, cuda: bool) -> RunConfig:
     overrides = {"steps": ("train", "num_steps"), "val_every": ("train", "val_every"), "seed": ("train", "seed"),
                  "val_tokens": ("data", "val_tokens"), "seq_len": ("data", "seq_len"),
                  "seqs_per_forward": ("data", "seqs_per_forward"), "data": ("data", "data_dir")}
+    if cfg.schedule is not None:
+        for option in ("seq_len", "seqs_per_forward"):
+            if getattr(args, option) is not None:
+                raise SystemExit(f"--{option.replace('_', '-')} does not apply to preset {cfg.preset}: its stages "
+                                 f"set the sequence lengths (see `speedrun schedule --preset {cfg.preset}`)")
     train_over, data_over = {}, {}
     for option, (section, field) in overrides.items():
         if getattr(args, option) is not None:
@@ -346,8 +397,11 @@ def resolve_config(args, cuda: bool) -> RunConfig:
     triton_ok = cuda and "triton" in kernels.variants("attention")
     train_over["kernels"] = args.kernels or ("triton" if triton_ok else "torch")
     train_over["compile"] = cuda if args.compile is None else args.compile
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),
-                               data=dataclasses.replace(cfg.data, **data_over))
+    try:
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),
+                                   data=dataclasses.replace(cfg.data, **data_over))
+    except ValueError as e:  # e.g. --steps past a staged schedule's end
+        raise SystemExit(f"preset {cfg.preset}: {e}") from None
 
 
 def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, dict]:

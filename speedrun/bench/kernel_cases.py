@@ -9,13 +9,16 @@ Triton interpreter runs: times mean nothing there, only the pipeline and the cor
     mlp             tokens M             M=seq_len, dim 768, hidden 3072               M / 8, M / 4, M / 2, M
     cross_entropy   tokens N             N=seq_len, V=50304 (padded vocab)              N / 8, N / 4, N / 2, N
     newton_schulz   elements             every Muon matrix shape of the model           squares n x n (GPU)
+    polar_express   elements             record #89's banks, one 8-GPU rank's share:    -
+                                         Q/K (8, 256, 768), V/O (3, 768, 768), MLP (3, 3072, 768)
 
 Counting conventions:
 - attention FLOPs count only the (query, key) pairs the mask keeps (counted exactly from the doc ids and
   the window): forward 4 D per pair per head (QK^T and PV), backward 2.5x the forward (five matmuls, the
   recomputed QK^T included, as FlashAttention's benchmarks count).
 - mlp: forward 4 M dim hidden, backward twice that. newton_schulz: per step 4 m^2 n + 2 m^3 for the wide
-  orientation (X X^T in full, A A, B X). cross_entropy: no FLOPs (memory-bound); GB/s only.
+  orientation (X X^T in full, A A, B X); polar_express the same per iteration. cross_entropy: no FLOPs
+  (memory-bound); GB/s only.
 - minimum bytes: every input read once and every output written once, nothing else (a perfectly fused
   kernel); forward and backward counted separately, fwd+bwd their sum.
 """
@@ -59,8 +62,8 @@ class Problem:
 
 
 def op_modes(op: str) -> tuple[str, ...]:
-    """Newton-Schulz runs inside the optimizer, never differentiated: forward only."""
-    return ("fwd",) if op == "newton_schulz" else MODES
+    """Newton-Schulz and Polar Express run inside the optimizers, never differentiated: forward only."""
+    return ("fwd",) if op in ("newton_schulz", "polar_express") else MODES
 
 
 def bench_config(device: torch.device) -> RunConfig:
@@ -78,6 +81,14 @@ def muon_shapes(cfg: RunConfig) -> list[tuple[int, ...]]:
         if p.dim() >= 2 and tuple(p.shape) not in shapes:
             shapes.append(tuple(p.shape))
     return shapes
+
+
+def normuon_shapes(cfg: RunConfig, on_gpu: bool) -> list[tuple[int, int, int]]:
+    """Record #89's NorMuon banks as one rank orthogonalises them: on a GPU, one of 8 ranks' share of the
+    record's banks (60 Q/K, 20 V/O, 24 MLP matrices); on a CPU, 1 or 2 matrices at ``cfg``'s small sizes."""
+    m = get_preset("record89").model if on_gpu else cfg.model
+    counts = (8, 3, 3) if on_gpu else (2, 1, 1)
+    return [(counts[0], 2 * m.head_dim, m.dim), (counts[1], m.dim, m.dim), (counts[2], m.mlp_hidden, m.dim)]
 
 
 def cases(op: str, cfg: RunConfig, quick: bool, on_gpu: bool) -> list[Case]:
@@ -104,6 +115,10 @@ def cases(op: str, cfg: RunConfig, quick: bool, on_gpu: bool) -> list[Case]:
             shapes += [((n, n), False) for n in (1024, 2048, 4096)]
         return [Case(op, "x".join(map(str, s)), _numel(s), "elements", recipe,
                      dict(shape=s, steps=cfg.optim.ns_steps, dtype=cfg.optim.ns_dtype)) for s, recipe in shapes]
+    if op == "polar_express":
+        coeffs = get_preset("record89").optim.polar_express_coeffs
+        return [Case(op, "x".join(map(str, s)), _numel(s), "elements", True,
+                     dict(shape=s, coeffs=coeffs, dtype=cfg.optim.ns_dtype)) for s in normuon_shapes(cfg, on_gpu)]
     raise ValueError(f"unknown op {op!r}; ops: {', '.join(kernels.OP_MODULES)}")
 
 
@@ -160,6 +175,15 @@ def problem(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0)
         flops = steps * batch * (4.0 * m * m * n + 2.0 * m**3)
         out_bytes = _numel(shape) * torch.empty((), dtype=ns_dtype).element_size()
         return Problem((G,), dict(steps=steps, dtype=ns_dtype), 0, None, {"fwd": flops},
+                       {"fwd": 4 * _numel(shape) + out_bytes})
+    if case.op == "polar_express":
+        shape, coeffs = p["shape"], p["coeffs"]
+        G = torch.randn(*shape, generator=g).to(device)  # NorMuon's fp32 momentum-corrected gradient
+        m, n = sorted(shape[-2:])
+        px_dtype = getattr(torch, p["dtype"]) if dtype == torch.float32 else dtype  # the record: bf16
+        flops = len(coeffs) * _numel(shape[:-2]) * (4.0 * m * m * n + 2.0 * m**3)
+        out_bytes = _numel(shape) * torch.empty((), dtype=px_dtype).element_size()
+        return Problem((G,), dict(coeffs=coeffs, dtype=px_dtype), 0, None, {"fwd": flops},
                        {"fwd": 4 * _numel(shape) + out_bytes})
     raise ValueError(f"unknown op {case.op!r}")
 
