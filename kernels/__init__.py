@@ -17,6 +17,8 @@ OP_MODULES = {
     "cross_entropy": "kernels.cross_entropy",
     "newton_schulz": "kernels.newton_schulz",
     "polar_express": "kernels.polar_express",
+    "varlen_attention": "kernels.varlen_attention",
+    "mtp_cross_entropy": "kernels.mtp_cross_entropy",
 }
 
 
@@ -39,6 +41,7 @@ def get(op: str, variant: str):
     return table[variant]
 
 
-def resolve(variant: str) -> dict:
-    """One implementation per op for a kernel set name (``torch`` or ``triton``), as the model uses them."""
-    return {op: get(op, variant) for op in OP_MODULES}
+def resolve(variant: str, ops=None) -> dict:
+    """One implementation per op for a kernel set name (``torch`` or ``triton``), as a model uses them:
+    every op of ``ops`` (default: all of OP_MODULES). An op without that variant is an error."""
+    return {op: get(op, variant) for op in (OP_MODULES if ops is None else ops)}

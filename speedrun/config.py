@@ -40,6 +40,7 @@ class ModelConfig:
     fp8_lm_head: bool = True  # used only where the GPU supports FP8; elsewhere the same math in bf16/fp32
     max_seq_len: int = 0  # nanogpt arch only: rows of the learned position table
     bigram_vocab_size: int = 0  # record89: rows of the hashed-bigram table (its data stream hashes into them)
+    bigram_dim: int = 0  # record89: width of a bigram row (added to the first bigram_dim channels)
 
     def __post_init__(self):
         if self.arch not in ("recipe", "nanogpt", "record89"):
@@ -301,7 +302,8 @@ def record89() -> RunConfig:
     return RunConfig(
         preset="record89",
         track="8xH100-3.28",
-        model=ModelConfig(arch="record89", n_layer=11, window_pattern="", bigram_vocab_size=50304 * 15),
+        model=ModelConfig(arch="record89", n_layer=11, window_pattern="", bigram_vocab_size=50304 * 15,
+                          bigram_dim=192),
         optim=OptimConfig(kind="normuon_adam", cooldown_frac=0.6, final_lr_frac=0.15,
                           muon_momentum_cooldown_steps=50),
         data=DataConfig(batch_slots=8),  # seq_len is unused: the stages set the sequence lengths

@@ -25,6 +25,7 @@ from kernels.common import supports_fp8
 from speedrun.config import ModelConfig, RunConfig
 
 REQUIRED_OPS = ("attention", "mlp", "cross_entropy")
+TRAINING_OPS = (*REQUIRED_OPS, "newton_schulz")  # with Muon's
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

@@ -463,7 +463,7 @@ STAGED_SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(StagedSchedule)}
 # Fields added to a section after runs were recorded: a config written before them may lack them, and
 # from_dict gives them their defaults, which keep the older recipes' meaning (record #89's port, 2026-11-26).
 FIELDS_ADDED_LATER = {
-    "model": {"bigram_vocab_size"},
+    "model": {"bigram_vocab_size", "bigram_dim"},
     "optim": {"muon_momentum_cooldown_steps", "normuon_lr", "normuon_weight_decay", "normuon_beta2",
               "polar_express_coeffs", "adam_lr", "adam_weight_decay"},
 }

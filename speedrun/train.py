@@ -36,7 +36,7 @@ from speedrun import REPO_ROOT, dist, schedule
 from speedrun.config import RunConfig, get_preset, window_blocks
 from speedrun.data.loader import TrainLoader, val_batches
 from speedrun.data.shards import data_vocab, list_shards, read_manifest
-from speedrun.model import GPT, flops_per_token
+from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers, set_schedules
 from speedrun.runlog import RunLog, code_snapshot, environment, relative_to_repo, repo_or_absolute_path
 from speedrun.tracks import get_track
@@ -205,13 +205,21 @@ class Sub3MinRace:
         self.train_loader.close()
 
 
+def recipe_ops(cfg: RunConfig) -> tuple[str, ...]:
+    """The hot ops ``cfg``'s model and optimizers call (each needs the run's kernel variant)."""
+    if cfg.model.arch == "record89":
+        from speedrun import model89
+        return model89.TRAINING_OPS
+    return TRAINING_OPS
+
+
 def make_race(cfg: RunConfig, env: dist.DistEnv, data_dir: Path):
     """The race object for ``cfg``'s recipe (see Sub3MinRace for what one provides)."""
     if cfg.train.kernels == "triton" and env.device.type == "cpu" and kernels.common.interpreting():
         # Triton's CPU interpreter: large tiles (its cost is per program) and one thread (see kernels.common).
         kernels.common.use_large_interpreter_tiles()
         kernels.common.limit_interpreter_threads()
-    ops = kernels.resolve(cfg.train.kernels)
+    ops = kernels.resolve(cfg.train.kernels, recipe_ops(cfg))
     if cfg.schedule is not None:
         from speedrun.train89 import Record89Race
         return Record89Race(cfg, env, data_dir, ops)
@@ -394,7 +402,7 @@ def resolve_config(args, cuda: bool) -> RunConfig:
     for option, (section, field) in overrides.items():
         if getattr(args, option) is not None:
             (train_over if section == "train" else data_over)[field] = getattr(args, option)
-    triton_ok = cuda and "triton" in kernels.variants("attention")
+    triton_ok = cuda and all("triton" in kernels.variants(op) for op in recipe_ops(cfg))
     train_over["kernels"] = args.kernels or ("triton" if triton_ok else "torch")
     train_over["compile"] = cuda if args.compile is None else args.compile
     try:

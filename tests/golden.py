@@ -53,5 +53,28 @@ class Golden:
                                        extension_steps=c["num_extension_iterations"],
                                        val_batch_tokens=c["val_batch_size"])
         model = dataclasses.replace(base.model, attn_block_size=c["block_size"], dim=c["model_dim"],
-                                    n_head=c["num_heads"], head_dim=c["head_dim"], mlp_hidden=c["mlp_hidden"])
+                                    n_head=c["num_heads"], head_dim=c["head_dim"], mlp_hidden=c["mlp_hidden"],
+                                    bigram_vocab_size=c["bigram_vocab_size"], bigram_dim=c["bigram_dim"])
         return dataclasses.replace(base, model=model, schedule=schedule)
+
+
+def golden_name(label: str) -> str:
+    """The record's state-dict name of one of our record-89 parameter labels."""
+    return label + ".weight" if label in ("embed", "lm_head", "smear_gate", "skip_gate", "bigram_embed") else label
+
+
+def load_model89(golden: Golden, state: str = "init", cfg=None):
+    """speedrun.model89.GPT89 at the golden's tiny size in fp32 (torch ops), holding ``state``: "init" or
+    "after_k" (k = 1, 2, 3) of steps.pt."""
+    import kernels
+    from speedrun.model89 import GPT89
+
+    cfg = cfg or golden.run_config()
+    model = GPT89(cfg.model, kernels.resolve("torch"), dtype=torch.float32)
+    with torch.no_grad():
+        for label, p in model.named_parameters():
+            init = golden.tensor("init", golden_name(label))
+            value = init if state == "init" else golden.tensor("steps", f"{state}/{golden_name(label)}", init)
+            p.copy_(value)
+        model.bigram_sign_table.copy_(golden.tensor("init", "bigram_sign_table"))
+    return model

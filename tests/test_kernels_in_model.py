@@ -13,7 +13,7 @@ from speedrun import dist
 from speedrun.cli import build_parser
 from speedrun.config import tiny
 from speedrun.data.synth import generate_synth
-from speedrun.model import GPT
+from speedrun.model import GPT, TRAINING_OPS
 
 pytestmark = [
     pytest.mark.skipif("triton" not in kernels.variants("attention"), reason="triton is not installed"),
@@ -59,7 +59,7 @@ def test_triton_kernels_match_torch_in_the_model():
     results = {}
     for variant in ("torch", "triton"):
         torch.manual_seed(1)
-        model = GPT(cfg, kernels.resolve(variant), dtype=torch.float32)
+        model = GPT(cfg, kernels.resolve(variant, TRAINING_OPS), dtype=torch.float32)
         randomise(model, seed=2)
         loss = model(inputs, targets, window=(2, 1))
         loss.backward()

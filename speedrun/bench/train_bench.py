@@ -37,7 +37,7 @@ from speedrun.bench.measure import (
 )
 from speedrun.config import PRESETS, RunConfig, get_preset, window_blocks
 from speedrun.data.shards import atomic_write_text
-from speedrun.model import GPT, flops_per_token
+from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers
 from speedrun.runlog import repo_or_absolute_path, utc_now
 from speedrun.train import device_sync, optimizer_step, peak_tflops
@@ -63,7 +63,7 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
                 else contextlib.nullcontext())
     with settings:
         torch.manual_seed(cfg.train.seed)
-        ops = kernels.resolve(cfg.train.kernels)
+        ops = kernels.resolve(cfg.train.kernels, TRAINING_OPS)
         raw_model = GPT(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype)).to(device)
         optimizers = build_optimizers(raw_model, cfg, ops)
         model = torch.compile(raw_model, dynamic=False) if cfg.train.compile else raw_model

@@ -1,0 +1,71 @@
+"""Causal sliding-window attention over packed documents given by cu_seqlens (record #89's FlashAttention-3
+varlen call, spec recipe-frontier.md 2.7 and 6).
+
+The op (every variant has this signature)::
+
+    varlen_attention(q, k, v, cu_seqlens, window, scale) -> out
+
+    q, k, v      (T, H, D) float32 / float16 / bfloat16, same dtype and device
+    cu_seqlens   (S,) int32: 0 = c_0 <= c_1 <= ... <= c_{S-1} = T, the document boundaries (repeated
+                 entries are empty documents: the recipe pads the array with T)
+    window       int >= 0, in tokens: query t sees the keys j of its own document with t - window <= j <= t
+                 (window + 1 keys at most; FlashAttention's window_size=(window, 0) with causal=True)
+    scale        the softmax scale (YaRN-adjusted in the recipe)
+    out          (T, H, D) in q's dtype; softmax in fp32
+
+Variants: ``torch`` (the reference: per document and block of queries, an fp32 score matrix over the keys
+the window allows, masked softmax, autograd for the backward). It reads cu_seqlens on the host (a sync);
+its memory is O(query_block * (query_block + window)) per head, so it runs at the record's sizes too, slowly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_varlen_attention_args(q, k, v, cu_seqlens, window, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must be (T, H, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must share one dtype and one device")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise TypeError("cu_seqlens must be a 1-D int32 tensor")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (tokens), got {window!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+
+
+def document_bounds(cu_seqlens: torch.Tensor, T: int) -> list[tuple[int, int]]:
+    """[(start, end), ...] of the non-empty documents (host values); checks the array's rules."""
+    cu = cu_seqlens.tolist()
+    if not cu or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, end at T = {T} and never decrease, got {cu[:8]}...")
+    return [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
+
+
+def varlen_attention_torch(q, k, v, cu_seqlens, window, scale, query_block: int = 1024):
+    """Reference: plain fp32 attention, document by document, ``query_block`` queries at a time."""
+    check_varlen_attention_args(q, k, v, cu_seqlens, window, scale)
+    T = q.size(0)
+    outs = []
+    for start, end in document_bounds(cu_seqlens, T):
+        for q0 in range(start, end, query_block):
+            q1 = min(end, q0 + query_block)
+            k0 = max(start, q0 - window)
+            qs, ks, vs = (t.float().transpose(0, 1) for t in (q[q0:q1], k[k0:q1], v[k0:q1]))  # (H, L, D)
+            scores = scale * (qs @ ks.mT)
+            t = torch.arange(q0, q1, device=q.device)[:, None]
+            j = torch.arange(k0, q1, device=q.device)[None, :]
+            scores = scores.masked_fill(~((j <= t) & (t - j <= window)), float("-inf"))
+            outs.append((scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype))
+    return torch.cat(outs)
+
+
+VARIANTS = {"torch": varlen_attention_torch}
