@@ -63,7 +63,7 @@ def _predicted(targets: torch.Tensor, rows: slice, k: int) -> tuple[torch.Tensor
 class _MTPCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, targets, weights):
-        T, V = x.size(0), w.size(1)
+        T = x.size(0)
         loss = torch.zeros(T, dtype=torch.float32, device=x.device)
         for r0 in range(0, T, ROW_CHUNK):
             rows = slice(r0, min(T, r0 + ROW_CHUNK))

@@ -45,9 +45,9 @@ def check_varlen_attention_args(q, k, v, cu_seqlens, window, scale):
 def document_bounds(cu_seqlens: torch.Tensor, T: int) -> list[tuple[int, int]]:
     """[(start, end), ...] of the non-empty documents (host values); checks the array's rules."""
     cu = cu_seqlens.tolist()
-    if not cu or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+    if not cu or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
         raise ValueError(f"cu_seqlens must start at 0, end at T = {T} and never decrease, got {cu[:8]}...")
-    return [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
+    return [(a, b) for a, b in zip(cu, cu[1:], strict=False) if b > a]
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens, window, scale, query_block: int = 1024):

@@ -155,7 +155,8 @@ class GPT89(nn.Module):
 
         self.lm_head, self.embed = weight(lm_head), weight(lm_head.T.contiguous())
         self.value_embeds = weight(value_embeds)
-        self.attn_gate_bank, self.ve_gate_bank = weight(torch.zeros(n_attn, H, GATE_IN)), weight(torch.zeros(5, H, GATE_IN))
+        self.attn_gate_bank = weight(torch.zeros(n_attn, H, GATE_IN))
+        self.ve_gate_bank = weight(torch.zeros(5, H, GATE_IN))
         self.qk_bank, self.vo_bank, self.mlp_bank = weight(qk_bank), weight(vo_bank), weight(mlp_bank)
         self.smear_gate, self.skip_gate = weight(torch.zeros(1, GATE_IN)), weight(torch.zeros(1, GATE_IN))
         self.bigram_embed = weight(torch.zeros(cfg.bigram_vocab_size, cfg.bigram_dim))

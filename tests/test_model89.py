@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from golden import golden_name, load_model89  # noqa: I001  (tests/golden.py)
 
 import kernels
 import speedrun.model89 as model89
@@ -25,8 +26,6 @@ from speedrun.data.packed import PackedTrainStream, bigram_hash
 from speedrun.data.shards import write_shard
 from speedrun.optim import NorMuonAdam
 from speedrun.optim.record89 import PARAM_TABLE
-
-from golden import golden_name, load_model89  # noqa: I001  (tests/golden.py)
 
 
 def eager_key_offset(k: torch.Tensor) -> torch.Tensor:
