@@ -99,6 +99,7 @@ class _MTPCrossEntropy(torch.autograd.Function):
         return dx, dw.to(w.dtype), None, None
 
 
+@torch.compiler.disable  # row chunks in Python: left out of a compiled model's graph
 def mtp_cross_entropy_torch(x, w, targets, weights):
     """Reference (see the module docstring)."""
     return _MTPCrossEntropy.apply(x, w, targets, check_mtp_args(x, w, targets, weights))

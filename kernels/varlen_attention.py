@@ -50,6 +50,7 @@ def document_bounds(cu_seqlens: torch.Tensor, T: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cu, cu[1:], strict=False) if b > a]
 
 
+@torch.compiler.disable  # reads cu_seqlens on the host: left out of a compiled model's graph
 def varlen_attention_torch(q, k, v, cu_seqlens, window, scale, query_block: int = 1024):
     """Reference: plain fp32 attention, document by document, ``query_block`` queries at a time."""
     check_varlen_attention_args(q, k, v, cu_seqlens, window, scale)

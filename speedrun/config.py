@@ -341,6 +341,31 @@ def tiny() -> RunConfig:
     )
 
 
+def record89_tiny() -> RunConfig:
+    """Record #89's recipe at the CPU track's size: the same model and optimizer code, dim 128 (2 heads of 64),
+    on the synthetic language; its three stages keep the record's ratios (batch 1 : 2 : 3, document cut
+    224 / 512, windows in 64-token blocks) over 294 scheduled steps + 6, the tiny preset's 1.23M tokens."""
+    base = record89()
+    stages = tuple(dataclasses.replace(s, batch_tokens=s.batch_tokens // 64, max_doc_len=s.max_doc_len // 4)
+                   for s in base.schedule.stages)
+    schedule = dataclasses.replace(base.schedule, stages=stages, scheduled_steps=294, extension_steps=6,
+                                   val_batch_tokens=8 * 2048)
+    return dataclasses.replace(
+        base,
+        preset="record89-tiny",
+        track="tiny-cpu",
+        model=dataclasses.replace(base.model, vocab_size=2048, padded_vocab_size=2048, eot_token=2047, dim=128,
+                                  n_head=2, head_dim=64, mlp_hidden=512, attn_block_size=64,
+                                  bigram_vocab_size=2048 * 15, bigram_dim=32),
+        # momentum warm-up and cool-down at the record's share of the run (300 and 50 of its 1390 steps)
+        optim=dataclasses.replace(base.optim, ns_dtype="float32", muon_momentum_warmup_steps=65,
+                                  muon_momentum_cooldown_steps=11),
+        data=DataConfig(source="synth", data_dir="data/synth", val_tokens=131_072),
+        train=TrainConfig(num_steps=schedule.total_steps, val_every=50, warmup_steps=0, dtype="float32"),
+        schedule=schedule,
+    )
+
+
 def tiny_adamw() -> RunConfig:
     """Baseline for the CPU track: same data and size, nanoGPT-style recipe (learned positions, GELU, AdamW)."""
     base = tiny()
@@ -352,7 +377,16 @@ def tiny_adamw() -> RunConfig:
     )
 
 
-PRESETS = {"gpt2-124m": gpt2_124m, "record89": record89, "tiny": tiny, "tiny-adamw": tiny_adamw}
+PRESETS = {"gpt2-124m": gpt2_124m, "record89": record89, "record89-tiny": record89_tiny, "tiny": tiny,
+           "tiny-adamw": tiny_adamw}
+# The public record whose math each preset computes (the run log names it).
+FOLLOWS = {
+    "gpt2-124m": "modded-nanogpt record Sub3Min (2025-01-16, 179.5 s on 8xH100)",
+    "record89": "modded-nanogpt record #89, MLP down projection in FP8 (2026-07-17, 79.7 s on 8xH100)",
+    "record89-tiny": "modded-nanogpt record #89's recipe at the CPU track's size",
+    "tiny": "modded-nanogpt record Sub3Min's recipe at the CPU track's size",
+    "tiny-adamw": "no record: the nanoGPT-style AdamW baseline of the CPU track",
+}
 
 
 def get_preset(name: str) -> RunConfig:

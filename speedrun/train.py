@@ -33,7 +33,7 @@ import torch
 import kernels
 import kernels.common
 from speedrun import REPO_ROOT, dist, schedule
-from speedrun.config import RunConfig, get_preset, window_blocks
+from speedrun.config import FOLLOWS, RunConfig, get_preset, window_blocks
 from speedrun.data.loader import TrainLoader, val_batches
 from speedrun.data.shards import data_vocab, list_shards, read_manifest
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
@@ -251,6 +251,7 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     config["data"]["data_dir"] = repo_or_absolute_path(data_dir)
     log = RunLog(log_dir, run_id, config, env_facts, code_snapshot(), target, track=track,
                  enabled=env.is_main, echo=echo, quiet=quiet)
+    log.line(f"preset {cfg.preset}: {FOLLOWS.get(cfg.preset, 'a preset of this harness')}", important=False)
     manifest = read_manifest(data_dir) or {}
     log.facts["data"] = {"dir": relative_to_repo(data_dir), "val_shard": val_path.name,
                          "kind": manifest.get("kind"), "val_optimal_loss": data_floor(manifest, cfg.data.val_tokens),

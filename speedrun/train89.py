@@ -38,9 +38,10 @@ from speedrun.optim import NorMuonAdam
 
 
 def build_model(cfg: RunConfig, ops: dict):
-    """The model of ``cfg``'s staged recipe."""
-    raise SystemExit(f"preset {cfg.preset}: record #89's model is not in this harness yet (issue [2/6]); its data "
-                     "stream, optimizer and schedule are: `speedrun schedule --preset record89` prints its plan")
+    """The model of ``cfg``'s staged recipe: record #89's (speedrun/model89.py), in cfg.train.dtype."""
+    from speedrun.model89 import GPT89
+
+    return GPT89(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype))
 
 
 class Record89Race:
@@ -52,8 +53,8 @@ class Record89Race:
         self.cfg, self.env, self.plan = cfg, env, functools.partial(schedule.plan, cfg)
         self.raw_model = (model if model is not None else build_model(cfg, ops)).to(env.device)
         dist.broadcast_parameters(self.raw_model)
-        self.model = (torch.compile(self.raw_model, dynamic=False, fullgraph=True) if cfg.train.compile
-                      else self.raw_model)
+        # not fullgraph: the torch reference ops stay outside the graph (kernels/varlen_attention.py)
+        self.model = torch.compile(self.raw_model, dynamic=False) if cfg.train.compile else self.raw_model
         self.optimizer = NorMuonAdam(self.raw_model.labeled_parameters(), cfg, ops["polar_express"])
         self.train_paths = list_shards(data_dir, "train")
         self.val_path = list_shards(data_dir, "val")[0]

@@ -196,3 +196,23 @@ def test_the_race_uses_the_packed_stream_and_the_optimizer(data_dir):
     assert torch.equal(w["embed"], w["lm_head"].T)
     assert set(race.optimizer.params) == set(PARAM_TABLE)
     race.close()
+
+
+def test_record89_tiny_trains_end_to_end_on_the_cpu(tmp_path):
+    """The real model: preset record89-tiny on a small synthetic language, 2 steps (warm-up included),
+    validation, run log naming the record it follows."""
+    from speedrun.cli import build_parser
+    from speedrun.data.synth import generate_synth
+
+    generate_synth(tmp_path / "synth", seed=2, train_tokens=60_000, val_tokens=16_384)
+    args = build_parser().parse_args(["train", "--preset", "record89-tiny", "--data", str(tmp_path / "synth"),
+                                      "--steps", "2", "--val-every", "1", "--val-tokens", "16384"])
+    cfg = train_mod.resolve_config(args, cuda=False)
+    cfg, data_dir, _ = train_mod.prepare_data(cfg, ENV)
+    result = train_mod.train(cfg, ENV, data_dir, None, None, log_dir=tmp_path / "logs", echo=False)
+    facts = json.loads(result.json_path.read_text())
+    assert facts["status"] == "completed" and facts["steps_done"] == 2
+    losses = [p["val_loss"] for p in facts["val_curve"]]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert "preset record89-tiny: modded-nanogpt record #89's recipe" in result.log_path.read_text()
+    assert facts["tokens_seen"] == 2 * 2048
