@@ -28,6 +28,9 @@ def load_checkpoint(path) -> tuple[GPT, RunConfig]:
     if not isinstance(state, dict) or not {"config", "model"} <= set(state):
         raise SystemExit(f"{path}: not a speedrun checkpoint (expected 'config' and 'model' entries)")
     cfg = RunConfig.from_dict(state["config"])
+    if cfg.model.arch == "record89":
+        raise SystemExit(f"{path}: a {cfg.preset} checkpoint; `speedrun sample` reads the Sub3Min and baseline "
+                         "models' checkpoints only (record #89's model returns losses, not logits)")
     model = GPT(cfg.model, kernels.resolve("torch"), dtype=torch.float32)
     model.load_state_dict(state["model"])
     return model.eval(), cfg

@@ -11,6 +11,8 @@ Triton interpreter runs: times mean nothing there, only the pipeline and the cor
     newton_schulz   elements             every Muon matrix shape of the model           squares n x n (GPU)
     polar_express   elements             record #89's banks, one 8-GPU rank's share:    -
                                          Q/K (8, 256, 768), V/O (3, 768, 768), MLP (3, 3072, 768)
+    varlen_attention  tokens T           record #89: T=49152, H=6, D=128, window 1664    T / 8, T / 4, T / 2, T
+    mtp_cross_entropy tokens N           record #89: N=49152, d=768, V=50304, 3 weights  N / 8, N / 4, N / 2, N
 
 Counting conventions:
 - attention FLOPs count only the (query, key) pairs the mask keeps (counted exactly from the doc ids and
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+from speedrun import schedule
 from speedrun.config import RunConfig, get_preset, window_blocks
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -91,8 +94,23 @@ def normuon_shapes(cfg: RunConfig, on_gpu: bool) -> list[tuple[int, int, int]]:
     return [(counts[0], 2 * m.head_dim, m.dim), (counts[1], m.dim, m.dim), (counts[2], m.mlp_hidden, m.dim)]
 
 
+def record89_cases(op: str, quick: bool, on_gpu: bool) -> list[Case]:
+    """Record #89's ops at its last stage (``record89``; ``record89-tiny`` on a CPU), plus the sweep."""
+    r = get_preset("record89" if on_gpu else "record89-tiny")
+    m, last = r.model, schedule.plan(r, r.train.num_steps - 1)
+    T = last.tokens_per_rank if on_gpu else last.tokens_per_rank // 2
+    sweep = sorted({t for t in ([T] if quick else [T // 8, T // 4, T // 2, T]) if t >= 64})
+    if op == "varlen_attention":
+        return [Case(op, f"T={t}", t, "seq_len", t == T, dict(T=t, H=m.n_head, D=m.head_dim,
+                                                              window=last.window_tokens[1])) for t in sweep]
+    return [Case(op, f"N={t},V={m.padded_vocab_size}", t, "tokens", t == T,
+                 dict(N=t, d=m.dim, V=m.padded_vocab_size, weights=(1.0, 0.5, 0.25))) for t in sweep]
+
+
 def cases(op: str, cfg: RunConfig, quick: bool, on_gpu: bool) -> list[Case]:
     """The shapes of ``op`` for the preset ``cfg``: the recipe's, plus (unless ``quick``) the sweep."""
+    if op in ("varlen_attention", "mtp_cross_entropy"):
+        return record89_cases(op, quick, on_gpu)
     m, T = cfg.model, cfg.data.seq_len
     if not on_gpu:  # the interpreter is slow: the tiny preset's shapes at half its sequence and below
         T = T // 2
@@ -176,6 +194,24 @@ def problem(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0)
         out_bytes = _numel(shape) * torch.empty((), dtype=ns_dtype).element_size()
         return Problem((G,), dict(steps=steps, dtype=ns_dtype), 0, None, {"fwd": flops},
                        {"fwd": 4 * _numel(shape) + out_bytes})
+    if case.op == "varlen_attention":
+        T, H, D = p["T"], p["H"], p["D"]
+        q, k, v = (randn(T, H, D) for _ in range(3))
+        ends = torch.cumsum(synthetic_doc_ids(1, T, g)[0].bincount(), 0).to(torch.int32)
+        cu = torch.cat([ends.new_zeros(1), ends]).to(device)
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        pairs = sum(min(n, i + 1, p["window"] + 1) for n in lengths for i in range(n))  # keys per query, summed
+        fwd = 4.0 * D * H * pairs
+        io = T * H * D * esize
+        return Problem((q, k, v, cu, p["window"], 0.1), {}, 3, randn(T, H, D),
+                       _with_bwd_sum(fwd, 2.5 * fwd), _with_bwd_sum(4 * io, 8 * io))
+    if case.op == "mtp_cross_entropy":
+        N, d, V = p["N"], p["d"], p["V"]
+        x, w = randn(N, d), randn(d, V, scale=0.05)
+        targets = torch.randint(0, V, (N,), generator=g).to(device)
+        fwd = 2.0 * N * d * V
+        return Problem((x, w, targets, p["weights"]), {}, 2, torch.ones(N, device=device),
+                       _with_bwd_sum(fwd, 3 * fwd), _with_bwd_sum((N + V) * d * esize + 8 * N, 2 * (N + V) * d * esize))
     if case.op == "polar_express":
         shape, coeffs = p["shape"], p["coeffs"]
         G = torch.randn(*shape, generator=g).to(device)  # NorMuon's fp32 momentum-corrected gradient
