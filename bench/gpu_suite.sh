@@ -83,7 +83,10 @@ else
     step environment env.txt 30 env_report
     step tests tests.txt 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_model.py \
         tests/test_kernels_in_model.py tests/data/test_loader.py -m "gpu or not slow"
-    step "bench kernels" kernels.log 140 "${SB[@]}" kernels --quick --out "$OUT"
+    # record #89's varlen_attention, mtp_cross_entropy and mlp_fp8 have plain-PyTorch references only so far
+    # (their Triton kernels are issue [4/6]): timing them at the record's size would eat this step's budget
+    step "bench kernels" kernels.log 140 "${SB[@]}" kernels --quick \
+        --op attention,mlp,cross_entropy,newton_schulz,polar_express --out "$OUT"
     step "bench train" train.log 120 "${SB[@]}" train --steps 5 --warmup 2 --profile-steps 1 --out "$OUT"
     # eager (no compile): this step checks that the kernel sets train alike, not their speed
     step "bench converge" converge.log 120 "${SB[@]}" converge --steps 200 --val-every 25 --seq-len 8192 \

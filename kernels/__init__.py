@@ -19,6 +19,7 @@ OP_MODULES = {
     "polar_express": "kernels.polar_express",
     "varlen_attention": "kernels.varlen_attention",
     "mtp_cross_entropy": "kernels.mtp_cross_entropy",
+    "mlp_fp8": "kernels.mlp_fp8",
 }
 
 

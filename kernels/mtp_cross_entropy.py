@@ -3,7 +3,7 @@ FusedSoftcappedCrossEntropy; spec recipe-frontier.md 2.11 and 6).
 
 The op (every variant has this signature)::
 
-    mtp_cross_entropy(x, w, targets, weights) -> loss
+    mtp_cross_entropy(x, w, targets, weights, fp8=False) -> loss
 
     x        (T, d) float32 / bfloat16: one rank's final normed activations
     w        (d, V): the lm_head, stored in x out (logits = x @ w)
@@ -22,16 +22,33 @@ w.r.t. its logits is
 
 with s the (rounded) sigmoid; then dx = g w^T and dw = x^T g (fp32, cast to x's and w's dtypes).
 
+With ``fp8`` the two matmuls are the record's FP8 ones (spec 2.11 items 1 and 6, x_s = 100/448,
+w_s = 1.6/448, grad_s = 0.75/448 x the incoming gradient, which training makes 1/A on every row):
+    logits = bf16(x_s w_s (e4m3(x / x_s) e4m3(w / w_s)))
+    G8 = e5m2(g / grad_s);  dx = bf16(grad_s w_s G8 e4m3(w / w_s)^T);  dw = x_s grad_s e4m3(x / x_s)^T G8
+
 Variants: ``torch`` (the reference: rows in chunks, so no (T, V) fp32 tensor is ever whole; the backward
-recomputes each chunk's logits). The record's FP8 matmuls around it are issue [4/6].
+recomputes each chunk's logits; FP8 products emulated exactly, kernels/fp8.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from kernels.fp8 import scaled_mm, to_e4m3, to_e5m2
 
 SOFTCAP, SHIFT, DIVISOR = 23.0, 5.0, 7.5
 ROW_CHUNK = 2048
+X_SCALE, W_SCALE, GRAD_SCALE = 100 / 448, 1.6 / 448, 0.75 / 448
+XW_SCALE = float(np.float32(X_SCALE) * np.float32(W_SCALE))  # the product of the two fp32 scales, in fp32
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, w8: torch.Tensor | None) -> torch.Tensor:
+    """x @ w in x's dtype, or with the FP8 weights w8 = e4m3(w / w_s) the record's FP8 product."""
+    if w8 is None:
+        return x @ w.to(x.dtype)
+    return scaled_mm(to_e4m3(x / X_SCALE), w8, XW_SCALE, x.dtype)
 
 
 def check_mtp_args(x, w, targets, weights):
@@ -62,12 +79,13 @@ def _predicted(targets: torch.Tensor, rows: slice, k: int) -> tuple[torch.Tensor
 
 class _MTPCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, targets, weights):
+    def forward(ctx, x, w, targets, weights, fp8):
         T = x.size(0)
+        w8 = to_e4m3(w / W_SCALE) if fp8 else None
         loss = torch.zeros(T, dtype=torch.float32, device=x.device)
         for r0 in range(0, T, ROW_CHUNK):
             rows = slice(r0, min(T, r0 + ROW_CHUNK))
-            z, _ = softcap(x[rows] @ w.to(x.dtype), x.dtype)
+            z, _ = softcap(_logits(x[rows], w, w8), x.dtype)
             lse = torch.logsumexp(z, dim=-1)
             chunk = torch.zeros(rows.stop - r0, dtype=torch.float32, device=x.device)
             for k, wk in enumerate(weights):
@@ -75,7 +93,7 @@ class _MTPCrossEntropy(torch.autograd.Function):
                 chunk[i] += wk * (lse[i] - z[i, cols])
             loss[rows] = chunk
         ctx.save_for_backward(x, w, targets)
-        ctx.weights = weights
+        ctx.weights, ctx.fp8 = weights, fp8
         return loss
 
     @staticmethod
@@ -86,23 +104,30 @@ class _MTPCrossEntropy(torch.autograd.Function):
         dx = torch.empty_like(x)
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         w32 = w.float()
+        w8 = to_e4m3(w / W_SCALE) if ctx.fp8 else None
+        grad_s = GRAD_SCALE * grad_out.float().abs().amax()  # the record's grad_scale * 0.75 / 448
         for r0 in range(0, T, ROW_CHUNK):
             rows = slice(r0, min(T, r0 + ROW_CHUNK))
-            z, s = softcap(x[rows] @ w.to(x.dtype), x.dtype)
+            z, s = softcap(_logits(x[rows], w, w8), x.dtype)
             d = total * torch.softmax(z, dim=-1)
             for k, wk in enumerate(weights):
                 i, cols = _predicted(targets, rows, k)
                 d.index_put_((i, cols), torch.full_like(cols, -wk, dtype=torch.float32), accumulate=True)
             g = (SOFTCAP / DIVISOR) * s * (1 - s) * d * grad_out[rows, None].float()
-            dx[rows] = (g @ w32.T).to(x.dtype)
-            dw += x[rows].float().T @ g
-        return dx, dw.to(w.dtype), None, None
+            if w8 is None:
+                dx[rows] = (g @ w32.T).to(x.dtype)
+                dw += x[rows].float().T @ g
+            else:
+                g8 = to_e5m2(g / grad_s)
+                dx[rows] = scaled_mm(g8, w8.T, grad_s * W_SCALE, x.dtype)
+                dw += scaled_mm(to_e4m3(x[rows] / X_SCALE).T, g8, grad_s * X_SCALE, torch.float32)
+        return dx, dw.to(w.dtype), None, None, None
 
 
 @torch.compiler.disable  # row chunks in Python: left out of a compiled model's graph
-def mtp_cross_entropy_torch(x, w, targets, weights):
+def mtp_cross_entropy_torch(x, w, targets, weights, fp8=False):
     """Reference (see the module docstring)."""
-    return _MTPCrossEntropy.apply(x, w, targets, check_mtp_args(x, w, targets, weights))
+    return _MTPCrossEntropy.apply(x, w, targets, check_mtp_args(x, w, targets, weights), bool(fp8))
 
 
 VARIANTS = {"torch": mtp_cross_entropy_torch}

@@ -37,7 +37,9 @@ class ModelConfig:
     window_pattern: str = "LSSSLSSLSSSL"  # per layer: L = long window, S = short window (half of long)
     logit_cap: float = 30.0  # logits = logit_cap * sigmoid(z / logit_scale)
     logit_scale: float = 7.5
-    fp8_lm_head: bool = True  # used only where the GPU supports FP8; elsewhere the same math in bf16/fp32
+    # Sub3Min: the lm_head in FP8 where the GPU supports it (elsewhere the same math in bf16/fp32).
+    # record89: the FP8 forward of the MLPs and the lm_head in training (emulated exactly off a GPU).
+    fp8_lm_head: bool = True
     max_seq_len: int = 0  # nanogpt arch only: rows of the learned position table
     bigram_vocab_size: int = 0  # record89: rows of the hashed-bigram table (its data stream hashes into them)
     bigram_dim: int = 0  # record89: width of a bigram row (added to the first bigram_dim channels)
@@ -356,7 +358,7 @@ def record89_tiny() -> RunConfig:
         track="tiny-cpu",
         model=dataclasses.replace(base.model, vocab_size=2048, padded_vocab_size=2048, eot_token=2047, dim=128,
                                   n_head=2, head_dim=64, mlp_hidden=512, attn_block_size=64,
-                                  bigram_vocab_size=2048 * 15, bigram_dim=32),
+                                  bigram_vocab_size=2048 * 15, bigram_dim=32, fp8_lm_head=False),
         # momentum warm-up and cool-down at the record's share of the run (300 and 50 of its 1390 steps)
         optim=dataclasses.replace(base.optim, ns_dtype="float32", muon_momentum_warmup_steps=65,
                                   muon_momentum_cooldown_steps=11),

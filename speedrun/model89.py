@@ -11,8 +11,10 @@ banks are not padded to a multiple of the world size (the optimizer pads its own
 Precision: the embeddings, banks, gates and MUDD weights are stored in ``dtype`` (bf16 on a GPU, as in the
 record; fp32 for the CPU and the golden tests) holding bf16-representable values; the per-layer lambdas
 and scalars are fp32 and cast to ``dtype`` where used (spec 0.3, 2.2). The hot ops come from ``ops``:
-``varlen_attention``, ``mlp`` and ``mtp_cross_entropy`` (kernels/). The record's FP8 matmuls (spec 2.10,
-2.11) are issue [4/6]; this model computes them in ``dtype``.
+``varlen_attention``, ``mlp``, ``mlp_fp8`` and ``mtp_cross_entropy`` (kernels/). With ``cfg.fp8_lm_head``
+training uses the record's FP8 forward for the MLPs (current scaling up, delayed scaling down, spec 2.10)
+and for the lm_head (2.11); evaluation is never FP8. The FP8 weight copies are refreshed after every
+optimizer step (``after_optimizer_step``), the activation scales after every training forward.
 
 The paired-head layers follow the record's code exactly: q and k are rotated as (T, H/2, 2 D) head pairs
 and then viewed as a 2T-long sequence of H/2 heads, which puts head h of token t at position
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.mlp_fp8 import activation_scale, quantize_down, quantize_up
 from speedrun.config import ModelConfig
 
 N_LAYERS = 11
@@ -40,7 +43,7 @@ GATE_IN = 12  # the smear, skip and output gates read the first 12 channels
 MUDD_DIM, MUDD_SCALE = 64, 0.1
 SIGN_ROWS = 8192
 ATTN_SCALE_START = 0.1
-REQUIRED_OPS = ("varlen_attention", "mlp", "mtp_cross_entropy")
+REQUIRED_OPS = ("varlen_attention", "mlp", "mlp_fp8", "mtp_cross_entropy")
 TRAINING_OPS = (*REQUIRED_OPS, "polar_express")  # with NorMuon's
 NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps for the fp32 compute the record does (spec 0.3)
 
@@ -121,6 +124,23 @@ class GPT89(nn.Module):
         self.register_buffer("yarn_freq", base_frequencies(cfg.head_dim), persistent=False)
         self.attn_scale, self._yarn_window, self._tables = ATTN_SCALE_START, None, {}
         self.windows, self.mtp_weights = (cfg.attn_block_size, cfg.attn_block_size), (1.0,)
+        self.fp8 = cfg.fp8_lm_head
+        # FP8 state (spec 2.3), per MLP slot: the delayed scales (saved, restored by the warm-up reset) and
+        # the quantised weights (rebuilt from the weights: quantize_fp8)
+        for name in ("_mlp_down_act_scales", "_mlp_down_proj_scales", "_mlp_down_proj_next_scales"):
+            self.register_buffer(name, torch.ones(N_LAYERS + 1))
+        self.quantize_fp8(bootstrap=True)
+
+    @torch.no_grad()
+    def quantize_fp8(self, bootstrap: bool) -> None:
+        """Refresh the FP8 copies of the MLP weights (after every optimizer step; ``bootstrap``: the down
+        weights with current scaling, as after the record's first 16 steps, at build and at the reset)."""
+        if not self.fp8:
+            return
+        self._up8, self._up_scales = quantize_up(self.mlp_bank[:, 0])
+        self._down8, used, nxt = quantize_down(self.mlp_bank[:, 1], self._mlp_down_proj_next_scales, bootstrap)
+        self._mlp_down_proj_scales.copy_(used)
+        self._mlp_down_proj_next_scales.copy_(nxt)
 
     def _init_parameters(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         """The record's initialisation (spec 2.2-2.4), drawing from the default CPU generator in the record's
@@ -193,12 +213,15 @@ class GPT89(nn.Module):
                                f"{plan.attn_scale}: set_plan missed a stage change (plans must come in order)")
 
     def reset_schedule_state(self) -> None:
-        """Back to step 0's rotary (the warm-up restore, spec 3.7)."""
+        """Back to step 0's rotary and FP8 weight copies (the warm-up restore, spec 3.7; the restored state dict
+        brought the delayed scales back)."""
         self.yarn_freq = base_frequencies(self.cfg.head_dim).to(self.yarn_freq.device)
         self.attn_scale, self._yarn_window, self._tables = ATTN_SCALE_START, None, {}
+        self.quantize_fp8(bootstrap=True)
 
     def after_optimizer_step(self, plan) -> None:
-        """The record requantises its FP8 MLP weights here; this model's matmuls are in ``dtype`` ([4/6])."""
+        """The FP8 copies of the new weights (current scaling of the down weights while plan.fp8_bootstrap)."""
+        self.quantize_fp8(bootstrap=plan.fp8_bootstrap)
 
     def flops_per_step(self, plan) -> float:
         """Training FLOPs of a step: 6 x the matmul weights per token (attention Q, K, V, O, the MLPs, lm_head;
@@ -240,6 +263,7 @@ class GPT89(nn.Module):
         x0 = torch.cat([x0[..., :bd] + bigram_vec * bigram_lambdas[0], x0[..., bd:]], dim=-1)
         skip = torch.sigmoid(lam[23]) * 2 * torch.sigmoid(F.linear(x0[..., :GATE_IN], self.skip_gate))
         x, cache = x0, {0: x0}
+        post_amax = []  # FP8 training: each MLP's max(post), for the next forward's activation scales
 
         for i in range(N_LAYERS):
             mu = None
@@ -269,19 +293,32 @@ class GPT89(nn.Module):
                     x = resid[i, 0] * x + post[i, 0] * out + x0 * x0_lambdas[i]
                     if i > 0:
                         x = self._add_bigram(x, bigram_vec * bigram_lambdas[i])
-            mlp_out = self.ops["mlp"](norm(x), self.mlp_bank[i, 0], self.mlp_bank[i, 1].T)
+            mlp_out = self._mlp(i, norm(x), post_amax)
             x = mu[12] * x + mu[13] * mlp_out if mu is not None else resid[i, 1] * x + post[i, 1] * mlp_out
             if i in CACHED:
                 cache[i] = x
 
+        if post_amax:  # the delayed activation scales for the next training forward (2.10 step 9)
+            with torch.no_grad():
+                self._mlp_down_act_scales[:N_LAYERS] = activation_scale(torch.stack(post_amax))
         mu = self._mudd(x, 1, 5)  # post-loop MUDD (2.9)
         x = x + mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * cache[9] + mu[3] * ve[0][None] + mu[4] * cache[3]
         x = norm(x)[0]
         if self.training:  # the lm_head, softcap and MTP loss (2.11)
-            return self.ops["mtp_cross_entropy"](x, self.lm_head, targets, self.mtp_weights)
+            return self.ops["mtp_cross_entropy"](x, self.lm_head, targets, self.mtp_weights, fp8=self.fp8)
         logits = x @ self.lm_head.type_as(x)  # eval (2.12): plain cross-entropy of the softcapped logits
         z = (23 * torch.sigmoid((logits.float() + 5) / 7.5)).to(logits.dtype).float()
         return F.cross_entropy(z, targets, reduction="none")
+
+    def _mlp(self, i: int, normed: torch.Tensor, post_amax: list) -> torch.Tensor:
+        """MLP(normed) = relu(normed W1^T)^2 W2 of layer i; FP8 in training (spec 2.10)."""
+        w_fc, w_proj = self.mlp_bank[i, 0], self.mlp_bank[i, 1]
+        if not (self.fp8 and self.training):
+            return self.ops["mlp"](normed, w_fc, w_proj.T)
+        out, amax = self.ops["mlp_fp8"](normed[0], w_fc, w_proj, self._up8[i], self._up_scales[i], self._down8[i],
+                                        self._mlp_down_proj_scales[i], self._mlp_down_act_scales[i])
+        post_amax.append(amax)
+        return out[None]
 
     def _add_bigram(self, x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         bd = self.cfg.bigram_dim

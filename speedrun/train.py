@@ -403,8 +403,11 @@ def resolve_config(args, cuda: bool) -> RunConfig:
     for option, (section, field) in overrides.items():
         if getattr(args, option) is not None:
             (train_over if section == "train" else data_over)[field] = getattr(args, option)
-    triton_ok = cuda and all("triton" in kernels.variants(op) for op in recipe_ops(cfg))
-    train_over["kernels"] = args.kernels or ("triton" if triton_ok else "torch")
+    without_triton = [op for op in recipe_ops(cfg) if "triton" not in kernels.variants(op)]
+    if args.kernels == "triton" and without_triton:
+        raise SystemExit(f"--kernels triton: preset {cfg.preset} needs {', '.join(without_triton)}, which have no "
+                         "Triton variant here (Triton missing, or not written yet); use --kernels torch")
+    train_over["kernels"] = args.kernels or ("triton" if cuda and not without_triton else "torch")
     train_over["compile"] = cuda if args.compile is None else args.compile
     try:
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),

@@ -53,6 +53,8 @@ class Record89Race:
         self.cfg, self.env, self.plan = cfg, env, functools.partial(schedule.plan, cfg)
         self.raw_model = (model if model is not None else build_model(cfg, ops)).to(env.device)
         dist.broadcast_parameters(self.raw_model)
+        if hasattr(self.raw_model, "quantize_fp8"):  # the FP8 copies of the broadcast weights, on this device
+            self.raw_model.quantize_fp8(bootstrap=True)
         # not fullgraph: the torch reference ops stay outside the graph (kernels/varlen_attention.py)
         self.model = torch.compile(self.raw_model, dynamic=False) if cfg.train.compile else self.raw_model
         self.optimizer = NorMuonAdam(self.raw_model.labeled_parameters(), cfg, ops["polar_express"])

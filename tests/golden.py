@@ -54,7 +54,8 @@ class Golden:
                                        val_batch_tokens=c["val_batch_size"])
         model = dataclasses.replace(base.model, attn_block_size=c["block_size"], dim=c["model_dim"],
                                     n_head=c["num_heads"], head_dim=c["head_dim"], mlp_hidden=c["mlp_hidden"],
-                                    bigram_vocab_size=c["bigram_vocab_size"], bigram_dim=c["bigram_dim"])
+                                    bigram_vocab_size=c["bigram_vocab_size"], bigram_dim=c["bigram_dim"],
+                                    fp8_lm_head=False)  # the golden run's "FP8 off" (patch R0)
         return dataclasses.replace(base, model=model, schedule=schedule)
 
 

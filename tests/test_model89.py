@@ -251,3 +251,40 @@ def test_full_size_shapes_and_parameter_count():
     padding = 4 * 256 * 768 + 4 * 768 * 768
     assert sum(p.numel() for p in model.parameters()) == 498_773_000 - padding
     assert {p.dtype for p in model.parameters() if p.dim() > 1 and p.numel() > 100} == {torch.bfloat16}
+
+
+def test_fp8_training_uses_the_records_fp8_path(golden89, golden_key_offset):
+    """With FP8 on (the record's GPU training; bf16 weights after 3 golden steps, so the MLP outputs are not
+    zero): every MLP goes through mlp_fp8 and the lm_head through the FP8 loss, the loss stays within 1%
+    of the bf16 loss, the delayed activation scales become 1.8 x the observed max / 448, gradients flow,
+    and the FP8 weight copies follow the weights after an optimizer step."""
+    cfg = golden89.run_config()
+    model_cfg = dataclasses.replace(cfg.model, fp8_lm_head=True)
+    ops = kernels.resolve("torch")
+    calls = []
+    ops["mlp_fp8"] = lambda *args: calls.append(1) or kernels.get("mlp_fp8", "torch")(*args)
+    model = model89.GPT89(model_cfg, ops, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for label, p in model.named_parameters():
+            init = golden89.tensor("init", golden_name(label))
+            p.copy_(golden89.tensor("steps", f"after_3/{golden_name(label)}", init))
+    model.quantize_fp8(bootstrap=True)
+    model.set_plan(schedule.plan(cfg, 0))
+    batch = micro_batches(golden89, 0)[0]
+    fp8_loss = model(*batch).sum()
+    assert len(calls) == model89.N_LAYERS
+    scales = model._mlp_down_act_scales[:model89.N_LAYERS]
+    assert (scales != 1).all() and (scales > 0).all()
+    fp8_loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in (model.mlp_bank, model.lm_head, model.qk_bank))
+    model.fp8 = False
+    with torch.no_grad():
+        plain_loss = model(*batch).sum()
+    assert abs(fp8_loss.item() / plain_loss.item() - 1) < 0.01
+    model.fp8 = True
+    before = model._up8.clone()
+    with torch.no_grad():
+        model.mlp_bank[:, 0, 0, 0] = 0.0
+    model.after_optimizer_step(schedule.plan(cfg, 20))
+    changed = model._up8.float() != before.float()
+    assert changed[:, 0, 0].all() and changed.sum() == model._up8.size(0)

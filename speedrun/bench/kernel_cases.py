@@ -13,6 +13,7 @@ Triton interpreter runs: times mean nothing there, only the pipeline and the cor
                                          Q/K (8, 256, 768), V/O (3, 768, 768), MLP (3, 3072, 768)
     varlen_attention  tokens T           record #89: T=49152, H=6, D=128, window 1664    T / 8, T / 4, T / 2, T
     mtp_cross_entropy tokens N           record #89: N=49152, d=768, V=50304, 3 weights  N / 8, N / 4, N / 2, N
+    mlp_fp8         tokens M             record #89: M=49152, dim 768, hidden 3072       M / 8, M / 4, M / 2, M
 
 Counting conventions:
 - attention FLOPs count only the (query, key) pairs the mask keeps (counted exactly from the doc ids and
@@ -103,13 +104,15 @@ def record89_cases(op: str, quick: bool, on_gpu: bool) -> list[Case]:
     if op == "varlen_attention":
         return [Case(op, f"T={t}", t, "seq_len", t == T, dict(T=t, H=m.n_head, D=m.head_dim,
                                                               window=last.window_tokens[1])) for t in sweep]
+    if op == "mlp_fp8":
+        return [Case(op, f"M={t}", t, "tokens", t == T, dict(M=t, dim=m.dim, hidden=m.mlp_hidden)) for t in sweep]
     return [Case(op, f"N={t},V={m.padded_vocab_size}", t, "tokens", t == T,
                  dict(N=t, d=m.dim, V=m.padded_vocab_size, weights=(1.0, 0.5, 0.25))) for t in sweep]
 
 
 def cases(op: str, cfg: RunConfig, quick: bool, on_gpu: bool) -> list[Case]:
     """The shapes of ``op`` for the preset ``cfg``: the recipe's, plus (unless ``quick``) the sweep."""
-    if op in ("varlen_attention", "mtp_cross_entropy"):
+    if op in ("varlen_attention", "mtp_cross_entropy", "mlp_fp8"):
         return record89_cases(op, quick, on_gpu)
     m, T = cfg.model, cfg.data.seq_len
     if not on_gpu:  # the interpreter is slow: the tiny preset's shapes at half its sequence and below
@@ -205,6 +208,22 @@ def problem(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0)
         io = T * H * D * esize
         return Problem((q, k, v, cu, p["window"], 0.1), {}, 3, randn(T, H, D),
                        _with_bwd_sum(fwd, 2.5 * fwd), _with_bwd_sum(4 * io, 8 * io))
+    if case.op == "mlp_fp8":
+        from kernels.mlp_fp8 import activation_scale, mlp_fp8_torch, quantize_down, quantize_up
+
+        M, dim, hidden = p["M"], p["dim"], p["hidden"]
+        x = randn(M, dim)
+        w_fc, w_proj = randn(hidden, dim, scale=dim**-0.5), randn(hidden, dim, scale=hidden**-0.5)
+        up8, up_scale = quantize_up(w_fc.detach().bfloat16())
+        down8, down_scale, _ = quantize_down(w_proj.detach().bfloat16(), None, bootstrap=True)
+        one = torch.ones((), device=device)
+        with torch.no_grad():  # the delayed activation scale a previous forward would have left
+            act_scale = activation_scale(mlp_fp8_torch(x.bfloat16(), w_fc.bfloat16(), w_proj.bfloat16(), up8,
+                                                       up_scale, down8, down_scale, one)[1])
+        fwd = 4.0 * M * dim * hidden
+        act, w8 = M * dim * esize, 2 * dim * hidden  # the FP8 weights: 1 byte per entry
+        return Problem((x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale), {}, 3, randn(M, dim),
+                       _with_bwd_sum(fwd, 2 * fwd), _with_bwd_sum(2 * act + w8, 4 * act + 2 * w8 * esize))
     if case.op == "mtp_cross_entropy":
         N, d, V = p["N"], p["d"], p["V"]
         x, w = randn(N, d), randn(d, V, scale=0.05)
@@ -249,8 +268,9 @@ def kept_pairs(doc_ids: torch.Tensor, window, block_size: int) -> int:
 def as_reference(prob: Problem) -> Problem:
     """The same problem in fp32 (floating inputs upcast, Newton-Schulz computed in fp32): the reference
     that every variant's result is checked against."""
-    args = tuple(a.detach().float().requires_grad_(a.requires_grad)
-                 if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a for a in prob.args)
+    args = tuple(a.detach().float().requires_grad_(a.requires_grad)  # FP8 inputs (1 byte) stay as they are
+                 if isinstance(a, torch.Tensor) and a.dtype.is_floating_point and a.element_size() > 1 else a
+                 for a in prob.args)
     kwargs = dict(prob.kwargs)
     if "dtype" in kwargs:
         kwargs["dtype"] = torch.float32

@@ -83,9 +83,14 @@ def results(fn, prob: kc.Problem, with_grads: bool) -> list[torch.Tensor]:
     leaves, args = _fresh(prob)
     if not with_grads or prob.n_leaves == 0:
         with torch.no_grad():
-            return [fn(*args, **prob.kwargs).detach()]
-    out = fn(*args, **prob.kwargs)
+            return [_primary(fn(*args, **prob.kwargs)).detach()]
+    out = _primary(fn(*args, **prob.kwargs))
     return [out.detach(), *torch.autograd.grad(out, leaves, prob.grad_out)]
+
+
+def _primary(out):
+    """An op's main output: itself, or the first of a tuple (mlp_fp8 also returns its activation amax)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def max_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
@@ -106,9 +111,9 @@ def timed_call(fn, prob: kc.Problem, mode: str):
     if mode == "fwd" or prob.n_leaves == 0:
         return lambda: fn(*args, **prob.kwargs)
     if mode == "bwd":
-        out = fn(*args, **prob.kwargs)
+        out = _primary(fn(*args, **prob.kwargs))
         return lambda: torch.autograd.grad(out, leaves, prob.grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(*args, **prob.kwargs), leaves, prob.grad_out)
+    return lambda: torch.autograd.grad(_primary(fn(*args, **prob.kwargs)), leaves, prob.grad_out)
 
 
 # --------------------------------------------------------------------------------------------------

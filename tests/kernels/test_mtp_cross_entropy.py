@@ -66,3 +66,40 @@ def test_bad_arguments():
         mce.mtp_cross_entropy_torch(x, w, y.int(), (1.0,))
     with pytest.raises(ValueError, match="at least one"):
         mce.mtp_cross_entropy_torch(x, w, y, ())
+
+
+def test_fp8_matmuls_are_the_records():
+    """fp8=True: logits = bf16(x_s w_s e4m3(x / x_s) e4m3(w / w_s)), and the backward's e5m2 gradient with
+    grad_s = 0.75 / 448 x the incoming gradient (1/8 here, as with 8 micro-steps), against the spec's
+    formulas with the FP8 roundings done on the formats' grids."""
+    from test_fp8 import E4M3, E5M2, round_to
+
+    def on(table, t):
+        return torch.from_numpy(round_to(t.double().numpy(), table))
+
+    g = torch.Generator().manual_seed(9)
+    T, d, V = 12, 16, 64
+    x = (torch.randn(T, d, generator=g) * 3).bfloat16().requires_grad_()
+    w = (torch.randn(d, V, generator=g) * 0.05).bfloat16().requires_grad_()
+    y = torch.randint(0, V, (T,), generator=g)
+    loss = mce.mtp_cross_entropy_torch(x, w, y, (1.0, 0.5), fp8=True)
+    x8 = on(E4M3, (x.detach() / mce.X_SCALE).double())
+    w8 = on(E4M3, (w.detach() / mce.W_SCALE).double())
+    logits = (mce.XW_SCALE * (x8 @ w8)).to(torch.bfloat16)
+    z, s = mce.softcap(logits, torch.bfloat16)
+    lse = torch.logsumexp(z.double(), -1)
+    want = torch.zeros(T, dtype=torch.float64)
+    for k, wk in enumerate((1.0, 0.5)):
+        want[:T - k] += wk * (lse[:T - k] - z.double()[torch.arange(T - k), y[k:]])
+    assert (loss.double() - want).abs().max() < 1e-4
+    loss.backward(torch.full((T,), 1 / 8))
+    d_logits = 1.5 * torch.softmax(z.double(), -1)
+    for k, wk in enumerate((1.0, 0.5)):
+        d_logits[torch.arange(T - k), y[k:]] -= wk
+    grad = (23 / 7.5) * s.double() * (1 - s.double()) * d_logits / 8
+    grad_s = torch.tensor(mce.GRAD_SCALE) * torch.tensor(1 / 8)
+    g8 = on(E5M2, (grad.float() / grad_s).double())
+    want_dx = (grad_s.double() * mce.W_SCALE * (g8 @ w8.T)).to(torch.bfloat16)
+    want_dw = (mce.X_SCALE * grad_s.double() * (x8.T @ g8)).to(torch.bfloat16)
+    assert ((x.grad.double() - want_dx.double()).abs() <= 2**-7 * want_dx.double().abs().max()).all()
+    assert ((w.grad.double() - want_dw.double()).abs() <= 2**-7 * want_dw.double().abs().max()).all()

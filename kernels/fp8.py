@@ -1,0 +1,31 @@
+"""FP8 number formats as record #89 uses them (spec recipe-frontier.md 6: "FP8 grids"), for the ops' PyTorch
+references: saturating casts and the scaled matmul, emulated exactly (products of FP8 values accumulated
+in fp32).
+
+    e4m3   float8_e4m3fn, max 448, round to nearest even; values beyond +-448 saturate to +-448, as the
+           GPU's cvt.rn.satfinite does (PyTorch's own eager cast gives NaN above 464 instead)
+    e5m2   float8_e5m2, max 57344, likewise
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
+
+
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float8_e4m3fn, saturating at +-448 (NaN stays NaN)."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def to_e5m2(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float8_e5m2, saturating at +-57344."""
+    return x.clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
+
+
+def scaled_mm(a8: torch.Tensor, b8: torch.Tensor, scale, out_dtype: torch.dtype) -> torch.Tensor:
+    """out_dtype(scale * (a8 @ b8)) for FP8 a8 (M, K) and b8 (K, N): every product exact, sums in fp32 (what
+    torch._scaled_mm computes, up to the GPU's accumulation order); ``scale`` a float or fp32 tensor."""
+    return (scale * (a8.float() @ b8.float())).to(out_dtype)

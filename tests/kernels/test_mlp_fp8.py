@@ -1,0 +1,79 @@
+"""mlp_fp8 (record #89's FP8-forward, bf16-backward ReLU^2 MLP) and its quantisation, against the spec's
+formulas (recipe-frontier.md 2.10, 6 rows 6-10) with the FP8 roundings done on the formats' grids
+(test_fp8.round_to), bf16 roundings by PyTorch, sums in float64."""
+
+import pytest
+import torch
+from test_fp8 import E4M3, round_to
+
+import kernels
+from kernels.mlp_fp8 import activation_scale, quantize_down, quantize_up
+
+VARIANTS = kernels.variants("mlp_fp8")
+
+
+def e4m3(t: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(round_to(t.double().numpy(), E4M3))
+
+
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).double()
+
+
+def weights(seed, hidden=48, d=16):
+    g = torch.Generator().manual_seed(seed)
+    w_fc = (torch.randn(hidden, d, generator=g) * d**-0.5).bfloat16()
+    w_proj = (torch.randn(hidden, d, generator=g) * hidden**-0.5).bfloat16()
+    return w_fc, w_proj
+
+
+def test_weight_quantisation():
+    w_fc, w_proj = weights(0)
+    up8, up_scale = quantize_up(w_fc)
+    s = bf16(bf16(w_fc.double().abs().max()) / 448)  # bf16 arithmetic, as the record's eager code
+    assert up_scale.dtype == torch.float32 and up_scale.double() == s
+    assert torch.equal(up8.double(), e4m3(bf16(w_fc.double() / s)))
+    # bootstrap: current scaling; then the delayed next scale with headroom 1.12
+    down8, used, nxt = quantize_down(w_proj, torch.tensor(0.0), bootstrap=True)
+    s = bf16(bf16(w_proj.double().abs().max()) / 448)
+    assert used.double() == s and torch.equal(down8.double(), e4m3((w_proj.float() / used).double()))
+    assert nxt == w_proj.float().abs().max() * torch.tensor(1.12 / 448)  # fp32 times fp32(1.12 / 448)
+    # delayed: the scale handed over is used; values beyond 448 after the division saturate
+    down8, used2, _ = quantize_down(w_proj * 2, nxt, bootstrap=False)
+    assert used2 == nxt and down8.float().abs().max() == 448
+    assert activation_scale(torch.tensor(3.5)) == torch.tensor(3.5) * torch.tensor(1.8 / 448)
+    assert activation_scale(torch.tensor(0.0)) == torch.tensor(1e-12) * torch.tensor(1.8 / 448)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("act_scale", [0.02, 1e-4])  # a fitting delayed scale, and one that saturates post8
+def test_forward_and_backward(variant, act_scale):
+    w_fc, w_proj = weights(1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 16, generator=g).bfloat16().requires_grad_()
+    up8, up_scale = quantize_up(w_fc)
+    down8, down_scale, _ = quantize_down(w_proj, torch.tensor(0.0), bootstrap=True)
+    w_fc_p, w_proj_p = w_fc.clone().requires_grad_(), w_proj.clone().requires_grad_()
+    act = torch.tensor(act_scale, dtype=torch.float32)
+    out, amax = kernels.get("mlp_fp8", variant)(x, w_fc_p, w_proj_p, up8, up_scale, down8, down_scale, act)
+    # reference forward
+    a = x.detach().float().abs().max()
+    x8 = e4m3((x.detach().float() * (448 / a)).double())
+    dq = (up_scale * a / 448).double()
+    pre = bf16(dq * (x8 @ up8.double().T))
+    post = bf16(torch.relu(pre) ** 2)
+    post8 = e4m3(torch.clamp((post.float() * (1 / act)).double(), max=448))
+    want = bf16((act * down_scale).double() * (post8 @ down8.double()))
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - want).abs() <= 2**-8 * want.abs()).all()
+    assert (out.double() == want).float().mean() > 0.95
+    assert amax == post.max().float()
+    # reference backward (bf16 function at the FP8 forward's pre and post)
+    grad = torch.randn(24, 16, generator=g).bfloat16()
+    out.backward(grad)
+    u = bf16(grad.double() @ w_proj.double().T)
+    dpre = bf16(2 * u * torch.relu(pre))
+    for got, ref in ((w_proj_p.grad, post.T @ grad.double()), (w_fc_p.grad, dpre.T @ x.detach().double()),
+                     (x.grad, dpre @ w_fc.double())):
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - ref).abs() <= 2**-7 * ref.abs().max()).all()
