@@ -21,12 +21,15 @@ import copy
 import dataclasses
 import resource
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import kernels
 import kernels.common
+from speedrun import dist
 from speedrun.bench.cli import add_common_arguments
 from speedrun.bench.measure import (
     bench_device,
@@ -36,7 +39,7 @@ from speedrun.bench.measure import (
     versions,
 )
 from speedrun.config import PRESETS, RunConfig, get_preset, window_blocks
-from speedrun.data.shards import atomic_write_text
+from speedrun.data.shards import atomic_write_text, write_shard
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers
 from speedrun.runlog import repo_or_absolute_path, utc_now
@@ -56,12 +59,47 @@ def synthetic_pairs(cfg: RunConfig, device: torch.device, seed: int) -> list[tup
     return [(row[:-1].to(device), row[1:].to(device)) for row in tokens]
 
 
+def synthetic_shard(path, cfg: RunConfig, tokens: int, seed: int) -> None:
+    """A train shard of ``tokens`` random ids, a document start (eot) every ~1024 tokens on average."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.model.vocab_size, (tokens,), generator=g)
+    ids[torch.rand(tokens, generator=g) < 1 / 1024] = cfg.model.eot_token
+    ids[0] = cfg.model.eot_token
+    write_shard(path, ids.numpy().astype("uint16"))
+
+
+def staged_step(cfg: RunConfig, device: torch.device, calls: int, seed: int, workdir: Path):
+    """(one_step, tokens per step, FLOPs per step or None) for a staged recipe (record #89): its race on
+    synthetic shards, every step at the plan of the last training step (the largest batch and windows)."""
+    from speedrun import schedule
+    from speedrun.data.packed import PackedTrainLoader
+    from speedrun.train import make_race
+
+    step_at = cfg.train.num_steps - 1
+    plan = schedule.plan(cfg, step_at)
+    # documents are cut to the stage's length, so a step reads more than its batch; the loader prefetches 2
+    synthetic_shard(workdir / "bench_train_000001.bin", cfg, 3 * (calls + 3) * plan.batch_tokens + 4096, seed)
+    synthetic_shard(workdir / "bench_val_000000.bin", cfg, 4096, seed + 1)
+    env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=device)
+    race = make_race(cfg, env, workdir)
+    race.train_loader.close()
+    race.train_loader = PackedTrainLoader(workdir, lambda _: plan, cfg.data.batch_slots, 1, 0, cfg.model.eot_token,
+                                          cfg.model.bigram_vocab_size, device, prefetch=True)
+    for s in range(step_at + 1):  # the model's rotary and windows as at the last step
+        race.raw_model.set_plan(schedule.plan(cfg, s))
+    return (lambda: race.train_step(step_at)), plan.batch_tokens, race.step_flops(step_at)
+
+
 def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: int, profile_steps: int,
                      log=print) -> dict:
     """Time ``steps`` optimizer steps of ``cfg`` (its kernel set, compile flag) after ``warmup`` untimed ones."""
     settings = (kernels.common.interpreter_settings_for_model_runs(device) if cfg.train.kernels == "triton"
                 else contextlib.nullcontext())
-    with settings:
+    with settings, tempfile.TemporaryDirectory() as workdir:
+        if cfg.schedule is not None:
+            one_step, tokens_per_step, step_flops = staged_step(cfg, device, warmup + steps + profile_steps,
+                                                                cfg.train.seed, Path(workdir))
+            return _time_steps(cfg, device, one_step, tokens_per_step, step_flops, steps, warmup, profile_steps, log)
         torch.manual_seed(cfg.train.seed)
         ops = kernels.resolve(cfg.train.kernels, TRAINING_OPS)
         raw_model = GPT(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype)).to(device)
@@ -76,32 +114,39 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
         def one_step():
             optimizer_step(model, raw_model, optimizers, cfg, pairs, per_forward, window, step_at)
 
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len, long_blocks * cfg.model.attn_block_size)
+        return _time_steps(cfg, device, one_step, cfg.data.tokens_per_step, fpt * cfg.data.tokens_per_step, steps,
+                           warmup, profile_steps, log)
+
+
+def _time_steps(cfg: RunConfig, device: torch.device, one_step, tokens_per_step: int, step_flops, steps: int,
+                warmup: int, profile_steps: int, log) -> dict:
+    """Warm up, time ``steps`` calls of ``one_step`` (each synchronised), profile; the result row."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        one_step()
+    device_sync(device)
+    log(f"  {cfg.train.kernels}: warm-up ({warmup} steps, compile included) {time.perf_counter() - t0:.1f} s")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    samples = []
+    for _ in range(steps):
         t0 = time.perf_counter()
-        for _ in range(warmup):
-            one_step()
+        one_step()
         device_sync(device)
-        log(f"  {cfg.train.kernels}: warm-up ({warmup} steps, compile included) {time.perf_counter() - t0:.1f} s")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        samples = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            one_step()
-            device_sync(device)
-            samples.append(1000 * (time.perf_counter() - t0))
-        timing = timing_from_samples(samples)
-        breakdown = profile(one_step, device, profile_steps) if profile_steps else []
-    tokens_per_step = cfg.data.tokens_per_step
+        samples.append(1000 * (time.perf_counter() - t0))
+    timing = timing_from_samples(samples)
+    breakdown = profile(one_step, device, profile_steps) if profile_steps else []
     tokens_per_s = tokens_per_step / (timing.median_ms / 1000)
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len, long_blocks * cfg.model.attn_block_size)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process RSS so far, KiB on Linux
     return dict(kernels=cfg.train.kernels, compile=cfg.train.compile, steps=steps, median_ms=timing.median_ms,
                 p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, tokens_per_step=tokens_per_step,
-                tokens_per_s=tokens_per_s, mfu=fpt * tokens_per_s / (peak * 1e12) if peak else None,
+                tokens_per_s=tokens_per_s,
+                mfu=step_flops / (timing.median_ms / 1000) / (peak * 1e12) if peak and step_flops else None,
                 peak_mem_mib=peak_mem, breakdown=breakdown)
 
 
@@ -128,8 +173,8 @@ def report(results: list[dict], cfg: RunConfig, device: torch.device) -> str:
     lines = [f"# bench train: preset {cfg.preset} on {device_name(device)}",
              "",
              f"torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}; {utc_now()}. Synthetic tokens "
-             f"(random ids; step time does not depend on them). {cfg.data.batch_slots} x {cfg.data.seq_len} "
-             f"tokens per step on 1 device, window at the schedule's end.",
+             f"(random ids; step time does not depend on them). {results[0]['tokens_per_step']:,} tokens per step "
+             f"on 1 device, batch and windows of the schedule's last step.",
              ""]
     if device.type == "cpu":
         lines += ["CPU run: the triton set runs under the Triton interpreter, so its time means nothing; "
@@ -174,6 +219,8 @@ def train_command(args) -> int:
     gpu = device.type == "cuda"
     cfg = get_preset(args.preset or ("gpt2-124m" if gpu else "tiny"))
     if args.seq_len is not None:
+        if cfg.schedule is not None:
+            raise SystemExit(f"--seq-len does not apply to preset {cfg.preset}: its stages set the sequence lengths")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=args.seq_len))
     if cfg.data.seq_len % cfg.model.attn_block_size and cfg.model.arch == "recipe":
         raise SystemExit(f"--seq-len must be a multiple of the attention block ({cfg.model.attn_block_size})")

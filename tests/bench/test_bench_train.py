@@ -41,3 +41,11 @@ def test_one_kernel_set_rates_and_profile():
     assert any("mm" in e["op"] for e in r["breakdown"])  # matmuls take time in a transformer step
     text = tb.report([r, dict(r, kernels="triton", median_ms=2 * r["median_ms"])], cfg, CPU)
     assert "| torch | False |" in text and "step time ratio 2.000" in text and "CPU run" in text
+
+
+def test_a_staged_recipe_is_timed_at_its_last_step():
+    """record89-tiny: its race on synthetic shards, every step at the last step's batch (6144 tokens)."""
+    cfg = get_preset("record89-tiny")
+    r = tb.bench_kernel_set(cfg, CPU, steps=1, warmup=0, profile_steps=0, log=lambda line: None)
+    assert r["tokens_per_step"] == 6144 and r["median_ms"] > 0 and r["breakdown"] == []
+    assert "6,144 tokens per step" in tb.report([r], cfg, CPU)
