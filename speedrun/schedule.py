@@ -282,14 +282,35 @@ def summary(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
+def model_lines(cfg: RunConfig) -> list[str]:
+    """The preset's model at its real size, built on the meta device (no memory): parameter count, shapes."""
+    import torch
+
+    import kernels
+
+    with torch.device("meta"):
+        if cfg.model.arch == "record89":
+            from speedrun.model89 import GPT89
+            model = GPT89(cfg.model, kernels.resolve("torch"))
+        else:
+            from speedrun.model import GPT
+            model = GPT(cfg.model, kernels.resolve("torch"))
+    params = list(model.named_parameters())
+    lines = [f"model: {sum(p.numel() for _, p in params):,} parameters"]
+    lines += [f"  {name:<28} {' x '.join(map(str, p.shape)):<22} {str(p.dtype).replace('torch.', '')}"
+              for name, p in params]
+    return lines
+
+
 def schedule_command(preset: str, every: int | None = None, as_json: bool = False) -> int:
-    """`speedrun schedule`: the preset's plan on stdout."""
+    """`speedrun schedule`: the preset's plan (and model size) on stdout."""
     cfg = config.get_preset(preset)
     if as_json:
         for p in full_plan(cfg):
             sys.stdout.write(json.dumps(p.to_dict()) + "\n")
         return 0
     print(summary(cfg))
+    print("\n".join(model_lines(cfg)))
     print()
     print(format_table(cfg, every))
     return 0
