@@ -60,6 +60,10 @@ class Record89Race:
         self.optimizer = NorMuonAdam(self.raw_model.labeled_parameters(), cfg, ops["polar_express"])
         self.train_paths = list_shards(data_dir, "train")
         self.val_path = list_shards(data_dir, "val")[0]
+        try:  # the validation arguments are checked now, not after the warm-up
+            self._val_chunks()
+        except ValueError as e:
+            raise SystemExit(f"preset {cfg.preset}: {e}") from None
         self.micro_steps = cfg.data.batch_slots // env.world_size
         self.train_loader = self._loader(self.plan, prefetch=True)
 
@@ -69,11 +73,11 @@ class Record89Race:
                                  c.model.eot_token, c.model.bigram_vocab_size, self.env.device, prefetch)
 
     def _val_chunks(self):
+        """This rank's validation chunks as device tensors (an iterator; the arguments are checked at once)."""
         c = self.cfg
-        for chunk in packed_val_chunks(self.val_path, c.data.val_tokens, c.schedule.val_batch_tokens,
-                                       c.data.batch_slots, self.env.world_size, self.env.rank, c.model.eot_token,
-                                       c.model.bigram_vocab_size):
-            yield [torch.from_numpy(a).to(self.env.device) for a in chunk]
+        chunks = packed_val_chunks(self.val_path, c.data.val_tokens, c.schedule.val_batch_tokens, c.data.batch_slots,
+                                   self.env.world_size, self.env.rank, c.model.eot_token, c.model.bigram_vocab_size)
+        return ([torch.from_numpy(a).to(self.env.device) for a in chunk] for chunk in chunks)
 
     def _train_on(self, plan, micro_batches) -> torch.Tensor:
         self.raw_model.set_plan(plan)

@@ -216,3 +216,10 @@ def test_record89_tiny_trains_end_to_end_on_the_cpu(tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert "preset record89-tiny: modded-nanogpt record #89's recipe" in result.log_path.read_text()
     assert facts["tokens_seen"] == 2 * 2048
+
+
+def test_bad_validation_settings_stop_before_the_warm_up(data_dir):
+    cfg = staged_config(data_dir)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_tokens=1000))
+    with pytest.raises(SystemExit, match="val_tokens 1,000 must be a multiple of the validation batch 1,024"):
+        race_for(cfg, data_dir)
