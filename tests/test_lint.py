@@ -16,3 +16,10 @@ def test_ruff_check_is_clean():
         pytest.skip("ruff is not installed (install the dev extras: pip install -e .[dev])")
     result = subprocess.run([ruff, "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_random_test_inputs_are_seeded():
+    """Every numpy generator in the tests is seeded, so a failure replays (torch ones use manual_seed)."""
+    unseeded = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "tests").rglob("*.py"))
+                for n, line in enumerate(path.read_text().splitlines(), 1) if "default_rng()" in line]
+    assert not unseeded, f"unseeded np.random.default_rng() at {', '.join(unseeded)}"

@@ -18,7 +18,7 @@ class FakeHub:
     """Stands in for hf_hub_download: writes a real shard (or a corrupt file) where the hub would."""
 
     def __init__(self, corrupt=(), fail_at=None, error=None):
-        self.rng = np.random.default_rng()
+        self.rng = np.random.default_rng(101)
         self.calls, self.tokens = [], {}
         self.corrupt, self.fail_at, self.error = set(corrupt), fail_at, error
 
@@ -117,7 +117,7 @@ def test_present_files_are_not_downloaded_again(tmp_path, hub):
 def test_copied_in_file_is_recorded_and_invalid_one_refetched(tmp_path, hub, monkeypatch):
     out = tmp_path / "fw"
     out.mkdir()
-    copied = np.random.default_rng().integers(0, 50257, size=777)
+    copied = np.random.default_rng(102).integers(0, 50257, size=777)
     write_shard(out / "fineweb_val_000000.bin", copied)  # copied in by hand, no manifest
     (out / "fineweb_train_000001.bin").write_bytes(b"garbage")  # an invalid leftover
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

@@ -74,7 +74,7 @@ def test_hand_checked_positions(tmp_path):
 
 
 def test_dtypes_and_shapes(tmp_path):
-    write_train_shards(tmp_path, [500], np.random.default_rng())
+    write_train_shards(tmp_path, [500], np.random.default_rng(103))
     (x, y), = TrainLoader(tmp_path, seq_len=16, batch_slots=4, world_size=4, rank=2, prefetch=False).next_step()
     assert x.dtype == torch.int32 and y.dtype == torch.int64 and x.shape == y.shape == (16,)
     assert torch.equal(x[1:].long(), y[:-1])
@@ -82,7 +82,7 @@ def test_dtypes_and_shapes(tmp_path):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_every_world_size_sees_the_recipe_stream(tmp_path, world_size):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(104)
     seq_len, slots = 16, 8
     shards = write_train_shards(tmp_path, [700, 129, 1000, 389, 300], rng)  # 129: too small for a step
     expected = recipe_steps(shards, seq_len, slots)
@@ -101,7 +101,7 @@ def test_every_world_size_sees_the_recipe_stream(tmp_path, world_size):
 
 
 def test_prefetch_gives_the_same_batches(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(105)
     write_train_shards(tmp_path, [3000, 2000], rng)
     with_thread = TrainLoader(tmp_path, 32, 4, world_size=2, rank=1, prefetch=True)
     without = TrainLoader(tmp_path, 32, 4, world_size=2, rank=1, prefetch=False)
@@ -110,7 +110,7 @@ def test_prefetch_gives_the_same_batches(tmp_path):
 
 
 def test_reset_and_state_dict_replay_the_stream(tmp_path):
-    write_train_shards(tmp_path, [1500, 1500], np.random.default_rng())
+    write_train_shards(tmp_path, [1500, 1500], np.random.default_rng(106))
     loader = TrainLoader(tmp_path, 16, 8, prefetch=True)
     first = take(loader, 3)  # e.g. untimed warm-up steps
     loader.reset()
@@ -128,7 +128,7 @@ def test_reset_and_state_dict_replay_the_stream(tmp_path):
 def test_thread_error_reaches_the_consumer(tmp_path):
     # The thread runs out of data after two steps (rewriting a shard under it instead would race with
     # its memory map: truncating a mapped file kills the process with SIGBUS).
-    write_train_shards(tmp_path, [300], np.random.default_rng())
+    write_train_shards(tmp_path, [300], np.random.default_rng(107))
     loader = TrainLoader(tmp_path, 16, 8, prefetch=True)
     take(loader, 2)
     with pytest.raises(RuntimeError, match="ran out after 2 steps"):
@@ -143,7 +143,7 @@ def loader_threads():
 
 
 def test_thread_stops_on_close_and_on_garbage_collection(tmp_path):
-    write_train_shards(tmp_path, [5000], np.random.default_rng())
+    write_train_shards(tmp_path, [5000], np.random.default_rng(108))
     before = len(loader_threads())
     loader = TrainLoader(tmp_path, 16, 8, prefetch=True)
     assert len(loader_threads()) == before + 1
@@ -160,7 +160,7 @@ def test_thread_stops_on_close_and_on_garbage_collection(tmp_path):
 
 
 def test_align_to_bos(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(109)
     seq_len, slots, eot = 16, 4, 65535
     tokens = rng.integers(0, 1000, size=2000)
     tokens[rng.choice(2000, size=60, replace=False)] = eot
@@ -193,7 +193,7 @@ def test_train_loader_argument_errors(tmp_path):
         TrainLoader(tmp_path / "missing", 16, 8)
     with pytest.raises(ValueError, match="empty"):
         TrainLoader([], 16, 8)
-    write_train_shards(tmp_path, [1000], np.random.default_rng())
+    write_train_shards(tmp_path, [1000], np.random.default_rng(110))
     with pytest.raises(ValueError, match="world_size 3 must divide batch_slots 8"):
         TrainLoader(tmp_path, 16, 8, world_size=3)
     with pytest.raises(ValueError, match="rank"):
@@ -213,7 +213,7 @@ def test_train_loader_argument_errors(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_batches_match_cpu(tmp_path):
-    write_train_shards(tmp_path, [3000], np.random.default_rng())
+    write_train_shards(tmp_path, [3000], np.random.default_rng(111))
     on_gpu = TrainLoader(tmp_path, 32, 8, world_size=2, rank=1, device="cuda", prefetch=True)
     on_cpu = TrainLoader(tmp_path, 32, 8, world_size=2, rank=1, prefetch=False)
     for _ in range(5):
@@ -228,7 +228,7 @@ def test_cuda_batches_match_cpu(tmp_path):
 
 
 def test_val_sequences_split_over_ranks(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(112)
     tokens = rng.integers(0, 65536, size=1000)
     path = tmp_path / "rand_val_000000.bin"
     write_shard(path, tokens)

@@ -39,7 +39,7 @@ def patch_int32(path, slot, value):
 
 @pytest.fixture
 def rng():
-    return np.random.default_rng()  # fresh inputs every run
+    return np.random.default_rng(113)  # seeded: a failure replays
 
 
 # --- reader / writer ---------------------------------------------------------------------------

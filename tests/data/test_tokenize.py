@@ -47,7 +47,7 @@ def test_lines_file_exact_stream_and_boundaries(tmp_path, sample, encoder):
     path = sample / "fineweb_sample_small.txt"
     documents = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     expected = expected_stream(encoder, documents)
-    shard_tokens = int(np.random.default_rng().integers(300, 1500))
+    shard_tokens = int(np.random.default_rng(119).integers(300, 1500))
     manifest = tokenize_to_shards([str(path)], tmp_path / "out", shard_tokens=shard_tokens, workers=1, progress=False)
     shards = read_stream(tmp_path / "out")
     assert len(shards) == -(-len(expected) // shard_tokens)
@@ -85,7 +85,7 @@ def test_two_workers_match_one(tmp_path, sample, monkeypatch):
 
 
 def test_jsonl_and_parquet_inputs(tmp_path, encoder, monkeypatch):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(120)
     docs_jsonl, docs_parquet = random_documents(rng, 30), random_documents(rng, 40)
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs_jsonl)) + "\n")
