@@ -24,3 +24,12 @@ def test_random_test_inputs_are_seeded():
     unseeded = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "tests").rglob("*.py"))
                 for n, line in enumerate(path.read_text().splitlines(), 1) if call in line]
     assert not unseeded, f"unseeded np.random.{call} at {', '.join(unseeded)}"
+
+
+def test_readme_links_point_at_committed_files():
+    import re
+
+    text = (REPO / "README.md").read_text()
+    links = {m for m in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in m}
+    missing = sorted(link for link in links if not (REPO / link).exists())
+    assert links and not missing, f"README.md links to missing files: {missing}"
