@@ -180,3 +180,25 @@ def supports_fp8() -> bool:
 def is_hopper() -> bool:
     cap = cuda_capability()
     return cap is not None and cap[0] == 9
+
+
+class _NoBackward(torch.autograd.Function):
+    """Carries a result that has no gradient: differentiating it raises (instead of a silently wrong one)."""
+
+    @staticmethod
+    def forward(ctx, inp, out, name):
+        ctx.name = name
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"{ctx.name} has no backward: call it on tensors that do not require grad "
+                           "(the optimizers do, under torch.no_grad), or use the torch variant")
+
+
+def refuse_backward(inp: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+    """``out`` (computed without autograd from ``inp``), made to refuse differentiation when ``inp`` needs a
+    gradient; returned as it is otherwise."""
+    if inp.requires_grad and torch.is_grad_enabled():
+        return _NoBackward.apply(inp, out.detach(), name)
+    return out

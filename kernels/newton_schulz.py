@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
+from kernels.common import interpreter_block, interpreting, new_empty, refuse_backward, triton_usable
 
 DEFAULT_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -221,12 +221,19 @@ if triton is not None:
         B = ba_plus_caa_triton(A, b, c), X = torch.baddbmm(X, B, X, beta=a). No host sync.
 
         G (..., m, n) any float dtype -> X (..., m, n) in ``dtype``. Tall matrices are transposed so the
-        Gram matrices are (min(m, n), min(m, n)).
+        Gram matrices are (min(m, n), min(m, n)). No gradient: differentiating the result raises.
         """
         check_newton_schulz_args(G, steps, dtype)
         if not triton_usable(G.device):
             raise ValueError(f"G is on {G.device}, where the Triton kernels cannot run "
                              "(needs a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+        if G.numel() == 0:
+            return G.detach().to(dtype)
+        with torch.no_grad():
+            X = _newton_schulz_triton(G, steps, coeffs, eps, dtype)
+        return refuse_backward(G, X, "newton_schulz (triton variant)")
+
+    def _newton_schulz_triton(G, steps, coeffs, eps, dtype):
         a, b, c = (float(v) for v in coeffs)
         X = G.to(dtype)
         tall = X.size(-2) > X.size(-1)

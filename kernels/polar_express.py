@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import triton_usable
+from kernels.common import refuse_backward, triton_usable
 from kernels.newton_schulz import VARIANTS as NS_VARIANTS
 from kernels.newton_schulz import xxt_torch
 
@@ -88,6 +88,8 @@ def _xxt_fp32_accumulate(X: torch.Tensor) -> torch.Tensor:
 def polar_express_torch(G, coeffs, dtype=torch.bfloat16):
     """Reference: plain PyTorch (fp32 accumulation for A and B, PyTorch's matmul for the last step)."""
     coeffs = check_polar_express_args(G, coeffs, dtype)
+    if G.numel() == 0:
+        return G.to(dtype)
     X = normalise(G, dtype)
     for a, b, c in coeffs:
         A = _gram(X, _xxt_fp32_accumulate)
@@ -103,16 +105,18 @@ if "triton" in NS_VARIANTS:
     from kernels.newton_schulz import ba_plus_caa_triton, xxt_triton
 
     def polar_express_triton(G, coeffs, dtype=torch.bfloat16):
-        """The op with A and B from the symmetric Triton kernels (upper-triangle tiles, mirrored)."""
+        """The op with A and B from the symmetric Triton kernels (upper-triangle tiles, mirrored). No gradient:
+        differentiating the result raises."""
         coeffs = check_polar_express_args(G, coeffs, dtype)
         if not triton_usable(G.device):
             raise ValueError(f"G is on {G.device}, where the Triton kernels cannot run "
                              "(needs a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
-        X = normalise(G, dtype)
-        for a, b, c in coeffs:
-            A = _gram(X, xxt_triton)
-            B = ba_plus_caa_triton(A, b, c)
-            X = _apply(X, B, a)
-        return X
+        if G.numel() == 0:
+            return G.detach().to(dtype)
+        with torch.no_grad():
+            X = normalise(G, dtype)
+            for a, b, c in coeffs:
+                X = _apply(X, ba_plus_caa_triton(_gram(X, xxt_triton), b, c), a)
+        return refuse_backward(G, X, "polar_express (triton variant)")
 
     VARIANTS["triton"] = polar_express_triton

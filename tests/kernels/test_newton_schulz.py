@@ -273,3 +273,22 @@ def test_newton_schulz_no_host_sync_gpu():
         ns.newton_schulz_triton(G)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (2, 0, 5)])
+def test_empty_matrices_give_empty_results(variant, shape):
+    out = kernels.get("newton_schulz", variant)(torch.zeros(shape, device=DEVICE), dtype=torch.float32)
+    assert out.shape == shape and out.dtype == torch.float32
+
+
+@needs_triton
+def test_triton_variant_refuses_to_be_differentiated():
+    """Its result used to carry a graph through the kernels' inputs whose gradient was wrong (87% off)."""
+    G = randn(24, 40, seed=5).requires_grad_()
+    out = ns.newton_schulz_triton(G, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        out.sum().backward()
+    reference = newton_schulz_torch(G, dtype=torch.float32)  # the reference differentiates through torch ops
+    reference.sum().backward()
+    assert G.grad is not None and G.grad.isfinite().all()

@@ -92,3 +92,21 @@ def test_bad_arguments():
         polar_express_torch(G, [(1.0, 2.0)])
     with pytest.raises(ValueError, match="triples"):
         polar_express_torch(G, [])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (2, 0, 5)])
+def test_empty_matrices_give_empty_results(variant, shape):
+    out = kernels.get("polar_express", variant)(torch.zeros(shape, device=DEVICE), COEFFS, dtype=torch.float32)
+    assert out.shape == shape and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "torch"])
+def test_kernel_variants_refuse_to_be_differentiated(variant):
+    """The Triton variant has no backward: asking for one raises instead of returning a wrong gradient."""
+    G = randn(16, 40, seed=4).float().to(DEVICE).requires_grad_()
+    out = kernels.get("polar_express", variant)(G, COEFFS, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        out.sum().backward()
+    with torch.no_grad():  # as the optimizer calls it: a plain result
+        assert not kernels.get("polar_express", variant)(G, COEFFS, dtype=torch.float32).requires_grad
