@@ -73,7 +73,7 @@ if [ "$DRY_RUN" = 1 ]; then
     step environment env.txt 60 env_report
     step tests tests.txt 300 "$PY" -m pytest -q -m gpu tests/kernels
     step "bench kernels" kernels.log 300 "${SB[@]}" kernels --quick --device cpu --variant torch,triton,sdpa \
-        --out "$OUT"
+        --op attention,mlp,cross_entropy,newton_schulz,polar_express --out "$OUT"
     step "bench train" train.log 300 "${SB[@]}" train --device cpu --steps 1 --warmup 1 --profile-steps 1 --seq-len 128 \
         --out "$OUT"
     step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset tiny --steps 2 --val-every 1 \

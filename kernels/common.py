@@ -14,6 +14,17 @@ import torch
 POISON_OUTPUTS = False
 
 
+@contextlib.contextmanager
+def poisoned_outputs():
+    """POISON_OUTPUTS on inside the block (the benchmark's correctness check), as it was after."""
+    global POISON_OUTPUTS
+    previous, POISON_OUTPUTS = POISON_OUTPUTS, True
+    try:
+        yield
+    finally:
+        POISON_OUTPUTS = previous
+
+
 def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """torch.empty, poisoned when POISON_OUTPUTS is set. Launchers allocate every output with this."""
     out = torch.empty(shape, dtype=dtype, device=device)

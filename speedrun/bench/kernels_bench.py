@@ -2,14 +2,16 @@
 
 For each op, shape (speedrun/bench/kernel_cases.py) and variant:
 
-1. Correctness, on the very inputs that get timed: the variant's output (and, for the modes with a
-   backward, its input gradients) against the reference, which is the op's ``torch`` variant on the same
-   inputs upcast to fp32. A variant is *wrong* when its max abs error exceeds
-   max(2 x PyTorch's own error in that dtype, RTOL[dtype] x max|reference|), where PyTorch's own error is
-   the largest error of the PyTorch-implemented variants (``torch``, and ``sdpa`` for attention) run
-   eagerly in that dtype (Tri Dao's rule; the floor covers fp32, where PyTorch's error is ~0). A wrong
-   variant is reported as ``wrong`` and not timed; a variant that raises is reported as ``error`` (out of
-   memory: ``skipped``).
+1. Correctness, on the very inputs that get timed: the variant's output and, for the modes with a
+   backward, each of its input gradients, one tensor at a time, against the reference, which is the op's
+   ``torch`` variant on the same inputs upcast to fp32. A variant is *wrong* when any tensor's max abs error
+   exceeds that tensor's tolerance, max(2 x PyTorch's own error for that tensor in that dtype,
+   RTOL[dtype] x max|reference tensor|), where PyTorch's own error is the largest error of the
+   PyTorch-implemented variants (``torch``, and ``sdpa`` for attention) run eagerly in that dtype (Tri Dao's
+   rule; the floor covers fp32, where PyTorch's error is ~0). Kernel outputs are poisoned (NaN) before the
+   variant runs, so an element it never writes is an error. A wrong variant is reported as ``wrong`` (which
+   tensor, by how much) and not timed; a variant that raises is reported as ``error`` (out of memory:
+   ``skipped``).
 2. Timing (speedrun/bench/measure.py): median, p20, p80 per mode. The forward runs with inputs that
    require grad (as in training: it saves what the backward needs); ``bwd`` times the backward alone
    on a retained graph; ``fwd+bwd`` both.
@@ -93,16 +95,21 @@ def _primary(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def max_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
-    """(max abs error, max |reference|) over all result tensors; NaN/inf in ``got`` gives inf."""
-    err, scale = 0.0, 0.0
+def tensor_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """(max abs error, max |reference|) of each result tensor; a wrong shape or NaN/inf in ``got`` gives inf."""
+    out = []
     for g, r in zip(got, ref, strict=True):
+        scale = float(r.abs().max()) if r.numel() else 0.0
         if g.shape != r.shape:
-            return math.inf, 1.0
+            out.append((math.inf, scale))
+            continue
         d = (g.float() - r.float()).abs()
-        err = max(err, math.inf if not bool(torch.isfinite(d).all()) else float(d.max()))
-        scale = max(scale, float(r.abs().max()))
-    return err, scale
+        out.append((math.inf if not bool(torch.isfinite(d).all()) else float(d.max()) if d.numel() else 0.0, scale))
+    return out
+
+
+def result_names(n: int) -> list[str]:
+    return ["output"] + [f"gradient of input {i}" for i in range(n - 1)]
 
 
 def timed_call(fn, prob: kc.Problem, mode: str):
@@ -142,26 +149,32 @@ def _versions_row() -> dict:
     return {"torch": v["torch"], "triton": v["triton"]}
 
 
+def correctness(case, prob, op_variants, dtype, device, with_grads) -> dict[str, tuple]:
+    """variant -> (status, detail, max error, tolerance): each variant checked against the fp32 reference."""
+    try:
+        ref = results(kernels.get(case.op, "torch"), kc.as_reference(prob), with_grads)
+        pytorch_err = [0.0] * len(ref)
+        for v in PYTORCH_VARIANTS:
+            if v in kernels.variants(case.op):
+                errs = _pytorch_errors(case.op, v, prob, ref, with_grads, device)
+                pytorch_err = [max(a, b) for a, b in zip(pytorch_err, errs, strict=True)]
+    except Exception as e:  # e.g. the fp32 reference does not fit in memory: nothing can be checked
+        _free(device)
+        return {v: ("skipped", f"reference could not run: {_describe(e)}", None, None) for v in op_variants}
+    checked = {v: _check(case, v, prob, ref, pytorch_err, with_grads, dtype, device) for v in op_variants}
+    del ref
+    return checked
+
+
 def _bench_case(case, op_variants, op_modes, dtype, device, quick, peaks, meta, log) -> list[Row]:
     prob = kc.problem(case, dtype, device)
     with_grads = any(m != "fwd" for m in op_modes) and prob.n_leaves > 0
-    try:
-        ref = results(kernels.get(case.op, "torch"), kc.as_reference(prob), with_grads)
-        pytorch_err = 0.0
-        for v in PYTORCH_VARIANTS:
-            if v in kernels.variants(case.op):
-                pytorch_err = max(pytorch_err, _pytorch_error(case.op, v, prob, ref, with_grads, device))
-    except Exception as e:  # e.g. the fp32 reference does not fit in memory: nothing can be checked
-        ref, reference_failure = None, f"reference could not run: {_describe(e)}"
-        _free(device)
+    checked = correctness(case, prob, op_variants, dtype, device, with_grads)
     rows, times = [], {}
     for variant in op_variants:
         base = dict(op=case.op, variant=variant, shape=case.label, size=case.size, size_name=case.size_name,
                     recipe=case.recipe, **meta)
-        if ref is None:
-            status, detail, err, tol = "skipped", reference_failure, None, None
-        else:
-            status, detail, err, tol = _check(case, variant, prob, ref, pytorch_err, with_grads, dtype, device)
+        status, detail, err, tol = checked[variant]
         variant_rows = {}
         for mode in op_modes:
             row = Row(**base, mode=mode, status=status, detail=detail, max_error=err, tolerance=tol,
@@ -180,33 +193,38 @@ def _bench_case(case, op_variants, op_modes, dtype, device, quick, peaks, meta, 
             for attr, other in (("speedup_vs_torch", "torch"), ("speedup_vs_compile", COMPILED)):
                 base_ms = times.get((other, row.mode))
                 setattr(row, attr, base_ms / row.median_ms if base_ms else None)
-    del prob, ref
+    del prob
     _free(device)
     return rows
 
 
-def _pytorch_error(op, variant, prob, ref, with_grads, device) -> float:
-    """Max error of an eager PyTorch variant in the problem's dtype; 0 when it cannot run this case (e.g.
-    sdpa's T x T mask does not fit: its own row then says why)."""
+def _pytorch_errors(op, variant, prob, ref, with_grads, device) -> list[float]:
+    """Each result tensor's max error for an eager PyTorch variant in the problem's dtype; zeros when it cannot
+    run this case (e.g. sdpa's T x T mask does not fit: its own row then says why)."""
     try:
-        return max_errors(results(kernels.get(op, variant), prob, with_grads), ref)[0]
+        return [err for err, _ in tensor_errors(results(kernels.get(op, variant), prob, with_grads), ref)]
     except Exception:
         _free(device)
-        return 0.0
+        return [0.0] * len(ref)
 
 
 def _check(case, variant, prob, ref, pytorch_err, with_grads, dtype, device):
-    """(status, detail, max error, tolerance) of ``variant`` on ``prob``."""
+    """(status, detail, max error, tolerance) of ``variant`` on ``prob``: every result tensor within its own
+    tolerance; the error and tolerance reported are those of the tensor furthest off (relative to its own)."""
     try:
-        got = results(variant_fn(case.op, variant), prob, with_grads)
+        with kernels.common.poisoned_outputs():
+            got = results(variant_fn(case.op, variant), prob, with_grads)
     except Exception as e:  # a variant that cannot run this case is reported, the benchmark goes on
         _free(device)
         status = "skipped" if isinstance(e, torch.OutOfMemoryError) else "error"  # too big here, or broken
         return status, _describe(e), None, None
-    err, scale = max_errors(got, ref)
-    tol = max(2 * pytorch_err, RTOL.get(dtype, 1e-4) * scale)
+    checks = []
+    for name, (err, scale), own in zip(result_names(len(ref)), tensor_errors(got, ref), pytorch_err, strict=True):
+        tol = max(2 * own, RTOL.get(dtype, 1e-4) * scale)
+        checks.append((err / tol if tol > 0 else (0.0 if err == 0 else math.inf), name, err, tol))
+    _, name, err, tol = max(checks)
     if not err <= tol:
-        return "wrong", f"max error {err:.3g} > tolerance {tol:.3g}", err, tol
+        return "wrong", f"{name}: max error {err:.3g} > tolerance {tol:.3g}", err, tol
     return "ok", "", err, tol
 
 

@@ -164,3 +164,110 @@ def test_a_reference_that_cannot_run_skips_the_case(monkeypatch):
     rows = kb.run(["mlp"], ["torch", "triton"], ["fwd"], torch.float32, CPU, True, PEAKS, log=lambda line: None)
     assert rows and all(r.status == "skipped" and r.median_ms is None for r in rows)
     assert all(r.detail.startswith("reference could not run: OutOfMemoryError") for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken variants: the benchmark's check must call every one of them wrong
+# ---------------------------------------------------------------------------------------------
+
+
+class _EditGrad(torch.autograd.Function):
+    """Identity forward; the backward applies ``edit`` to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, edit):
+        ctx.edit = edit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.edit(grad), None
+
+
+def _grad_bug(fn, edit):
+    """``fn`` with the gradient of its first input edited."""
+    return lambda x, *rest, **kw: fn(_EditGrad.apply(x, edit), *rest, **kw)
+
+
+def _output_bug(fn, edit):
+    """``fn`` with its output edited."""
+    return lambda *args, **kw: edit(fn(*args, **kw).clone())
+
+
+def _zero_last_row(t):
+    t[..., -1, :] = 0
+    return t
+
+
+def _head_wrong(t):  # attention (B, T, H, D): head 0; else the first of the last dim's columns
+    if t.dim() == 4:
+        t[..., 0, :] *= 0.5
+    else:
+        t[..., 0] *= 0.5
+    return t
+
+
+BUGS = {
+    "grad_x0.7": lambda fn: _grad_bug(fn, lambda g: 0.7 * g),
+    "grad_x2": lambda fn: _grad_bug(fn, lambda g: 2 * g),
+    "grad_zero": lambda fn: _grad_bug(fn, torch.zeros_like),
+    "grad_row_dropped": lambda fn: _grad_bug(fn, lambda g: _zero_last_row(g.clone())),
+    "grad_head_wrong": lambda fn: _grad_bug(fn, lambda g: _head_wrong(g.clone())),
+    "out_x0.7": lambda fn: _output_bug(fn, lambda t: 0.7 * t),
+    "out_row_dropped": lambda fn: _output_bug(fn, _zero_last_row),
+    "out_head_wrong": lambda fn: _output_bug(fn, _head_wrong),
+}
+NO_GRADIENT_OPS = ("newton_schulz",)  # forward only: its bugs are output bugs
+FOUR_OPS = ("attention", "mlp", "cross_entropy", "newton_schulz")
+
+
+def _register_bugs(monkeypatch, op):
+    module = kernels._module(op)
+    names = [name for name in BUGS if not (op in NO_GRADIENT_OPS and name.startswith("grad"))]
+    if op == "cross_entropy":  # a scalar loss has no rows or heads to get wrong: only its gradient does
+        names = [name for name in names if not name.startswith("out_") or name == "out_x0.7"]
+    for name in names:
+        monkeypatch.setitem(module.VARIANTS, name, BUGS[name](module.VARIANTS["torch"]))
+    return names
+
+
+@pytest.mark.parametrize("op", FOUR_OPS)
+def test_every_injected_bug_is_reported_wrong(op, monkeypatch):
+    """Gradient x0.7, x2, zeros, one row dropped, one head (or column) wrong, and output bugs, each on its own
+    variant, through the benchmark's own check at the --quick shapes: all `wrong`, the reference `ok`."""
+    names = _register_bugs(monkeypatch, op)
+    case = kc.cases(op, kc.bench_config(CPU), True, False)[0]
+    prob = kc.problem(case, torch.float32, CPU)
+    checked = kb.correctness(case, prob, ["torch", *names], torch.float32, CPU, with_grads=prob.n_leaves > 0)
+    assert checked["torch"][0] == "ok"
+    assert {name: checked[name][0] for name in names} == dict.fromkeys(names, "wrong"), checked
+
+
+def test_gradient_bugs_are_caught_at_the_recipes_cross_entropy_size(monkeypatch):
+    """N = 4096 rows of V = 50304 (the loss ~10 and every gradient entry <= 1/N: one tolerance for all
+    tensors, scaled by the loss, would pass all of these)."""
+    _register_bugs(monkeypatch, "cross_entropy")
+    names = ["grad_x0.7", "grad_x2", "grad_zero"]  # the three the old single tolerance let through
+    case = kc.Case("cross_entropy", "N=4096,V=50304", 4096, "tokens", True,
+                   dict(N=4096, V=50304, cap=30.0, scale=7.5))
+    prob = kc.problem(case, torch.float32, CPU)
+    checked = kb.correctness(case, prob, names, torch.float32, CPU, with_grads=True)
+    assert {name: checked[name][0] for name in names} == dict.fromkeys(names, "wrong")
+    assert all("gradient of input 0" in checked[name][1] for name in names)
+
+
+def test_an_unwritten_output_element_is_caught(monkeypatch):
+    """A kernel that forgets to write an element: the check runs with poisoned (NaN) outputs."""
+    if "triton" not in kernels.variants("mlp"):
+        pytest.skip("Triton is not importable")
+
+    def forgets_one(x, w_fc, w_proj):
+        out = kernels.common.new_empty((x.shape[0], w_proj.shape[0]), x.dtype, x.device)
+        out[1:] = kernels.get("mlp", "torch")(x, w_fc, w_proj)[1:].detach()
+        return out
+
+    monkeypatch.setitem(kernels.mlp.VARIANTS, "forgets_one", forgets_one)
+    case = kc.cases("mlp", kc.bench_config(CPU), True, False)[0]
+    prob = kc.problem(case, torch.float32, CPU)
+    status, detail, err, _ = kb.correctness(case, prob, ["forgets_one"], torch.float32, CPU, False)["forgets_one"]
+    assert status == "wrong" and err == math.inf
