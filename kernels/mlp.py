@@ -58,9 +58,15 @@ VARIANTS = {"torch": mlp_torch}
 #
 #   forward   post  = relu(x @ W1^T)^2         Triton matmul, relu^2 fused into the epilogue   (M, H)
 #             out   = post @ W2^T              torch matmul                                    (M, D)
-#   saved     x, w_fc, w_proj, post            (pre = x @ W1^T is never stored)
+#   saved     x, w_fc, w_proj, post            (bf16, fp32: pre = x @ W1^T is never stored)
 #   backward  d_pre = (dout @ W2) * 2 sqrt(post)   Triton matmul, the relu^2 derivative fused into the
 #                                                  epilogue: relu(pre) = sqrt(post) is recomputed there
+#
+# fp16 saves relu(pre) too (written by the same forward kernel) and the backward's epilogue multiplies by
+# 2 relu(pre): fp16's narrow exponent flushes post = relu(pre)^2 to zero or a subnormal for |pre| below
+# ~8e-3, and sqrt(post) then loses the gradient of small units (5x PyTorch's error at input scale 1e-2,
+# ~1100x at 1e-4). bf16 has fp32's exponent range: its post keeps 8 bits either way, so it keeps the
+# cheaper sqrt.
 #             dW2   = dout^T @ post            torch matmul                                    (D, H)
 #             dW1   = d_pre^T @ x              torch matmul                                    (H, D)
 #             dx    = d_pre @ W1               torch matmul                                    (M, D)
@@ -82,6 +88,7 @@ except ImportError:  # no Triton: only the torch variant
     triton = None
 
 EPILOGUE_NONE, EPILOGUE_RELU2, EPILOGUE_DRELU2 = 0, 1, 2
+EPILOGUE_RELU2_SAVE, EPILOGUE_DRELU = 3, 4  # fp16: also write relu(acc) to aux; d_pre = acc * 2 aux
 
 if triton is not None:
 
@@ -106,7 +113,8 @@ if triton is not None:
     ):
         """C = epilogue(A @ B): A (M, K), B (K, N), C and aux (M, N) with C's strides; any strides for A, B.
 
-        EPILOGUE_NONE: C = acc;  EPILOGUE_RELU2: C = relu(acc)^2;  EPILOGUE_DRELU2: C = acc * 2 sqrt(aux).
+        EPILOGUE_NONE: C = acc;  EPILOGUE_RELU2: C = relu(acc)^2;  EPILOGUE_DRELU2: C = acc * 2 sqrt(aux);
+        EPILOGUE_RELU2_SAVE: C = relu(acc)^2 and aux = relu(acc);  EPILOGUE_DRELU: C = acc * 2 aux.
         One program per (BLOCK_M, BLOCK_N) tile of C, in grouped order (GROUP_M tile-rows sweep the
         tile-columns together, so the B tiles they share stay in L2).
         """
@@ -138,6 +146,13 @@ if triton is not None:
         elif EPILOGUE == 2:  # d pre = d post * 2 relu(pre), relu(pre) = sqrt(post)
             post = tl.load(aux_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
             acc = acc * (2.0 * tl.sqrt(post))
+        elif EPILOGUE == 3:  # relu^2, and relu(pre) written for the backward
+            acc = tl.maximum(acc, 0.0)
+            tl.store(aux_ptr + c_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+            acc = acc * acc
+        elif EPILOGUE == 4:  # d pre = d post * 2 relu(pre), relu(pre) read as saved
+            relu_pre = tl.load(aux_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+            acc = acc * (2.0 * relu_pre)
         tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     # GPU: autotuned over _matmul_configs(). CPU interpreter: _matmul_epilogue_jit with the block sizes
@@ -148,7 +163,8 @@ if triton is not None:
 
     def _matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None = None):
         """Launch: C (M, N) = epilogue(a @ b) in a's dtype, for a (M, K) and b (K, N) of one dtype (any strides,
-        so pass ``w.t()`` views for x @ w^T). ``aux`` (M, N) is read by EPILOGUE_DRELU2 only."""
+        so pass ``w.t()`` views for x @ w^T). ``aux`` (M, N): read by EPILOGUE_DRELU2 and EPILOGUE_DRELU,
+        written by EPILOGUE_RELU2_SAVE (then it must be contiguous, like C)."""
         M, K = a.shape
         N = b.shape[1]
         c = new_empty((M, N), a.dtype, a.device)
@@ -157,6 +173,8 @@ if triton is not None:
         if aux is None:
             aux = c  # never read
         elif aux.stride() != c.stride():
+            if epilogue == EPILOGUE_RELU2_SAVE:
+                raise ValueError("the aux output of EPILOGUE_RELU2_SAVE must have C's strides")
             aux = aux.contiguous()
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         if interpreting():  # tile sizes from kernels.common.INTERPRETER_TILE, read now; no tuning
@@ -222,24 +240,31 @@ if triton is not None:
         def forward(ctx, x, w_fc, w_proj):
             x2 = x.reshape(-1, x.shape[-1])  # (M, D)
             w1, w2 = w_fc.to(x.dtype), w_proj.to(x.dtype)  # (H, D), (D, H); no copy when dtypes match
-            post = _matmul_epilogue(x2, w1.t(), EPILOGUE_RELU2)  # (M, H)
+            if x.dtype == torch.float16:  # relu(pre) kept for the backward (see the table above)
+                relu_pre = new_empty((x2.shape[0], w1.shape[0]), x.dtype, x.device)
+                post = _matmul_epilogue(x2, w1.t(), EPILOGUE_RELU2_SAVE, aux=relu_pre)  # (M, H)
+            else:
+                relu_pre, post = None, _matmul_epilogue(x2, w1.t(), EPILOGUE_RELU2)  # (M, H)
             out = torch.mm(post, w2.t(), out=new_empty((x2.shape[0], w2.shape[0]), x.dtype, x.device))
             # The weights are saved as given and re-cast in the backward (a cheap cast, no extra memory).
-            ctx.save_for_backward(x2, w_fc, w_proj, post)
+            ctx.save_for_backward(x2, w_fc, w_proj, post, relu_pre)
             ctx.x_shape = x.shape
             return out.reshape(*x.shape[:-1], w2.shape[0])
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, dout):
-            x2, w_fc, w_proj, post = ctx.saved_tensors
+            x2, w_fc, w_proj, post, relu_pre = ctx.saved_tensors
             w1, w2 = w_fc.to(x2.dtype), w_proj.to(x2.dtype)
             dout2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)  # (M, D)
             dx = dw_fc = dw_proj = None
             if ctx.needs_input_grad[2]:
                 dw_proj = (dout2.t() @ post).to(w_proj.dtype)  # (D, H)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                d_pre = _matmul_epilogue(dout2, w2, EPILOGUE_DRELU2, aux=post)  # (M, H)
+                if relu_pre is None:
+                    d_pre = _matmul_epilogue(dout2, w2, EPILOGUE_DRELU2, aux=post)  # (M, H)
+                else:
+                    d_pre = _matmul_epilogue(dout2, w2, EPILOGUE_DRELU, aux=relu_pre)
                 if ctx.needs_input_grad[1]:
                     dw_fc = (d_pre.t() @ x2).to(w_fc.dtype)  # (H, D)
                 if ctx.needs_input_grad[0]:
@@ -248,7 +273,7 @@ if triton is not None:
 
     def mlp_triton(x, w_fc, w_proj):
         """The MLP op (signature in the module docstring): fused relu^2 up-projection, torch down-projection,
-        and a backward that recovers relu(pre) from the saved post-activation."""
+        and a backward that recovers relu(pre) from the saved post-activation (fp16: saves it)."""
         check_mlp_args(x, w_fc, w_proj)
         _check_triton_device(x, "x")
         return _MLPTriton.apply(x, w_fc, w_proj)

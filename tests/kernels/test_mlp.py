@@ -238,3 +238,19 @@ def test_linear_relu2_recipe_shape_gpu(dtype):
     err_k = (mlp_mod.linear_relu2(x, w).double() - ref).abs().max()
     err_t = (F.relu(x @ w.t()).square().double() - ref).abs().max()
     assert err_k <= 2 * err_t
+
+
+@needs_triton
+@pytest.mark.parametrize("scale", [1.0, 1e-2, 1e-3, 1e-4])
+def test_fp16_gradients_within_twice_pytorchs_error_at_every_scale(scale):
+    """Small inputs make post = relu(pre)^2 subnormal or zero in fp16: the gradients must still be within
+    2x PyTorch's own fp16 error against fp32 (Tri Dao's rule), output and every gradient separately."""
+    x, w_fc, w_proj, dout = make_inputs((2, 37, 40), 72, torch.float32, seed=11)
+    x = x * scale
+    ref = run(mlp_float64, x.double(), w_fc.double(), w_proj.double(), dout.double())
+    torch16 = run(mlp_torch, x, w_fc, w_proj, dout, dtype=torch.float16)
+    triton16 = run(mlp_mod.mlp_triton, x, w_fc, w_proj, dout, dtype=torch.float16)
+    for name, got, pytorch, r in zip(("out", "dx", "dw_fc", "dw_proj"), triton16, torch16, ref, strict=True):
+        own = (pytorch.double() - r).abs().max().item()
+        err = (got.double() - r).abs().max().item()
+        assert err <= 2 * own + 1e-12 * r.abs().max().item(), (name, err, own)
