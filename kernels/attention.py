@@ -244,7 +244,7 @@ def attention_triton_fwd(q, k, v, doc_ids, window_blocks, scale, block_size=128,
     if not triton_usable(q.device):
         raise ValueError(f"q is on {q.device}, where the Triton kernels cannot run "
                          "(needs a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if q.dtype == torch.bfloat16 and interpreting():
         raise TypeError("q: bfloat16 is not supported under the Triton CPU interpreter (its bf16 dot is wrong)")
     B, T, H, D = q.shape
     if D not in HEAD_DIMS:

@@ -155,10 +155,22 @@ if triton is not None:
             acc = acc * (2.0 * relu_pre)
         tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
+    # An A100 (sm_80) block has 166,912 bytes of shared memory; the pipelined K loop keeps (stages - 1) A and
+    # B tiles there. fp32's 128 x 256 x 64 tiles need 196,608 (bench/results/aot/aot.md): such configs are
+    # dropped before tuning rather than failing to launch.
+    MAX_SHARED_BYTES = 166_912
+
+    def _fit_shared_memory(configs, named_args, **kwargs):
+        size = named_args["a_ptr"].element_size()
+        fit = [c for c in configs if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size
+               * max(c.num_stages - 1, 1) <= MAX_SHARED_BYTES]
+        return fit or configs[-1:]
+
     # GPU: autotuned over _matmul_configs(). CPU interpreter: _matmul_epilogue_jit with the block sizes
     # passed explicitly from kernels.common.INTERPRETER_TILE at each launch (autotune configs are fixed
     # when the module is imported, and tuning under the interpreter would only waste time).
-    _matmul_epilogue_kernel = triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE"])(
+    _matmul_epilogue_kernel = triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE"],
+                                              prune_configs_by={"early_config_prune": _fit_shared_memory})(
         _matmul_epilogue_jit)
 
     def _matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None = None):

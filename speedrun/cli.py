@@ -145,9 +145,10 @@ def _run_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     # Without a CUDA GPU the Triton kernels run under Triton's CPU interpreter, which must be chosen
     # before triton is first imported.
-    if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
-        os.environ["TRITON_INTERPRET"] = "1"
     argv = sys.argv[1:] if argv is None else list(argv)
+    # (`speedrun bench aot` compiles for GPUs: never under the interpreter)
+    if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl") and argv[:2] != ["bench", "aot"]:
+        os.environ["TRITON_INTERPRET"] = "1"
     # These own their whole command line (their own --help and options): dispatch before argparse.
     if argv[:1] == ["leaderboard"]:
         from speedrun.leaderboard_cli import main as leaderboard_main

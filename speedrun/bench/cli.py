@@ -25,6 +25,9 @@ def build_parser(prog: str = "speedrun bench") -> argparse.ArgumentParser:
     train_bench.add_arguments(sub.add_parser("train", help="training-step time per kernel set, with a profile"))
     converge.add_arguments(sub.add_parser(
         "converge", help="short training with --kernels torch and triton: do the val curves agree?"))
+    aot = sub.add_parser("aot", help="compile every Triton kernel for sm_90 and sm_80 without a GPU: registers, "
+                                     "spills, shared memory -> bench/results/aot/aot.md")
+    aot.add_argument("--force", action="store_true", help="recompile even if the table is up to date")
     return parser
 
 
@@ -36,5 +39,11 @@ def main(argv: list[str], prog: str = "speedrun bench") -> int:
     if args.bench_command == "train":
         from speedrun.bench.train_bench import train_command
         return train_command(args)
+    if args.bench_command == "aot":
+        from speedrun.bench.aot import failed, run
+        bad = [r for r in run(force=args.force) if failed(r)]
+        for r in bad:
+            print(f"FAILED {r.kernel} [{r.config}] {r.dtype} {r.target}: {r.status}")
+        return 1 if bad else 0
     from speedrun.bench.converge import converge_command
     return converge_command(args)

@@ -1,0 +1,344 @@
+"""``speedrun bench aot``: every Triton kernel of every registered variant, compiled ahead of time for the
+GPUs we race on, with no GPU: sm_90 (H100) and sm_80 (A100).
+
+1. Capture: each op's Triton variant runs forward and backward on CPU tensors, over the dtypes (fp16, bf16,
+   fp32), head dims, sizes and flags its launchers produce, with every kernel launch intercepted instead of
+   run: a plain kernel is recorded with its arguments; an autotuned one once per autotune config. Nothing
+   executes (the outputs stay uninitialised), so the sizes can be the recipe's.
+2. Compile each distinct (kernel, specialisation, config) for each target with Triton's own compiler, its
+   own argument specialisation (alignment, constants) and the ptxas it ships; ptxas -v then reports the
+   registers and spills. Shared memory comes from the compiled kernel's metadata.
+3. A row fails when the kernel does not compile, needs more shared memory than the target has, or spills
+   registers in a configuration the race uses: bf16 on the H100 (every capture comes from a recipe-width
+   launch; autotuned kernels may pick any of their configs). Spills elsewhere (fp16/fp32 test kernels,
+   the A100) are listed as such.
+
+The table goes to ``bench/results/aot/aot.md`` (committed) with the sha256 of the kernel sources and the
+Triton version it was made from; ``check_cached`` lets the test suite skip the minutes of compiling when
+neither has changed since (``--force`` recompiles regardless).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from speedrun import REPO_ROOT
+
+TABLE = REPO_ROOT / "bench" / "results" / "aot" / "aot.md"
+TARGETS = {"sm_90": (90, 64, 232448), "sm_80": (80, 32, 166912)}  # capability, warp size, max shared bytes
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    config: str  # the launch's constexprs and options, as compiled
+    dtype: str
+    target: str
+    registers: int | None
+    spill_bytes: int | None
+    shared_bytes: int | None
+    status: str  # "ok", or why not
+    recipe: bool = True  # a launch at the recipe's widths made this specialisation
+
+
+def kernel_sources_hash() -> str:
+    """sha256 of every kernel file (kernels/*.py) and of this module: what the table was computed from."""
+    h = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "kernels").glob("*.py")) + [Path(__file__)]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Capture the launches
+# ---------------------------------------------------------------------------------------------
+
+
+_RECIPE = {"on": True}  # whether the launches being driven use the recipe's widths
+
+
+@contextlib.contextmanager
+def _recipe(on: bool):
+    previous, _RECIPE["on"] = _RECIPE["on"], on
+    try:
+        yield
+    finally:
+        _RECIPE["on"] = previous
+
+
+@contextlib.contextmanager
+def _intercepted(launches: list):
+    """Kernel launches recorded, not run: JITFunction.run records (with the recipe flag); Autotuner.run calls
+    through every config its pruning keeps."""
+    import triton.runtime.autotuner as autotuner
+    import triton.runtime.jit as jit
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs, _RECIPE["on"]))
+
+    def every_config(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args, strict=False))  # the rest come as keywords
+        for config in self.prune_configs(kwargs):
+            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+
+    saved = jit.JITFunction.run, autotuner.Autotuner.run
+    jit.JITFunction.run, autotuner.Autotuner.run = record, every_config
+    try:
+        yield
+    finally:
+        jit.JITFunction.run, autotuner.Autotuner.run = saved
+
+
+@contextlib.contextmanager
+def _gpu_path():
+    """The launchers' GPU path (autotuned kernels, GPU tile choices) on CPU tensors."""
+    import kernels.attention
+    import kernels.common
+    import kernels.cross_entropy
+    import kernels.matmul_tiles
+    import kernels.mlp
+    import kernels.newton_schulz
+    import kernels.polar_express
+
+    modules = [kernels.common, kernels.attention, kernels.cross_entropy, kernels.matmul_tiles, kernels.mlp,
+               kernels.newton_schulz, kernels.polar_express]
+    saved = []
+    for m in modules:
+        for name, value in (("interpreting", lambda: False), ("triton_usable", lambda device: True)):
+            if hasattr(m, name):
+                saved.append((m, name, getattr(m, name)))
+                setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+def _drive_ops() -> None:
+    """Forward and backward of every Triton variant over what its launchers can produce (see module doc)."""
+    import torch
+
+    import kernels
+
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, dtype):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    # Sizes: the recipe's widths (they decide the kernels' K loops and tiles); few tokens (the row count
+    # changes nothing compiled, and the launchers' own torch matmuls do run on the CPU).
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    ops = {op: kernels.get(op, "triton") for op in kernels.OP_MODULES if "triton" in kernels.variants(op)}
+    for dtype in dtypes:
+        if "attention" in ops:
+            for D in (64, 128):
+                q, k, v = (leaf(1, 256, 6, D, dtype=dtype) for _ in range(3))
+                doc_ids = torch.zeros(1, 256, dtype=torch.int32)
+                ops["attention"](q, k, v, doc_ids, 4, 0.12, 128).sum().backward()
+        if "mlp" in ops:
+            for M, dim, hidden in ((64, 768, 3072), (64, 200, 600)):  # K multiples of BLOCK_K, and not
+                x, w_fc = leaf(M, dim, dtype=dtype), leaf(hidden, dim, dtype=dtype)
+                with _recipe(dim == 768):
+                    ops["mlp"](x, w_fc, leaf(dim, hidden, dtype=dtype)).sum().backward()
+        if "cross_entropy" in ops:
+            z = leaf(64, 50304, dtype=dtype)
+            targets = torch.randint(0, 50304, (64,), generator=g)
+            ops["cross_entropy"](z, targets, 30.0, 7.5).backward()
+        for op in ("newton_schulz", "polar_express"):
+            if op in ops:  # Gram matrices of 768-wide and 200-wide rows (K a multiple of BLOCK_K, and not)
+                for shape in ((2, 64, 768), (768, 64), (100, 200)):
+                    G = torch.randn(*shape, generator=g)
+                    with torch.no_grad(), _recipe(768 in shape):
+                        if op == "newton_schulz":
+                            ops[op](G, dtype=dtype)
+                        else:
+                            ops[op](G, ((1.0, -1.0, 0.5),), dtype=dtype)
+
+
+def capture() -> list:
+    """Every kernel launch of the Triton variants: [(jit function, args, kwargs, recipe widths?), ...]."""
+    launches: list = []
+    with _gpu_path(), _intercepted(launches):
+        _drive_ops()
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton itself uses for this architecture (it ships two)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(capability).path
+
+
+def _describe(fn, args, kwargs, constexprs: dict, options) -> tuple[str, str]:
+    """(config text, dtype) of a launch, for the table."""
+    names = [p.name for p in fn.params]
+    consts = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+    config = ", ".join(f"{k}={v}" for k, v in sorted(consts.items())
+                       if k not in ("DOT_PRECISION",))
+    config += f", warps={options.num_warps}, stages={options.num_stages}"
+    dtypes = sorted({str(a.dtype).removeprefix("torch.") for a in args if hasattr(a, "dtype")})
+    return config, "/".join(dtypes)
+
+
+def specialise(fn, args, kwargs, target_name: str):
+    """Triton's own specialisation of a launch for a target: (target, source, options, table row)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    cap, warp, _ = TARGETS[target_name]
+    target = GPUTarget("cuda", cap, warp)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    config, dtype = _describe(fn, args, kwargs, constexprs, options)
+    key = repr((sorted(signature.items()), sorted(constexprs.items()), sorted(map(str, attrs.items()))))
+    row = Compiled(fn.__name__, config, dtype, target_name, None, None, None, "ok")
+    return target, ASTSource(fn, signature, constexprs, attrs), options, row, key
+
+
+def compile_launch(fn, args, kwargs, recipe: bool, target_name: str) -> Compiled:
+    """Compile one captured launch for one target and check it (registers, spills, shared memory)."""
+    target, source, options, row, _ = specialise(fn, args, kwargs, target_name)
+    row.recipe = recipe
+    return compile_source(target, source, options, row)
+
+
+def compile_source(target, source, options, row: Compiled) -> Compiled:
+    from triton.compiler import compile
+
+    cap, _, max_shared = TARGETS[row.target]
+    try:
+        kernel = compile(source, target=target, options=options.__dict__)
+    except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row of the table
+        row.status = f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return row
+    row.shared_bytes = int(kernel.metadata.shared)
+    row.registers, row.spill_bytes = _ptxas_usage(kernel.asm["ptx"], cap)
+    if row.shared_bytes > max_shared:
+        row.status = f"needs {row.shared_bytes} B of shared memory; {row.target} has {max_shared}"
+    elif row.spill_bytes and recipe_configuration(row):
+        row.status = f"spills {row.spill_bytes} bytes of registers"
+    elif row.spill_bytes:
+        row.status = f"ok, but spills {row.spill_bytes} bytes (not the race's configuration)"
+    return row
+
+
+def recipe_configuration(row: Compiled) -> bool:
+    """Whether the race can run this compilation: made by a launch at the recipe's widths, in its dtype (bf16),
+    for its GPU (the H100, sm_90). The others (fp16 and fp32 kernels for tests and CPU-sized runs, other
+    widths, the A100) are checked for compiling and shared memory; their spills are listed, not failures."""
+    return row.recipe and row.target == "sm_90" and "bfloat16" in row.dtype.split("/")
+
+
+def failed(row: Compiled) -> bool:
+    return not row.status.startswith("ok")
+
+
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int | None, int | None]:
+    """(registers, spill store + load bytes) as ptxas -v reports them for the PTX."""
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([_ptxas(capability), "-v", f"--gpu-name={arch}", str(src), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    if out.returncode:
+        raise RuntimeError(f"ptxas failed on a kernel Triton compiled: {text.strip()[:300]}")
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return (int(regs[1]) if regs else None), (sum(spills) if spills else None)
+
+
+def compile_all(launches: list, log=print) -> list[Compiled]:
+    """Each distinct specialisation of the launches, compiled once per target."""
+    unique = {}
+    for fn, args, kwargs, recipe in launches:
+        for target_name in TARGETS:
+            target, source, options, row, key = specialise(fn, args, kwargs, target_name)
+            key = (fn.__name__, target_name, key)
+            if key in unique:
+                unique[key][3].recipe |= recipe  # a recipe-width launch anywhere makes it the race's
+            else:
+                row.recipe = recipe
+                unique[key] = (target, source, options, row)
+    log(f"{len(unique)} distinct compilations")
+    return [compile_source(*item) for item in unique.values()]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The table
+# ---------------------------------------------------------------------------------------------
+
+
+def table_text(rows: list[Compiled], sources: str, triton_version: str) -> str:
+    bad = [r for r in rows if failed(r)]
+    spilling = [r for r in rows if r.spill_bytes and not failed(r)]
+    lines = ["# Triton kernels compiled ahead of time (no GPU): sm_90 (H100) and sm_80 (A100)", "",
+             f"Made by `speedrun bench aot` with Triton {triton_version}; kernel sources sha256 `{sources}`.",
+             f"{len(rows)} compilations, {len(bad)} failing; {len(spilling)} spill registers outside the race's "
+             "configuration (bf16 on sm_90). Shared memory limits: sm_90 232,448 B, sm_80 166,912 B per block.",
+             "",
+             "| kernel | config | dtype | recipe widths | target | registers | spill bytes | shared bytes | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.kernel} | {r.config} | {r.dtype} | {'yes' if r.recipe else 'no'} | {r.target} | {r.registers} "
+              f"| {r.spill_bytes} | {r.shared_bytes} | {r.status} |" for r in rows]
+    meta = {"sources_sha256": sources, "triton": triton_version, "rows": [asdict(r) for r in rows]}
+    return "\n".join(lines) + "\n\n<!-- aot " + json.dumps(meta) + " -->\n"
+
+
+def read_table(path: Path = TABLE) -> dict | None:
+    if not path.is_file():
+        return None
+    m = re.search(r"<!-- aot (.*) -->", path.read_text())
+    return json.loads(m[1]) if m else None
+
+
+def check_cached() -> dict | None:
+    """The committed table's data if it was made from today's kernel sources and Triton version, else None."""
+    import triton
+
+    meta = read_table()
+    if meta and meta["sources_sha256"] == kernel_sources_hash() and meta["triton"] == triton.__version__:
+        return meta
+    return None
+
+
+def run(force: bool = False, out: Path = TABLE, log=print) -> list[Compiled]:
+    """Capture, compile, write the table; with a cached table (same sources, same Triton) and no ``force``,
+    its rows."""
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("speedrun bench aot compiles for GPUs: run it without TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly (no warning)
+    if not force and out == TABLE and (meta := check_cached()) is not None:
+        log(f"{out.relative_to(REPO_ROOT)} is up to date (same kernel sources, Triton {triton.__version__})")
+        return [Compiled(**r) for r in meta["rows"]]
+    launches = capture()
+    log(f"captured {len(launches)} launches; compiling for {', '.join(TARGETS)}")
+    rows = compile_all(launches, log)
+    from speedrun.data.shards import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, table_text(rows, kernel_sources_hash(), triton.__version__))
+    log(f"wrote {out}: {len(rows)} compilations, {sum(failed(r) for r in rows)} failing")
+    return rows
