@@ -77,9 +77,11 @@ def staged_step(cfg: RunConfig, device: torch.device, calls: int, seed: int, wor
 
     step_at = cfg.train.num_steps - 1
     plan = schedule.plan(cfg, step_at)
+    # no validation here: the smallest validation set the race accepts (one validation batch)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_tokens=cfg.schedule.val_batch_tokens))
     # documents are cut to the stage's length, so a step reads more than its batch; the loader prefetches 2
     synthetic_shard(workdir / "bench_train_000001.bin", cfg, 3 * (calls + 3) * plan.batch_tokens + 4096, seed)
-    synthetic_shard(workdir / "bench_val_000000.bin", cfg, 4096, seed + 1)
+    synthetic_shard(workdir / "bench_val_000000.bin", cfg, cfg.data.val_tokens + 1, seed + 1)
     env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     race = make_race(cfg, env, workdir)
     race.train_loader.close()
