@@ -26,7 +26,8 @@ from kernels.common import interpreter_block, interpreting, new_empty, refuse_ba
 DEFAULT_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def check_newton_schulz_args(G, steps, dtype):
+def check_matrices(G, dtype):
+    """G is a float tensor of matrices (..., m, n) and ``dtype`` a compute dtype (shared with Polar Express)."""
     if not isinstance(G, torch.Tensor):
         raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
     if G.dim() < 2:
@@ -35,6 +36,10 @@ def check_newton_schulz_args(G, steps, dtype):
         raise TypeError(f"G must be a floating-point tensor, got {G.dtype}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
+def check_newton_schulz_args(G, steps, dtype):
+    check_matrices(G, dtype)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
 

@@ -29,7 +29,7 @@ import torch
 
 from kernels.common import refuse_backward, triton_usable
 from kernels.newton_schulz import VARIANTS as NS_VARIANTS
-from kernels.newton_schulz import xxt_torch
+from kernels.newton_schulz import check_matrices, xxt_torch
 
 NORM_FACTOR = 1.02  # 1 + 2e-2: keeps the spectral norm below 1
 NORM_EPS = 1e-6
@@ -37,14 +37,7 @@ SPLIT_ROWS = 1024  # matrices with more rows do the last step as two roundings (
 
 
 def check_polar_express_args(G, coeffs, dtype):
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
-    if G.dim() < 2:
-        raise ValueError(f"G must have at least 2 dims (..., m, n), got shape {tuple(G.shape)}")
-    if not G.dtype.is_floating_point:
-        raise TypeError(f"G must be a floating-point tensor, got {G.dtype}")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_matrices(G, dtype)
     coeffs = tuple(tuple(float(v) for v in abc) for abc in coeffs)
     if not coeffs or any(len(abc) != 3 for abc in coeffs):
         raise ValueError(f"coeffs must be a non-empty sequence of (a, b, c) triples, got {coeffs!r}")

@@ -50,6 +50,14 @@ def _check_world(world_size, rank) -> tuple[int, int]:
     return world_size, rank
 
 
+def stream_position(state: dict, keys: tuple[str, ...], n_shards: int) -> tuple[int, ...]:
+    """The integers ``keys`` of a train stream's state (its state_dict()), checked; keys[1] is the shard index."""
+    values = tuple(_check_int(f"state[{key!r}]", state[key], 0) for key in keys)
+    if not 0 <= values[1] < n_shards:
+        raise ValueError(f"shard_index {values[1]} is outside the {n_shards} train shards")
+    return values
+
+
 def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A CPU tensor, or on CUDA a copy sent from pinned memory without blocking the host."""
     tensor = torch.from_numpy(array).to(dtype)
@@ -68,10 +76,7 @@ class _TrainStream:
         self.seek({"step": 0, "shard_index": 0, "pos": 0})
 
     def seek(self, state: dict) -> None:
-        self.step, self.shard_index, self.pos = (_check_int(f"state[{key!r}]", state[key], 0)
-                                                 for key in ("step", "shard_index", "pos"))
-        if not 0 <= self.shard_index < len(self.paths):
-            raise ValueError(f"shard_index {self.shard_index} is outside the {len(self.paths)} train shards")
+        self.step, self.shard_index, self.pos = stream_position(state, ("step", "shard_index", "pos"), len(self.paths))
         self.tokens = read_shard(self.paths[self.shard_index])
 
     def state(self) -> dict:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speedrun.data.loader import PrefetchingLoader, _check_int, _check_world, train_shard_paths
+from speedrun.data.loader import PrefetchingLoader, _check_int, _check_world, stream_position, train_shard_paths
 from speedrun.data.shards import list_shards, read_header, read_shard
 from speedrun.schedule import cu_seqlens_slots
 
@@ -113,10 +113,8 @@ class PackedTrainStream:
         self.seek({"step": 0, "shard_index": 0, "cursor": 0})
 
     def seek(self, state: dict) -> None:
-        self.step, self.shard_index, self.cursor = (_check_int(f"state[{key!r}]", state[key], 0)
-                                                    for key in ("step", "shard_index", "cursor"))
-        if not 0 <= self.shard_index < len(self.paths):
-            raise ValueError(f"shard_index {self.shard_index} is outside the {len(self.paths)} train shards")
+        self.step, self.shard_index, self.cursor = stream_position(state, ("step", "shard_index", "cursor"),
+                                                                   len(self.paths))
         self._load(self.shard_index)
 
     def state(self) -> dict:
