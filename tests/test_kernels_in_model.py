@@ -15,11 +15,9 @@ from speedrun.config import tiny
 from speedrun.data.synth import generate_synth
 from speedrun.model import GPT, TRAINING_OPS
 
-pytestmark = [
-    pytest.mark.skipif("triton" not in kernels.variants("attention"), reason="triton is not installed"),
-    pytest.mark.skipif(not kernels.common.triton_usable(torch.device("cpu")),
-                       reason="these CPU runs need Triton's interpreter (TRITON_INTERPRET=1)"),
-]
+pytestmark = pytest.mark.skipif("triton" not in kernels.variants("attention"), reason="triton is not installed")
+needs_interpreter = pytest.mark.skipif(not kernels.common.triton_usable(torch.device("cpu")),
+                                       reason="these CPU runs need Triton's interpreter (TRITON_INTERPRET=1)")
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +25,10 @@ def interpreter_for_model_runs(monkeypatch):
     """Model-sized launches under the interpreter: its large tiles (a few programs per launch, not
     hundreds; the default small tiles are for the kernel tests, which cover the multi-tile paths) and one
     CPU thread for torch and numpy's BLAS (kernels.common.limit_interpreter_threads: several times faster
-    on a busy 2-core machine). Both runs of a comparison get the same settings."""
+    on a busy 2-core machine). Both runs of a comparison get the same settings. No effect on a GPU."""
+    if not kernels.common.interpreting():
+        yield
+        return
     monkeypatch.setattr(kernels.common, "INTERPRETER_TILE", kernels.common.LARGE_INTERPRETER_TILE)
     restore = kernels.common.limit_interpreter_threads()
     yield
@@ -45,27 +46,38 @@ def randomise(model: GPT, seed: int):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.05 + p.float().mean())
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.05 + p.float().mean().cpu()
+            p.copy_(noise.to(p.device, p.dtype))
 
 
-def test_triton_kernels_match_torch_in_the_model():
+def loss_and_grads(variant: str, device: str, dtype: torch.dtype, inputs, targets):
+    """The small model's loss and every parameter's gradient (fp32 copies) with one kernel set."""
+    torch.manual_seed(1)
+    model = GPT(small_config(), kernels.resolve(variant, TRAINING_OPS), dtype=dtype).to(device)
+    randomise(model, seed=2)
+    loss = model(inputs.to(device), targets.to(device), window=(2, 1))
+    loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float().cpu(), grads
+
+
+def model_batch():
+    """Two rows of 96 tokens: documents of several lengths, one of a single token; (inputs, targets)."""
     cfg = small_config()
     g = torch.Generator().manual_seed(0)
-    T = 96
-    tokens = torch.randint(0, cfg.vocab_size - 1, (2, T + 1), generator=g)
-    tokens[0, [0, 17, 40, 41]] = cfg.eot_token  # documents of several lengths, one of a single token
+    tokens = torch.randint(0, cfg.vocab_size - 1, (2, 97), generator=g)
+    tokens[0, [0, 17, 40, 41]] = cfg.eot_token
     tokens[1, [0, 70]] = cfg.eot_token
-    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    results = {}
-    for variant in ("torch", "triton"):
-        torch.manual_seed(1)
-        model = GPT(cfg, kernels.resolve(variant, TRAINING_OPS), dtype=torch.float32)
-        randomise(model, seed=2)
-        loss = model(inputs, targets, window=(2, 1))
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[variant] = (loss.detach(), grads)
-    (loss_ref, grads_ref), (loss_tri, grads_tri) = results["torch"], results["triton"]
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_kernels_match_torch_in_the_model_fp32(device):
+    """fp32 (the GPU's fp32 dots are exact, input_precision="ieee"): the two kernel sets agree to rounding."""
+    inputs, targets = model_batch()
+    loss_ref, grads_ref = loss_and_grads("torch", device, torch.float32, inputs, targets)
+    loss_tri, grads_tri = loss_and_grads("triton", device, torch.float32, inputs, targets)
     torch.testing.assert_close(loss_tri, loss_ref, rtol=1e-5, atol=1e-6)
     assert grads_ref.keys() == grads_tri.keys() and len(grads_ref) > 10
     for name in grads_ref:
@@ -74,7 +86,25 @@ def test_triton_kernels_match_torch_in_the_model():
         assert err < 1e-4, f"{name}: max error {err:.2e} relative to the gradient's scale"
 
 
+@pytest.mark.gpu
+def test_triton_kernels_within_twice_torchs_bf16_error_in_the_model():
+    """bf16 on the GPU (Tri Dao's rule): against the fp32 torch run, the triton set's loss and each gradient
+    err by at most 2x what the torch set errs in bf16 (plus 1e-6 of the gradient's scale, for gradients
+    PyTorch happens to get exactly)."""
+    inputs, targets = model_batch()
+    loss_ref, grads_ref = loss_and_grads("torch", "cuda", torch.float32, inputs, targets)
+    loss_torch, grads_torch = loss_and_grads("torch", "cuda", torch.bfloat16, inputs, targets)
+    loss_tri, grads_tri = loss_and_grads("triton", "cuda", torch.bfloat16, inputs, targets)
+    assert (loss_tri - loss_ref).abs() <= 2 * (loss_torch - loss_ref).abs() + 1e-6 * loss_ref.abs()
+    for name in grads_ref:
+        own = (grads_torch[name] - grads_ref[name]).abs().max()
+        err = (grads_tri[name] - grads_ref[name]).abs().max()
+        floor = 1e-6 * grads_ref[name].abs().max()
+        assert err <= 2 * own + floor, f"{name}: triton bf16 error {err:.3g} > 2 x torch's {own:.3g}"
+
+
 @pytest.mark.slow
+@needs_interpreter
 def test_twenty_tiny_steps_same_losses_with_triton(tmp_path):
     data = tmp_path / "synth"
     generate_synth(data, seed=3, train_tokens=200_000, val_tokens=2048)

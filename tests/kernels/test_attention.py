@@ -17,11 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import DEVICE, TRITON_RUNS, WHY_NOT, interpreter_only, needs_triton
 
 import kernels
 import kernels.attention as A
 import kernels.common
-from kernels.common import triton_usable
 
 try:
     import triton
@@ -31,7 +31,6 @@ try:
 except ImportError:
     triton = None
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 VARIANTS = kernels.variants("attention")
 SCALE = 0.12
 
@@ -43,8 +42,8 @@ FLEX_CASES = ("window_gt_tile", "gpu-recipe-T4096-w14-bfloat16")
 def _skip_unless_runs(variant: str, dtype: torch.dtype = torch.float32, case: str | None = None):
     if variant == "flex" and case not in FLEX_CASES:
         pytest.skip(f"flex_attention compiles per shape: checked on {', '.join(FLEX_CASES)} only")
-    if variant == "triton" and not triton_usable(DEVICE):
-        pytest.skip(f"the triton variant cannot run on {DEVICE}")
+    if variant == "triton" and not TRITON_RUNS:
+        pytest.skip(WHY_NOT)
     if variant == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
         pytest.skip("bf16 tl.dot is wrong under the Triton CPU interpreter")
 
@@ -244,7 +243,8 @@ def test_changing_window_does_not_recompile():
     assert _cache_sizes() == sizes
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu" or triton is None, reason="the tile knob is the CPU interpreter's")
+@needs_triton
+@interpreter_only
 def test_interpreter_tile_is_read_at_launch(monkeypatch):
     """The interpreter's tile sizes come from kernels.common.INTERPRETER_TILE at each launch, cut to T rounded
     up to a power of two: (t, t/2) for the forward and dQ, (t/2, t) for dK/dV, t/2 rows for the preprocess."""
@@ -388,7 +388,8 @@ def test_triton_checks_doc_ids_order_on_request(monkeypatch):
         A.attention_triton(**_args(doc_ids=doc_ids))
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu" or triton is None, reason="CPU interpreter only")
+@needs_triton
+@interpreter_only
 def test_triton_refuses_bf16_on_interpreter():
     with pytest.raises(TypeError, match="bfloat16"):
         A.attention_triton(**_args(q=_args()["q"].bfloat16(), k=_args()["k"].bfloat16(),

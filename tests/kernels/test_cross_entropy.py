@@ -25,6 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import DEVICE, interpreter_only, needs_triton, on_device
 
 import kernels
 import kernels.common
@@ -33,7 +34,6 @@ from kernels.common import interpreting
 
 VARIANTS = kernels.variants("cross_entropy")
 HAS_TRITON = "triton" in VARIANTS
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # per-row magnitudes of z: small, moderate, and two that saturate the softcap (|z| / 7.5 >> 1)
 ROW_SCALES = (0.5, 3.0, 10.0, 60.0, 1.5)
@@ -46,13 +46,14 @@ TILE_SIZES = pytest.mark.parametrize("interpreter_tile", ["default", "large"], i
 
 
 def _make(N, V, dtype=torch.float32, seed=0, ignore=(), ignore_index=-100):
+    """(z (N, V) in ``dtype``, targets (N,)) on DEVICE, from a seeded CPU generator."""
     g = torch.Generator().manual_seed(seed)
     scales = torch.tensor([ROW_SCALES[i % len(ROW_SCALES)] for i in range(N)], dtype=torch.float64)
     z = (torch.randn(N, V, generator=g, dtype=torch.float64) * scales[:, None]).to(dtype)
     t = torch.randint(0, V, (N,), generator=g)
     for i in ignore:
         t[i] = ignore_index
-    return z, t
+    return on_device(z, t)
 
 
 def _reference64(z, t, cap=30.0, scale=7.5, ignore_index=-100, reduction="mean", grad_out=None):
@@ -100,7 +101,7 @@ def _check_variant(variant, z, t, grad_out=None, **kw):
 
 def _grad_out(reduction, N, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand((N,) if reduction == "none" else (), generator=g) + 0.5
+    return on_device(torch.rand((N,) if reduction == "none" else (), generator=g) + 0.5)
 
 
 SHAPES = [
@@ -227,7 +228,7 @@ def test_triton_out_of_range_target_is_nan(reduction, monkeypatch, interpreter_t
 def test_non_contiguous_z(variant, layout, interpreter_tile):
     z, t = _make(5, 1000, seed=8)
     if layout == "row_strided":  # a column slice of a wider buffer: rows read in place
-        z = torch.cat([z, torch.randn(5, 24)], dim=1)[:, :1000]
+        z = torch.cat([z, on_device(torch.randn(5, 24, generator=torch.Generator().manual_seed(1)))], dim=1)[:, :1000]
     elif layout == "transposed":  # column stride != 1: copied
         z = z.t().contiguous().t()
     else:
@@ -249,7 +250,7 @@ def test_without_grad(variant, interpreter_tile):
 
 
 @needs_triton
-@pytest.mark.skipif(not interpreting(), reason="the tile knob is the CPU interpreter's")
+@interpreter_only
 def test_interpreter_tile_is_read_at_launch(monkeypatch):
     """Rows per program and the chunk width come from kernels.common.INTERPRETER_TILE at each launch: the
     one-row kernel at the default tile, (tile / 32)^2 rows (at most N rounded up to a power of two) at 256."""
@@ -330,7 +331,7 @@ def test_misuse(variant, kind, exc):
 @needs_triton
 def test_triton_empty_vocab_rejected():
     with pytest.raises(ValueError, match="V >= 1"):
-        ce.cross_entropy_triton(torch.zeros(2, 0), torch.zeros(2, dtype=torch.int64))
+        ce.cross_entropy_triton(torch.zeros(2, 0, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE))
 
 
 # ---- GPU only -------------------------------------------------------------------------------------
@@ -357,8 +358,9 @@ def test_gpu_recipe_shape_bf16(variant, reduction):
 def test_gpu_cuda_graph_capture():
     """Forward + backward captured in a CUDA graph (fails if anything syncs) and replayed on new data."""
     N, V = 512, 50304
-    z = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randint(0, V, (N,), device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
     torch.cuda.set_sync_debug_mode("error")
     try:
         s = torch.cuda.Stream()
@@ -374,10 +376,10 @@ def test_gpu_cuda_graph_capture():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for seed in (1, 2):
-        torch.manual_seed(seed)
+        g = torch.Generator(device="cuda").manual_seed(seed)
         with torch.no_grad():
-            z.copy_(torch.randn(N, V, device="cuda") * 5)
-            t.copy_(torch.randint(0, V, (N,), device="cuda"))
+            z.copy_(torch.randn(N, V, device="cuda", generator=g) * 5)
+            t.copy_(torch.randint(0, V, (N,), device="cuda", generator=g))
             t[::5] = -100
         graph.replay()
         loss64, dz64 = _reference64(z, t)

@@ -7,6 +7,7 @@ recipe-shape bf16/fp16/fp32 checks are GPU-only. Kernel outputs start as NaN (co
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import DEVICE, interpreter_only, needs_triton
 
 import kernels
 import kernels.common
@@ -14,9 +15,6 @@ from kernels import mlp as mlp_mod
 from kernels.mlp import mlp_torch
 
 VARIANTS = kernels.variants("mlp")
-HAS_TRITON = "triton" in VARIANTS
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not importable")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Max error relative to the reference's largest magnitude.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -146,7 +144,7 @@ def test_plain_matmul_epilogue():
 
 
 @needs_triton
-@pytest.mark.skipif(not kernels.common.interpreting(), reason="the tile knob is the CPU interpreter's")
+@interpreter_only
 def test_interpreter_tile_is_read_at_launch(monkeypatch):
     """The block sizes come from kernels.common.INTERPRETER_TILE when the kernel is launched, cut to each
     dimension rounded up to a power of two."""
@@ -173,7 +171,7 @@ def test_mlp_misuse(variant):
     fn = kernels.get("mlp", variant)
     x, w_fc, w_proj, _ = make_inputs((2, 5, 8), 16, torch.float32)
     with pytest.raises(TypeError, match="x"):
-        fn(x.numpy(), w_fc, w_proj)
+        fn(x.cpu().numpy(), w_fc, w_proj)
     with pytest.raises(TypeError, match="x"):
         fn(x.to(torch.int32), w_fc, w_proj)
     with pytest.raises(TypeError, match="w_fc"):

@@ -7,6 +7,7 @@ lower-triangle tile the mirror store forgets fails the comparisons.
 
 import pytest
 import torch
+from kernel_testing import DEVICE, interpreter_only, needs_triton
 
 import kernels
 import kernels.common
@@ -14,9 +15,6 @@ from kernels import newton_schulz as ns
 from kernels.newton_schulz import DEFAULT_COEFFS, newton_schulz_torch
 
 VARIANTS = kernels.variants("newton_schulz")
-HAS_TRITON = "triton" in VARIANTS
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not importable")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The CPU interpreter's default tiles are 32x32 (BLOCK_K 32): these cover m < tile, m and k not multiples
 # of the tile, multiples of it, batch 1, odd batch (3), extra leading dims and plain 2-D.
@@ -133,7 +131,7 @@ def test_newton_schulz_misuse(variant):
     fn = kernels.get("newton_schulz", variant)
     G = randn(8, 12)
     with pytest.raises(TypeError, match="G"):
-        fn(G.numpy())
+        fn(G.cpu().numpy())
     with pytest.raises(ValueError, match="G"):
         fn(G[0])
     with pytest.raises(TypeError, match="G"):
@@ -183,7 +181,7 @@ def test_xxt_strided_input():
 
 
 @needs_triton
-@pytest.mark.skipif(not kernels.common.interpreting(), reason="the tile knob is the CPU interpreter's")
+@interpreter_only
 def test_interpreter_tile_is_read_at_launch(monkeypatch):
     """BLOCK and BLOCK_K come from kernels.common.INTERPRETER_TILE at each launch, cut to m and k rounded up
     to powers of two."""

@@ -6,6 +6,7 @@ On the CPU the Triton building blocks run under the interpreter (kernel outputs 
 
 import pytest
 import torch
+from kernel_testing import DEVICE
 
 import kernels
 from kernels.polar_express import polar_express_torch
@@ -13,7 +14,6 @@ from speedrun.config import OptimConfig
 
 VARIANTS = kernels.variants("polar_express")
 COEFFS = OptimConfig().polar_express_coeffs
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # wide (Q/K-like), square (V/O-like), tall (MLP-like), a batch of banks, extra leading dims, and a matrix of
 # more than 1024 rows (the split last step)
 SHAPES = [(16, 40), (40, 40), (72, 24), (3, 24, 56), (2, 1, 20, 36), (1100, 24)]

@@ -1,0 +1,29 @@
+"""Where the kernel tests run, for every file in tests/kernels.
+
+On a machine with a CUDA GPU the tests run there, on compiled Triton kernels; elsewhere on the CPU, with
+Triton under its interpreter (TRITON_INTERPRET=1, set by tests/conftest.py). Inputs are drawn on the CPU
+from a seeded generator and then moved to ``DEVICE`` (``on_device``), so a case holds the same values on
+either machine. A case of the ``triton`` variant is skipped where the kernels cannot run (no GPU and no
+interpreter; see conftest.py), never failed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.common import interpreting, triton_usable
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_RUNS = triton_usable(DEVICE)  # False without triton, or on the CPU without TRITON_INTERPRET=1
+WHY_NOT = f"the Triton kernels cannot run on {DEVICE} here (no CUDA GPU, and TRITON_INTERPRET is not 1)"
+
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason=WHY_NOT)
+interpreter_only = pytest.mark.skipif(not interpreting(), reason="checks a setting of the CPU interpreter")
+
+
+def on_device(*tensors: torch.Tensor):
+    """The tensors moved to ``DEVICE`` (one tensor, or a tuple for several)."""
+    moved = tuple(t.to(DEVICE) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
+
