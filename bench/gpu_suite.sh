@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# Everything one GPU can tell us, in one command (< 10 min on one H100/H200, no network):
-#   1. environment report (nvidia-smi, versions)             -> env.txt
-#   2. GPU tests: tests/kernels on CUDA (fp32, fp16 and bf16 cases), the model and loader tests, every
-#      `gpu`-marked test                                     -> tests.txt
-#   3. speedrun bench kernels --quick (the recipe's shapes)  -> kernels.csv, kernels.txt, kernels_<op>.png
-#   4. speedrun bench train, --kernels torch and triton       -> train.md
-#   5. speedrun bench converge: a shortened gpt2-124m run per kernel set, val curves compared
-#                                                            -> converge.md, converge.png, converge_logs/
-#   6. a markdown summary of all of it                       -> summary.md
-# Results go to $OUT if set, else bench/results/<date>_<gpu>/. Every step runs even if one fails, each
-# within a time budget (together 8.3 min; a step over its budget is stopped and counts as failed); the
-# script then exits non-zero and summary.md names the failed steps.
+# Everything one GPU can tell us, in one command, with no network. Which to run (device time includes the
+# machine's start, a few minutes):
+#   bench/gpu_suite.sh --smoke      < 3 min: the environment, every Triton kernel configuration launched once
+#                                   on the card, the model check (Triton = torch on CUDA), one compiled
+#                                   training step per kernel set. Run this when less than 10 minutes are left.
+#   bench/gpu_suite.sh              < 10 min: the smoke steps' substance and more:
+#     1. environment report (nvidia-smi, versions)                          -> env.txt
+#     2. GPU tests: tests/kernels on CUDA (fp32, fp16, bf16), the model check, the compile-graph check,
+#        the loader tests, every `gpu`-marked test (in parallel when pytest-xdist is there) -> tests.txt
+#     3. speedrun bench launch: every kernel configuration of the AOT table, once   -> launch.md
+#     4. speedrun bench kernels --quick (the recipe's shapes)    -> kernels.csv, kernels.txt, kernels_<op>.png
+#     5. speedrun bench train, --kernels triton and torch: step times, graph breaks  -> train.md
+#     6. speedrun bench converge: a shortened gpt2-124m run per kernel set, val curves compared
+#                                                                -> converge.md, converge.png, converge_logs/
+#     7. a markdown summary of all of it                         -> summary.md
+# Results go to $OUT if set, else bench/results/<date>_<gpu>/ (commit that folder). Every step runs even if
+# one fails, each within a time budget (a step over it gets Ctrl-C, so pytest and the trainer still write
+# what they have, and counts as failed); the script then exits non-zero and summary.md names the failures.
 #
-#   bench/gpu_suite.sh              on a machine with a CUDA GPU
-#   bench/gpu_suite.sh --dry-run    the same pipeline on the CPU with tiny settings (CI runs this): it
-#                                   checks the script, not the GPU; its times mean nothing
+#   --dry-run     the same pipeline on the CPU with tiny settings (CI runs both modes this way): it checks
+#                 the script, not the GPU; its times mean nothing
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
+SMOKE=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "gpu_suite.sh: unknown option $arg (use --dry-run or --help)" >&2; exit 2 ;;
+        --smoke) SMOKE=1 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "gpu_suite.sh: unknown option $arg (use --smoke, --dry-run or --help)" >&2; exit 2 ;;
     esac
 done
 
@@ -42,10 +49,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 STEPS_FILE="$OUT/steps.tsv"
 : > "$STEPS_FILE"
-echo "gpu_suite: results in $OUT$([ "$DRY_RUN" = 1 ] && echo ' (dry run on CPU)')"
+echo "gpu_suite$([ "$SMOKE" = 1 ] && echo ' --smoke'): results in $OUT$([ "$DRY_RUN" = 1 ] && echo ' (dry run on CPU)')"
 
 # step NAME LOGFILE SECONDS COMMAND...: run with a time budget (the suite must stay under 10 minutes; exit
-# 124 = over budget), tee the output, record "name<TAB>rc<TAB>seconds" in steps.tsv
+# 124 = over budget: SIGINT first, so pytest prints its failures and a run writes its log, SIGKILL 20 s
+# later), tee the output, record "name<TAB>rc<TAB>seconds" in steps.tsv
 step() {
     local name=$1 log=$2 budget=$3
     shift 3
@@ -54,7 +62,7 @@ step() {
     if declare -F "$1" > /dev/null; then  # a function of this script (the environment report): no budget
         "$@" 2>&1 | tee "$OUT/$log"
     else
-        timeout --kill-after=15 "$budget" "$@" 2>&1 | tee "$OUT/$log"
+        timeout --signal=INT --kill-after=20 "$budget" "$@" 2>&1 | tee "$OUT/$log"
     fi
     local rc=${PIPESTATUS[0]}
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS_FILE"
@@ -69,28 +77,51 @@ env_report() {
 }
 
 SB=("$PY" -m speedrun.cli bench)
-if [ "$DRY_RUN" = 1 ]; then
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
+if "$PY" -c "import xdist" 2> /dev/null && [ "$DRY_RUN" = 0 ]; then
+    PYTEST+=(-n 8)  # cold Triton compiles dominate: 8 workers on the GPU machine's 16 cores
+fi
+KERNEL_OPS=attention,mlp,cross_entropy,newton_schulz,polar_express
+if [ "$DRY_RUN" = 1 ] && [ "$SMOKE" = 1 ]; then
     step environment env.txt 60 env_report
-    step tests tests.txt 300 "$PY" -m pytest -q -m gpu tests/kernels
+    step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op mlp --out "$OUT"
+    step "model check" tests.txt 300 "${PYTEST[@]}" tests/test_kernels_in_model.py -m "not slow"
+    step "bench train" train.log 300 "${SB[@]}" train --device cpu --preset tiny --kernels triton,torch --steps 1 \
+        --warmup 1 --profile-steps 0 --seq-len 128 --out "$OUT"
+elif [ "$DRY_RUN" = 1 ]; then
+    step environment env.txt 60 env_report
+    step tests tests.txt 300 "${PYTEST[@]}" -m gpu tests/kernels
+    step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op mlp --out "$OUT"
     step "bench kernels" kernels.log 300 "${SB[@]}" kernels --quick --device cpu --variant torch,triton,sdpa \
-        --op attention,mlp,cross_entropy,newton_schulz,polar_express --out "$OUT"
+        --op "$KERNEL_OPS" --out "$OUT"
     step "bench train" train.log 300 "${SB[@]}" train --device cpu --steps 1 --warmup 1 --profile-steps 1 --seq-len 128 \
         --out "$OUT"
     step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset tiny --steps 2 --val-every 1 \
         --seq-len 128 --val-tokens 4096 --out "$OUT"
-else
-    # budgets: 120 + 140 + 120 + 120 s = 8.3 min at the most, under the 10-minute limit of one command
+elif [ "$SMOKE" = 1 ]; then
+    # budgets: 45 + 45 + 75 s = 2.75 min at the most
     step environment env.txt 30 env_report
-    step tests tests.txt 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_model.py \
-        tests/test_kernels_in_model.py tests/data/test_loader.py -m "gpu or not slow"
+    step "bench launch" launch.log 45 "${SB[@]}" launch --out "$OUT"
+    step "model check" tests.txt 45 "${PYTEST[@]}" tests/test_kernels_in_model.py -m gpu
+    # the tiny preset: a compile of gpt2-124m takes ~45 s per kernel set (bench/results/2026-11-27_*)
+    step "bench train" train.log 75 "${SB[@]}" train --preset tiny --kernels triton,torch --steps 2 --warmup 1 \
+        --profile-steps 0 --out "$OUT"
+else
+    # budgets: 120 + 45 + 120 + 140 + 100 s = 8.75 min at the most, under the 10-minute limit of one command
+    step environment env.txt 30 env_report
+    step tests tests.txt 120 "${PYTEST[@]}" tests/kernels tests/test_model.py tests/test_kernels_in_model.py \
+        tests/test_compile_graph.py tests/data/test_loader.py -m "gpu or not slow"
+    step "bench launch" launch.log 45 "${SB[@]}" launch --out "$OUT"
     # record #89's varlen_attention, mtp_cross_entropy and mlp_fp8 have plain-PyTorch references only so far
     # (their Triton kernels are issue [4/6]): timing them at the record's size would eat this step's budget
-    step "bench kernels" kernels.log 140 "${SB[@]}" kernels --quick \
-        --op attention,mlp,cross_entropy,newton_schulz,polar_express --out "$OUT"
-    step "bench train" train.log 120 "${SB[@]}" train --steps 5 --warmup 2 --profile-steps 1 --out "$OUT"
-    # eager (no compile): this step checks that the kernel sets train alike, not their speed
-    step "bench converge" converge.log 120 "${SB[@]}" converge --steps 200 --val-every 25 --seq-len 8192 \
-        --val-tokens 524288 --no-compile --out "$OUT"
+    step "bench kernels" kernels.log 120 "${SB[@]}" kernels --quick --op "$KERNEL_OPS" --out "$OUT"
+    # triton first: the torch set's reference attention makes its steps take seconds at T = 65,536
+    step "bench train" train.log 140 "${SB[@]}" train --kernels triton,torch --steps 3 --warmup 1 --profile-steps 1 \
+        --out "$OUT"
+    # eager (no compile): this step checks that the kernel sets train alike, not their speed (~1 s per step
+    # for the torch set at this length on an H100)
+    step "bench converge" converge.log 100 "${SB[@]}" converge --steps 30 --val-every 10 --seq-len 8192 \
+        --val-tokens 262144 --no-compile --out "$OUT"
 fi
 "$PY" -m speedrun.bench.summary "$OUT"
 if awk -F'\t' '$2 != 0 { bad = 1 } END { exit bad ? 0 : 1 }' "$STEPS_FILE"; then

@@ -160,18 +160,22 @@ if triton is not None:
     # dropped before tuning rather than failing to launch.
     MAX_SHARED_BYTES = 166_912
 
-    def _fit_shared_memory(configs, named_args, **kwargs):
-        size = named_args["a_ptr"].element_size()
-        fit = [c for c in configs if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size
+    def _fit_shared_memory(configs, element_size: int):
+        fit = [c for c in configs if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * element_size
                * max(c.num_stages - 1, 1) <= MAX_SHARED_BYTES]
         return fit or configs[-1:]
 
-    # GPU: autotuned over _matmul_configs(). CPU interpreter: _matmul_epilogue_jit with the block sizes
-    # passed explicitly from kernels.common.INTERPRETER_TILE at each launch (autotune configs are fixed
-    # when the module is imported, and tuning under the interpreter would only waste time).
-    _matmul_epilogue_kernel = triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE"],
-                                              prune_configs_by={"early_config_prune": _fit_shared_memory})(
-        _matmul_epilogue_jit)
+    # GPU: autotuned over _matmul_configs(), one autotuner per dtype with the configs that fit pruned ahead.
+    # (Not Triton's prune_configs_by: torch.compile in torch 2.11 cannot trace an autotuned heuristics
+    # kernel that has one, "Can't construct an AttrSource without a valid base source";
+    # tests/test_compile_graph.py traces every kernel set.) CPU interpreter: _matmul_epilogue_jit with the
+    # block sizes passed explicitly from kernels.common.INTERPRETER_TILE at each launch (autotune configs
+    # are fixed when the module is imported, and tuning under the interpreter would only waste time).
+    _matmul_epilogue_kernels = {
+        dtype: triton.autotune(configs=_fit_shared_memory(_matmul_configs(), dtype.itemsize),
+                               key=["M", "N", "K", "EPILOGUE"])(_matmul_epilogue_jit)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    }
 
     def _matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None = None):
         """Launch: C (M, N) = epilogue(a @ b) in a's dtype, for a (M, K) and b (K, N) of one dtype (any strides,
@@ -193,7 +197,7 @@ if triton is not None:
             blocks = dict(BLOCK_M=interpreter_block(M), BLOCK_N=interpreter_block(N), BLOCK_K=interpreter_block(K))
             kernel, blocks = _matmul_epilogue_jit, dict(blocks, GROUP_M=4)
         else:
-            kernel, blocks = _matmul_epilogue_kernel, {}
+            kernel, blocks = _matmul_epilogue_kernels[a.dtype], {}
         kernel[grid](
             a, b, c, aux, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),

@@ -150,7 +150,7 @@ class Sub3MinRace:
         self.raw_model = GPT(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype)).to(device)
         dist.broadcast_parameters(self.raw_model)
         self.optimizers = build_optimizers(self.raw_model, cfg, ops)
-        self.model = torch.compile(self.raw_model, dynamic=False) if cfg.train.compile else self.raw_model
+        self.model = compile_model(self.raw_model, cfg)
         self.train_loader = TrainLoader(list_shards(data_dir, "train"), seq_len=cfg.data.seq_len,
                                         batch_slots=cfg.data.batch_slots, world_size=env.world_size,
                                         rank=env.rank, device=device, prefetch=True)
@@ -203,6 +203,16 @@ class Sub3MinRace:
 
     def close(self) -> None:
         self.train_loader.close()
+
+
+def compile_model(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """``model`` under torch.compile when cfg.train.compile. Every kernel set but ``torch`` compiles with
+    fullgraph=True: one graph for the whole step, or an error at the first step naming what broke it (the
+    Triton kernel sets are checked to trace whole: tests/test_compile_graph.py). The torch set's reference
+    ops read the attention window on the host, which splits the graph by design."""
+    if not cfg.train.compile:
+        return model
+    return torch.compile(model, dynamic=False, fullgraph=cfg.train.kernels != "torch")
 
 
 def recipe_ops(cfg: RunConfig) -> tuple[str, ...]:

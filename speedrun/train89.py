@@ -35,6 +35,7 @@ from speedrun.config import RunConfig
 from speedrun.data.packed import PackedTrainLoader, packed_val_chunks
 from speedrun.data.shards import list_shards
 from speedrun.optim import NorMuonAdam
+from speedrun.train import compile_model
 
 
 def build_model(cfg: RunConfig, ops: dict):
@@ -55,8 +56,7 @@ class Record89Race:
         dist.broadcast_parameters(self.raw_model)
         if hasattr(self.raw_model, "quantize_fp8"):  # the FP8 copies of the broadcast weights, on this device
             self.raw_model.quantize_fp8(bootstrap=True)
-        # not fullgraph: the torch reference ops stay outside the graph (kernels/varlen_attention.py)
-        self.model = torch.compile(self.raw_model, dynamic=False) if cfg.train.compile else self.raw_model
+        self.model = compile_model(self.raw_model, cfg)
         self.optimizer = NorMuonAdam(self.raw_model.labeled_parameters(), cfg, ops["polar_express"])
         self.train_paths = list_shards(data_dir, "train")
         self.val_path = list_shards(data_dir, "val")[0]

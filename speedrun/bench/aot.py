@@ -75,30 +75,40 @@ def _recipe(on: bool):
 
 
 @contextlib.contextmanager
-def _intercepted(launches: list):
-    """Kernel launches recorded, not run: JITFunction.run records (with the recipe flag); Autotuner.run calls
-    through every config its pruning keeps."""
+def every_config(on_launch):
+    """Each kernel launch handed to ``on_launch(launch, fn, args, kwargs)`` in place of running it (``launch()``
+    runs it); an autotuned kernel is launched once with each config its pruning keeps, not tuned."""
     import triton.runtime.autotuner as autotuner
+    import triton.runtime.interpreter as interpreter
     import triton.runtime.jit as jit
 
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, kwargs, _RECIPE["on"]))
+    kernel_classes = (jit.JITFunction, interpreter.InterpretedFunction)  # the GPU's, the CPU interpreter's
+    saved = {cls: cls.run for cls in kernel_classes}
 
-    def every_config(self, *args, **kwargs):
+    def handing_over(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            return on_launch(lambda: original(self, *args, grid=grid, warmup=warmup, **kwargs), self, args, kwargs)
+        return run
+
+    def each_config(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args, strict=False))  # the rest come as keywords
         for config in self.prune_configs(kwargs):
             self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
 
-    saved = jit.JITFunction.run, autotuner.Autotuner.run
-    jit.JITFunction.run, autotuner.Autotuner.run = record, every_config
+    saved_autotuner = autotuner.Autotuner.run
+    for cls in kernel_classes:
+        cls.run = handing_over(saved[cls])
+    autotuner.Autotuner.run = each_config
     try:
         yield
     finally:
-        jit.JITFunction.run, autotuner.Autotuner.run = saved
+        for cls in kernel_classes:
+            cls.run = saved[cls]
+        autotuner.Autotuner.run = saved_autotuner
 
 
 @contextlib.contextmanager
-def _gpu_path():
+def gpu_path():
     """The launchers' GPU path (autotuned kernels, GPU tile choices) on CPU tensors."""
     import kernels.attention
     import kernels.common
@@ -123,8 +133,9 @@ def _gpu_path():
             setattr(m, name, value)
 
 
-def _drive_ops() -> None:
-    """Forward and backward of every Triton variant over what its launchers can produce (see module doc)."""
+def drive_ops(device="cpu", only=None) -> None:
+    """Forward and backward of every Triton variant over what its launchers can produce (see module doc), on
+    ``device``; only the ops named in ``only`` if given."""
     import torch
 
     import kernels
@@ -132,17 +143,18 @@ def _drive_ops() -> None:
     g = torch.Generator().manual_seed(0)
 
     def leaf(*shape, dtype):
-        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
 
     # Sizes: the recipe's widths (they decide the kernels' K loops and tiles); few tokens (the row count
     # changes nothing compiled, and the launchers' own torch matmuls do run on the CPU).
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    ops = {op: kernels.get(op, "triton") for op in kernels.OP_MODULES if "triton" in kernels.variants(op)}
+    ops = {op: kernels.get(op, "triton") for op in kernels.OP_MODULES
+           if "triton" in kernels.variants(op) and (only is None or op in only)}
     for dtype in dtypes:
         if "attention" in ops:
             for D in (64, 128):
                 q, k, v = (leaf(1, 256, 6, D, dtype=dtype) for _ in range(3))
-                doc_ids = torch.zeros(1, 256, dtype=torch.int32)
+                doc_ids = torch.zeros(1, 256, dtype=torch.int32, device=device)
                 ops["attention"](q, k, v, doc_ids, 4, 0.12, 128).sum().backward()
         if "mlp" in ops:
             for M, dim, hidden in ((64, 768, 3072), (64, 200, 600)):  # K multiples of BLOCK_K, and not
@@ -151,12 +163,12 @@ def _drive_ops() -> None:
                     ops["mlp"](x, w_fc, leaf(dim, hidden, dtype=dtype)).sum().backward()
         if "cross_entropy" in ops:
             z = leaf(64, 50304, dtype=dtype)
-            targets = torch.randint(0, 50304, (64,), generator=g)
+            targets = torch.randint(0, 50304, (64,), generator=g).to(device)
             ops["cross_entropy"](z, targets, 30.0, 7.5).backward()
         for op in ("newton_schulz", "polar_express"):
             if op in ops:  # Gram matrices of 768-wide and 200-wide rows (K a multiple of BLOCK_K, and not)
                 for shape in ((2, 64, 768), (768, 64), (100, 200)):
-                    G = torch.randn(*shape, generator=g)
+                    G = torch.randn(*shape, generator=g).to(device)
                     with torch.no_grad(), _recipe(768 in shape):
                         if op == "newton_schulz":
                             ops[op](G, dtype=dtype)
@@ -167,8 +179,8 @@ def _drive_ops() -> None:
 def capture() -> list:
     """Every kernel launch of the Triton variants: [(jit function, args, kwargs, recipe widths?), ...]."""
     launches: list = []
-    with _gpu_path(), _intercepted(launches):
-        _drive_ops()
+    with gpu_path(), every_config(lambda launch, fn, args, kwargs: launches.append((fn, args, kwargs, _RECIPE["on"]))):
+        drive_ops()
     return launches
 
 
@@ -342,3 +354,10 @@ def run(force: bool = False, out: Path = TABLE, log=print) -> list[Compiled]:
     atomic_write_text(out, table_text(rows, kernel_sources_hash(), triton.__version__))
     log(f"wrote {out}: {len(rows)} compilations, {sum(failed(r) for r in rows)} failing")
     return rows
+
+
+def aot_command(args) -> int:
+    bad = [r for r in run(force=args.force) if failed(r)]
+    for r in bad:
+        print(f"FAILED {r.kernel} [{r.config}] {r.dtype} {r.target}: {r.status}")
+    return 1 if bad else 0

@@ -1,8 +1,9 @@
-"""``speedrun bench kernels|train|converge``: the command line of the benchmarks."""
+"""``speedrun bench kernels|train|converge|aot|launch``: the command line of the benchmarks."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
 
 def add_common_arguments(p: argparse.ArgumentParser, with_compile: bool = False) -> None:
@@ -14,36 +15,38 @@ def add_common_arguments(p: argparse.ArgumentParser, with_compile: bool = False)
     p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/)")
 
 
+def _command(module: str, function: str):
+    """The command function ``module.function``, imported when the command runs (not for --help)."""
+    return lambda args: getattr(importlib.import_module(module), function)(args)
+
+
 def build_parser(prog: str = "speedrun bench") -> argparse.ArgumentParser:
-    from speedrun.bench import converge, kernels_bench, train_bench
+    from speedrun.bench import converge, kernels_bench, launch, train_bench
 
     parser = argparse.ArgumentParser(prog=prog, description="Benchmarks: kernel variants, training steps, "
-                                     "and a convergence check of the kernel sets.")
+                                     "a convergence check of the kernel sets, and the Triton kernels compiled "
+                                     "for GPUs (aot) and launched on one (launch).")
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    kernels_bench.add_arguments(sub.add_parser(
-        "kernels", help="every variant of every hot op: checked against the reference, then timed"))
-    train_bench.add_arguments(sub.add_parser("train", help="training-step time per kernel set, with a profile"))
-    converge.add_arguments(sub.add_parser(
-        "converge", help="short training with --kernels torch and triton: do the val curves agree?"))
-    aot = sub.add_parser("aot", help="compile every Triton kernel for sm_90 and sm_80 without a GPU: registers, "
-                                     "spills, shared memory -> bench/results/aot/aot.md")
-    aot.add_argument("--force", action="store_true", help="recompile even if the table is up to date")
+    p = sub.add_parser("kernels", help="every variant of every hot op: checked against the reference, then timed")
+    kernels_bench.add_arguments(p)
+    p.set_defaults(run=_command("speedrun.bench.kernels_bench", "kernels_command"))
+    p = sub.add_parser("train", help="training-step time per kernel set, graph breaks, a profile")
+    train_bench.add_arguments(p)
+    p.set_defaults(run=_command("speedrun.bench.train_bench", "train_command"))
+    p = sub.add_parser("converge", help="short training with --kernels torch and triton: do the val curves agree?")
+    converge.add_arguments(p)
+    p.set_defaults(run=_command("speedrun.bench.converge", "converge_command"))
+    p = sub.add_parser("aot", help="compile every Triton kernel for sm_90 and sm_80 without a GPU: registers, "
+                                   "spills, shared memory -> bench/results/aot/aot.md")
+    p.add_argument("--force", action="store_true", help="recompile even if the table is up to date")
+    p.set_defaults(run=_command("speedrun.bench.aot", "aot_command"))
+    p = sub.add_parser("launch", help="every Triton kernel configuration of the aot table launched once on the "
+                                      "GPU -> launch.md")
+    launch.add_arguments(p)
+    p.set_defaults(run=_command("speedrun.bench.launch", "launch_command"))
     return parser
 
 
 def main(argv: list[str], prog: str = "speedrun bench") -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.bench_command == "kernels":
-        from speedrun.bench.kernels_bench import kernels_command
-        return kernels_command(args)
-    if args.bench_command == "train":
-        from speedrun.bench.train_bench import train_command
-        return train_command(args)
-    if args.bench_command == "aot":
-        from speedrun.bench.aot import failed, run
-        bad = [r for r in run(force=args.force) if failed(r)]
-        for r in bad:
-            print(f"FAILED {r.kernel} [{r.config}] {r.dtype} {r.target}: {r.status}")
-        return 1 if bad else 0
-    from speedrun.bench.converge import converge_command
-    return converge_command(args)
+    return args.run(args)

@@ -1,9 +1,10 @@
 """The GPU suite's summary: one markdown file made from the files the suite's steps wrote.
 
-    python -m speedrun.bench.summary DIR    reads DIR/{steps.tsv, env.txt, tests.txt, kernels.csv, train.md,
-                                            converge.md} (whichever exist) and writes DIR/summary.md
+    python -m speedrun.bench.summary DIR    reads DIR/{steps.tsv, env.txt, tests.txt, launch.md, kernels.csv,
+                                            train.md, converge.md} and writes DIR/summary.md
 
-Every number in it is read from those files; a missing file is named as missing, never filled in.
+Every number in it is read from those files. A section appears when its step ran (steps.tsv) or its file
+exists; a file its step should have written is named as missing, never filled in.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def _tests(folder: Path) -> list[str]:
     return [f"pytest: `{lines[-1].strip('= ')}`" if lines else "tests.txt is empty"]
 
 
+def _launch(folder: Path) -> list[str]:
+    """The count line of launch.md and its failed rows."""
+    path = folder / "launch.md"
+    if not path.exists():
+        return ["launch.md missing"]
+    lines = path.read_text().splitlines()
+    counts = [line for line in lines if " launches of " in line]
+    failed = [line for line in lines if line.startswith("| ") and not line.startswith("| kernel |")
+              and line.split(" | ")[3] != "ok"]
+    header = ["| kernel | config | dtype | status | ms (first launch, compile included) |", "|---|---|---|---|---|"]
+    return counts + (["", "Failed launches:", "", *header, *failed] if failed else [])
+
+
 def _kernels(folder: Path) -> list[str]:
     """The recipe shapes' rows: per op and mode, each variant's median and speed-ups."""
     path = folder / "kernels.csv"
@@ -82,6 +96,12 @@ def _section_table(folder: Path, name: str, first_table_only: bool) -> list[str]
     return lines
 
 
+def _ran(folder: Path) -> set[str]:
+    path = folder / "steps.tsv"
+    rows = csv.reader(path.read_text().splitlines(), delimiter="\t") if path.exists() else []
+    return {row[0] for row in rows if row}
+
+
 def summary(folder: Path) -> str:
     env = folder / "env.txt"
     cpu = env.exists() and "gpu: none (CPU)" in env.read_text()
@@ -89,11 +109,21 @@ def summary(folder: Path) -> str:
     if cpu:
         lines += ["**Dry run on a CPU** (Triton interpreter): this checks the suite's pipeline; "
                   "none of its times says anything about a GPU.", ""]
-    lines += ["## Environment", "", *_environment(folder), "", "## Steps", "", *_steps(folder), "",
-              "## Kernel tests", "", *_tests(folder), "", "## Kernels (source: kernels.csv)", "", *_kernels(folder),
-              "", "## Training step (source: train.md)", *_section_table(folder, "train.md", True),
-              "## Convergence, --kernels torch vs triton (source: converge.md)",
-              *_section_table(folder, "converge.md", False)]
+    lines += ["## Environment", "", *_environment(folder), "", "## Steps", "", *_steps(folder), ""]
+    ran = _ran(folder)
+    sections = [  # (steps that write it, file, title, body)
+        (("tests", "model check"), "tests.txt", "## Tests (source: tests.txt)", lambda: ["", *_tests(folder), ""]),
+        (("bench launch",), "launch.md", "## Kernel launches on the card (source: launch.md)",
+         lambda: ["", *_launch(folder), ""]),
+        (("bench kernels",), "kernels.csv", "## Kernels (source: kernels.csv)", lambda: ["", *_kernels(folder), ""]),
+        (("bench train",), "train.md", "## Training step (source: train.md)",
+         lambda: _section_table(folder, "train.md", True)),
+        (("bench converge",), "converge.md", "## Convergence, --kernels torch vs triton (source: converge.md)",
+         lambda: _section_table(folder, "converge.md", False)),
+    ]
+    for steps, name, title, body in sections:
+        if ran & set(steps) or (folder / name).exists() or not ran:
+            lines += [title, *body()]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -43,7 +43,7 @@ from speedrun.data.shards import atomic_write_text, write_shard
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers
 from speedrun.runlog import repo_or_absolute_path, utc_now
-from speedrun.train import device_sync, optimizer_step, peak_tflops
+from speedrun.train import compile_model, device_sync, optimizer_step, peak_tflops
 
 TOP_OPS = 12
 
@@ -106,7 +106,7 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
         ops = kernels.resolve(cfg.train.kernels, TRAINING_OPS)
         raw_model = GPT(cfg.model, ops, dtype=getattr(torch, cfg.train.dtype)).to(device)
         optimizers = build_optimizers(raw_model, cfg, ops)
-        model = torch.compile(raw_model, dynamic=False) if cfg.train.compile else raw_model
+        model = compile_model(raw_model, cfg)
         pairs = synthetic_pairs(cfg, device, cfg.train.seed)
         per_forward = min(cfg.data.seqs_per_forward, len(pairs))
         long_blocks, short_blocks = window_blocks(cfg.train.num_steps, cfg)
@@ -116,9 +116,33 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
         def one_step():
             optimizer_step(model, raw_model, optimizers, cfg, pairs, per_forward, window, step_at)
 
+        breaks = None
+        if cfg.train.compile:
+            inputs, targets = (torch.stack([p[i] for p in pairs[:per_forward]]) for i in (0, 1))
+            breaks = graph_breaks(raw_model, inputs, targets, window=window)
+            log(f"  {cfg.train.kernels}: {len(breaks)} graph break(s)" + "".join(f"\n    {b}" for b in breaks))
+            if breaks and cfg.train.kernels != "torch":  # compile_model's fullgraph=True would fail: not timed
+                return dict(kernels=cfg.train.kernels, compile=True, graph_breaks=breaks, median_ms=None,
+                            tokens_per_step=cfg.data.tokens_per_step, breakdown=[])
         fpt = flops_per_token(cfg.model, cfg.data.seq_len, long_blocks * cfg.model.attn_block_size)
-        return _time_steps(cfg, device, one_step, cfg.data.tokens_per_step, fpt * cfg.data.tokens_per_step, steps,
-                           warmup, profile_steps, log)
+        row = _time_steps(cfg, device, one_step, cfg.data.tokens_per_step, fpt * cfg.data.tokens_per_step, steps,
+                          warmup, profile_steps, log)
+        return dict(row, graph_breaks=breaks)
+
+
+def graph_breaks(model: torch.nn.Module, *args, **kwargs) -> list[str]:
+    """What splits torch.compile's graph of ``model(*args, **kwargs)`` (the forward, and the backward of
+    every autograd.Function in it): one line per graph break, ``file:line: reason``. torch._dynamo.explain
+    traces and runs the forward once, eagerly."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(*args, **kwargs)
+    torch._dynamo.reset()
+    lines = []
+    for b in explanation.break_reasons:
+        frame = b.user_stack[-1] if b.user_stack else None
+        where = f"{repo_or_absolute_path(Path(frame.filename))}:{frame.lineno}: " if frame else ""
+        lines.append(where + " ".join(str(b.reason).split())[:300])
+    return lines
 
 
 def _time_steps(cfg: RunConfig, device: torch.device, one_step, tokens_per_step: int, step_flops, steps: int,
@@ -181,15 +205,27 @@ def report(results: list[dict], cfg: RunConfig, device: torch.device) -> str:
     if device.type == "cpu":
         lines += ["CPU run: the triton set runs under the Triton interpreter, so its time means nothing; "
                   "MFU is not computed on a CPU; peak memory is the process's peak RSS so far.", ""]
-    lines += ["| kernels | compile | step median (ms) | p20-p80 (ms) | tokens/s | MFU | peak memory (MiB) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| kernels | compile | graph breaks | step median (ms) | p20-p80 (ms) | tokens/s | MFU | "
+              "peak memory (MiB) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        breaks = "-" if r.get("graph_breaks") is None else len(r["graph_breaks"])
+        if r["median_ms"] is None:
+            lines.append(f"| {r['kernels']} | {r['compile']} | {breaks} | not timed | | | | |")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['kernels']} | {r['compile']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} "
-                     f"| {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_mib']:,.0f} |")
-    if len(results) == 2:
+        lines.append(f"| {r['kernels']} | {r['compile']} | {breaks} | {r['median_ms']:.1f} | "
+                     f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                     f"{r['peak_mem_mib']:,.0f} |")
+    if len(results) == 2 and None not in (results[0]["median_ms"], results[1]["median_ms"]):
         a, b = results
         lines += ["", f"{b['kernels']} vs {a['kernels']}: step time ratio {b['median_ms'] / a['median_ms']:.3f}"]
+    for r in results:
+        if r.get("graph_breaks"):
+            verdict = ("FAILED: the trainer compiles this set with fullgraph=True" if r["kernels"] != "torch"
+                       else "by design: the reference ops read the window on the host")
+            lines += ["", f"Graph breaks, kernels {r['kernels']} ({verdict}):", "",
+                      *[f"- `{b}`" for b in r["graph_breaks"]]]
     for r in results:
         if r["breakdown"]:
             lines += ["", f"## where the time goes: kernels {r['kernels']} (self time, top {TOP_OPS})", "",
@@ -242,6 +278,11 @@ def train_command(args) -> int:
     print(text)
     atomic_write_text(out_dir / "train.md", text)
     print(f"wrote {repo_or_absolute_path(out_dir / 'train.md')}")
+    broken = [r["kernels"] for r in results if r["kernels"] != "torch" and r.get("graph_breaks")]
+    if broken:
+        print(f"bench train: graph breaks in kernel set(s) {', '.join(broken)}, which the trainer compiles with "
+              "fullgraph=True (train.md lists them)", file=sys.stderr)
+        return 1
     return 0
 
 

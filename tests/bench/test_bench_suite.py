@@ -24,17 +24,31 @@ def _suite_env(out) -> dict:
 
 
 @pytest.mark.slow
+def test_gpu_suite_smoke_dry_run(tmp_path):
+    out = tmp_path / "smoke"
+    proc = subprocess.run(["bash", str(SUITE), "--smoke", "--dry-run"], cwd=REPO_ROOT, env=_suite_env(out),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [line.split("\t")[0] for line in (out / "steps.tsv").read_text().splitlines()]
+    assert steps == ["environment", "bench launch", "model check", "bench train"]
+    text = (out / "summary.md").read_text()
+    assert "Dry run on a CPU" in text and "FAILED" not in text and "missing" not in text
+    assert "0 failed." in text and "| triton | False |" in text and "| torch | False |" in text
+    assert "passed" in text and "Kernels (source" not in text and "Convergence" not in text
+
+
+@pytest.mark.slow
 def test_gpu_suite_dry_run(tmp_path):
     out = tmp_path / "suite"
     proc = subprocess.run(["bash", str(SUITE), "--dry-run"], cwd=REPO_ROOT, env=_suite_env(out),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("env.txt", "tests.txt", "kernels.csv", "kernels.txt", "train.md", "converge.md", "converge.png",
-                 "summary.md", "steps.tsv"):
+    for name in ("env.txt", "tests.txt", "launch.md", "kernels.csv", "kernels.txt", "train.md", "converge.md",
+                 "converge.png", "summary.md", "steps.tsv"):
         assert (out / name).is_file(), name
     text = (out / "summary.md").read_text()
     assert "Dry run on a CPU" in text and "FAILED" not in text
-    assert "| bench kernels | ok |" in text and "| bench converge | ok |" in text
+    assert "| bench kernels | ok |" in text and "| bench converge | ok |" in text and "| bench launch | ok |" in text
     assert "| torch | False |" in text and "| triton | False |" in text  # the train table, both kernel sets
     assert "PASS" in text and "missing" not in text
     train = (out / "train.md").read_text()
@@ -69,8 +83,20 @@ def test_summary_names_missing_files_and_failed_steps(tmp_path):
     assert "| bench train | FAILED: over its time budget | 120 |" in text
     assert "| mlp | M=8 | fwd | torch | ok | 1.500 | 2.0 | 100 | 1.00 | - |" in text
     assert "Wrong or failed: mlp triton fwd: max error 3 > tolerance 0.1" in text
-    for name in ("env.txt", "tests.txt", "train.md", "converge.md"):
+    for name in ("env.txt", "train.md"):  # their steps ran (or always run)
         assert f"{name} missing" in text
+    assert "tests.txt" not in text and "converge.md" not in text  # steps that did not run (--smoke has none)
+
+
+def test_summary_names_failed_kernel_launches(tmp_path):
+    (tmp_path / "steps.tsv").write_text("bench launch\t1\t30\n")
+    (tmp_path / "launch.md").write_text(
+        "# Triton kernels launched on H100\n\n3 launches of 2 distinct kernel configurations; 1 failed.\n\n"
+        "| kernel | config | dtype | status | ms (first launch, compile included) |\n|---|---|---|---|---|\n"
+        "| _a | BLOCK=8 | bfloat16 | ok | 1.0 |\n| _b | BLOCK=16 | float32 | OutOfResources: shared memory | 2.0 |\n")
+    text = summary(tmp_path)
+    assert "| bench launch | FAILED (exit 1) | 30 |" in text and "1 failed." in text
+    assert "| _b | BLOCK=16 | float32 | OutOfResources: shared memory | 2.0 |" in text and "| _a |" not in text
 
 
 def _run_log(status, curve):

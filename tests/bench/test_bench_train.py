@@ -49,3 +49,29 @@ def test_a_staged_recipe_is_timed_at_its_last_step():
     r = tb.bench_kernel_set(cfg, CPU, steps=1, warmup=0, profile_steps=0, log=lambda line: None)
     assert r["tokens_per_step"] == 6144 and r["median_ms"] > 0 and r["breakdown"] == []
     assert "6,144 tokens per step" in tb.report([r], cfg, CPU)
+
+
+class _HostRead(torch.nn.Module):
+    def forward(self, x, window):
+        y = x * 2
+        return y[: int(window)].sum()  # a host read of a tensor: a graph break
+
+
+def test_graph_breaks_name_where_and_why():
+    x = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    breaks = tb.graph_breaks(_HostRead(), x, torch.tensor(3))
+    assert len(breaks) == 1 and "tests/bench/test_bench_train.py:" in breaks[0]
+    assert tb.graph_breaks(torch.nn.Linear(8, 2), x) == []
+
+
+def test_a_triton_set_with_graph_breaks_is_reported_failed_and_not_timed():
+    cfg = _small_tiny()
+    timed = dict(kernels="torch", compile=True, graph_breaks=["kernels/attention.py:125: host read"], steps=3,
+                 median_ms=10.0, p20_ms=9.0, p80_ms=11.0, tokens_per_step=1024, tokens_per_s=102400.0, mfu=None,
+                 peak_mem_mib=100.0, breakdown=[])
+    broken = dict(kernels="triton", compile=True, graph_breaks=["kernels/mlp.py:197: AttrSource"], median_ms=None,
+                  tokens_per_step=1024, breakdown=[])
+    text = tb.report([timed, broken], cfg, CPU)
+    assert "| triton | True | 1 | not timed |" in text and "| torch | True | 1 | 10.0 |" in text
+    assert "Graph breaks, kernels triton (FAILED" in text and "`kernels/mlp.py:197: AttrSource`" in text
+    assert "Graph breaks, kernels torch (by design" in text and "step time ratio" not in text

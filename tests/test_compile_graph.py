@@ -1,0 +1,92 @@
+"""torch.compile traces the model with the Triton kernel set into one graph (the trainer's fullgraph=True).
+
+On a GPU this is what the first training step does. On the CPU the kernels cannot run, but dynamo can
+still trace them: a child process (without TRITON_INTERPRET, whose kernels dynamo would not recognise)
+tells dynamo and our launchers that Triton is usable, traces the model's forward, in which dynamo also
+traces every autograd.Function's backward, with fullgraph=True, and stops before anything runs. A graph
+break anywhere (a kernel launch dynamo cannot trace, a host read) fails the trace with dynamo's own
+message. This caught torch 2.11 failing on the MLP's autotuner (kernels/mlp.py).
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kernels
+from speedrun import REPO_ROOT
+
+pytestmark = pytest.mark.skipif("triton" not in kernels.variants("mlp"), reason="triton is not installed")
+
+
+class Traced(Exception):
+    """Raised by the trace-only backend instead of running the graph."""
+
+
+def trace_model(dtype_name: str, fp8_head: bool, training: bool) -> dict:
+    """In the child process: trace the small model with the triton set; {"graphs", "triton_launches"} or
+    {"error"}."""
+    import importlib
+
+    import torch
+    import torch.utils._triton
+
+    torch.utils._triton.has_triton = lambda: True  # dynamo's test for "Triton kernels can be traced here"
+    for module in kernels.OP_MODULES.values():
+        m = importlib.import_module(module)
+        if hasattr(m, "triton_usable"):
+            m.triton_usable = lambda device: True
+    import speedrun.model
+    from speedrun.config import tiny
+    from speedrun.model import GPT, TRAINING_OPS
+
+    speedrun.model.supports_fp8 = lambda: fp8_head
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Traced()
+        return run
+
+    cfg = dataclasses.replace(tiny().model, attn_block_size=16)
+    model = GPT(cfg, kernels.resolve("triton", TRAINING_OPS), dtype=getattr(torch, dtype_name)).train(training)
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randint(0, cfg.vocab_size, (2, 2, 96), generator=g)
+    window = tuple(torch.tensor(b, dtype=torch.int32) for b in (2, 1))  # as the trainer passes it
+    try:
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(inputs, targets, window=window)
+    except Traced:
+        launches = sum(1 for gm in graphs[0].modules() if isinstance(gm, torch.fx.GraphModule)
+                       for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target))
+        return {"graphs": len(graphs), "triton_launches": launches}
+    except Exception as e:  # the trace failed: dynamo's message names the break
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": "the compiled model ran instead of stopping at the trace-only backend"}
+
+
+@pytest.mark.parametrize(("dtype", "fp8_head", "training"), [
+    ("float32", False, True),
+    ("bfloat16", True, True),  # the race: bf16 with the FP8 lm_head of an H100
+    ("bfloat16", True, False),  # validation (eval mode)
+])
+def test_triton_kernel_set_traces_into_one_graph(dtype, fp8_head, training):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, dtype, str(fp8_head), str(training)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "error" not in result, result["error"][:3000]
+    assert result["graphs"] == 1
+    # every kernel launch of the forward and the backward is in the graph (none was inlined or skipped)
+    assert result["triton_launches"] >= 10
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    print(json.dumps(trace_model(sys.argv[1], sys.argv[2] == "True", sys.argv[3] == "True")))
