@@ -10,10 +10,11 @@
 #        the loader tests, every `gpu`-marked test (in parallel when pytest-xdist is there) -> tests.txt
 #     3. speedrun bench launch: every kernel configuration of the AOT table, once   -> launch.md
 #     4. speedrun bench kernels --quick (the recipe's shapes)    -> kernels.csv, kernels.txt, kernels_<op>.png
-#     5. speedrun bench train, --kernels triton and torch: step times, graph breaks  -> train.md
-#     6. speedrun bench converge: a shortened gpt2-124m run per kernel set, val curves compared
+#     5. speedrun bench train, sub3min with --kernels triton and torch: step times, graph breaks -> train.md
+#     6. speedrun bench train, record89 (the default race) with its torch ops, eager   -> record89/train.md
+#     7. speedrun bench converge: a shortened sub3min run per kernel set, val curves compared
 #                                                                -> converge.md, converge.png, converge_logs/
-#     7. a markdown summary of all of it                         -> summary.md
+#     8. a markdown summary of all of it                         -> summary.md
 # Results go to $OUT if set, else bench/results/<date>_<gpu>/ (commit that folder). Every step runs even if
 # one fails, each within a time budget (a step over it gets Ctrl-C, so pytest and the trainer still write
 # what they have, and counts as failed); the script then exits non-zero and summary.md names the failures.
@@ -86,8 +87,8 @@ if [ "$DRY_RUN" = 1 ] && [ "$SMOKE" = 1 ]; then
     step environment env.txt 60 env_report
     step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op mlp --out "$OUT"
     step "model check" tests.txt 300 "${PYTEST[@]}" tests/test_kernels_in_model.py -m "not slow"
-    step "bench train" train.log 300 "${SB[@]}" train --device cpu --preset tiny --kernels triton,torch --steps 1 \
-        --warmup 1 --profile-steps 0 --seq-len 128 --out "$OUT"
+    step "bench train" train.log 300 "${SB[@]}" train --device cpu --preset sub3min-tiny --kernels triton,torch \
+        --steps 1 --warmup 1 --profile-steps 0 --seq-len 128 --out "$OUT"
 elif [ "$DRY_RUN" = 1 ]; then
     step environment env.txt 60 env_report
     step tests tests.txt 300 "${PYTEST[@]}" -m gpu tests/kernels
@@ -96,31 +97,37 @@ elif [ "$DRY_RUN" = 1 ]; then
         --op "$KERNEL_OPS" --out "$OUT"
     step "bench train" train.log 300 "${SB[@]}" train --device cpu --steps 1 --warmup 1 --profile-steps 1 --seq-len 128 \
         --out "$OUT"
-    step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset tiny --steps 2 --val-every 1 \
-        --seq-len 128 --val-tokens 4096 --out "$OUT"
+    step "bench train record89" record89.log 300 "${SB[@]}" train --device cpu --preset record89-tiny --kernels torch \
+        --steps 1 --warmup 0 --profile-steps 0 --out "$OUT/record89"
+    step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset sub3min-tiny --steps 2 \
+        --val-every 1 --seq-len 128 --val-tokens 4096 --out "$OUT"
 elif [ "$SMOKE" = 1 ]; then
     # budgets: 45 + 45 + 75 s = 2.75 min at the most
     step environment env.txt 30 env_report
     step "bench launch" launch.log 45 "${SB[@]}" launch --out "$OUT"
     step "model check" tests.txt 45 "${PYTEST[@]}" tests/test_kernels_in_model.py -m gpu
-    # the tiny preset: a compile of gpt2-124m takes ~45 s per kernel set (bench/results/2026-11-27_*)
-    step "bench train" train.log 75 "${SB[@]}" train --preset tiny --kernels triton,torch --steps 2 --warmup 1 \
+    # the tiny preset: a compile of the 124M model takes ~45 s per kernel set (bench/results/2026-11-27_*)
+    step "bench train" train.log 75 "${SB[@]}" train --preset sub3min-tiny --kernels triton,torch --steps 2 --warmup 1 \
         --profile-steps 0 --out "$OUT"
 else
-    # budgets: 120 + 45 + 120 + 140 + 100 s = 8.75 min at the most, under the 10-minute limit of one command
+    # budgets: 110 + 45 + 120 + 140 + 60 + 80 s = 9.25 min at the most, under the 10-minute limit of one command
     step environment env.txt 30 env_report
-    step tests tests.txt 120 "${PYTEST[@]}" tests/kernels tests/test_model.py tests/test_kernels_in_model.py \
+    step tests tests.txt 110 "${PYTEST[@]}" tests/kernels tests/test_model.py tests/test_kernels_in_model.py \
         tests/test_compile_graph.py tests/data/test_loader.py -m "gpu or not slow"
     step "bench launch" launch.log 45 "${SB[@]}" launch --out "$OUT"
     # record #89's varlen_attention, mtp_cross_entropy and mlp_fp8 have plain-PyTorch references only so far
     # (their Triton kernels are issue [4/6]): timing them at the record's size would eat this step's budget
     step "bench kernels" kernels.log 120 "${SB[@]}" kernels --quick --op "$KERNEL_OPS" --out "$OUT"
     # triton first: the torch set's reference attention makes its steps take seconds at T = 65,536
-    step "bench train" train.log 140 "${SB[@]}" train --kernels triton,torch --steps 3 --warmup 1 --profile-steps 1 \
-        --out "$OUT"
+    step "bench train" train.log 140 "${SB[@]}" train --preset sub3min --kernels triton,torch --steps 3 --warmup 1 \
+        --profile-steps 1 --out "$OUT"
+    # record #89 has no Triton kernels yet (issue [4/6]): its reference ops, uncompiled (a compile of their
+    # graph pieces would take the budget), one step at the last stage's batch and windows
+    step "bench train record89" record89.log 60 "${SB[@]}" train --preset record89 --kernels torch --steps 1 \
+        --warmup 1 --profile-steps 1 --no-compile --out "$OUT/record89"
     # eager (no compile): this step checks that the kernel sets train alike, not their speed (~1 s per step
     # for the torch set at this length on an H100)
-    step "bench converge" converge.log 100 "${SB[@]}" converge --steps 30 --val-every 10 --seq-len 8192 \
+    step "bench converge" converge.log 80 "${SB[@]}" converge --preset sub3min --steps 30 --val-every 10 --seq-len 8192 \
         --val-tokens 262144 --no-compile --out "$OUT"
 fi
 "$PY" -m speedrun.bench.summary "$OUT"

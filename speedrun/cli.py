@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from speedrun.config import PRESETS
+from speedrun.config import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, preset_names
 
 
 def _positive_int(text: str) -> int:
@@ -34,8 +34,9 @@ def _non_negative_int(text: str) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="training recipe (default: gpt2-124m with CUDA, tiny without)")
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help=f"training recipe, named after the record it computes (default: {DEFAULT_GPU_PRESET} with "
+                        f"CUDA, {DEFAULT_CPU_PRESET} without)")
     p.add_argument("--kernels", choices=["torch", "triton"], default=None,
                    help="implementation of the hot ops (default: triton on CUDA, torch elsewhere)")
     p.add_argument("--data", metavar="DIR", default=None,
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = dsub.add_parser("download", help="fetch the published FineWeb GPT-2 shards from the Hugging Face hub")
     download.add_argument("--train-shards", type=_non_negative_int, default=None,
-                          help="number of train shards (default: what gpt2-124m needs plus a margin)")
+                          help="number of train shards (default: what sub3min and record89 need plus a margin)")
     download.add_argument("--dir", default="data/fineweb10B", help="destination folder (default: data/fineweb10B)")
     download.add_argument("--repo-id", default="kjj0/fineweb10B-gpt2", help="Hugging Face dataset repository")
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- schedule -------------------------------------------------------------------------------
     sched = sub.add_parser("schedule", help="print a preset's plan: every step-indexed value of its run")
-    sched.add_argument("--preset", choices=sorted(PRESETS), default="record89",
+    sched.add_argument("--preset", choices=preset_names(), default="record89",
                        help="the recipe whose plan to print (default: record89)")
     sched.add_argument("--every", type=_positive_int, default=None, metavar="N",
                        help="also a row every N steps (default: only where something changes)")

@@ -278,9 +278,9 @@ def window_blocks(step: int, cfg: RunConfig) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def gpt2_124m() -> RunConfig:
+def sub3min() -> RunConfig:
     """The public speedrun's "Sub3Min" record (2025-01-16), track 8xH100 -> 3.28."""
-    return RunConfig(preset="gpt2-124m", track="8xH100-3.28")
+    return RunConfig(preset="sub3min", track="8xH100-3.28")
 
 
 def record89() -> RunConfig:
@@ -314,10 +314,10 @@ def record89() -> RunConfig:
     )
 
 
-def tiny() -> RunConfig:
+def sub3min_tiny() -> RunConfig:
     """The CPU track: the recipe's model code at a small size, on the generated synthetic language."""
     return RunConfig(
-        preset="tiny",
+        preset="sub3min-tiny",
         track="tiny-cpu",
         # The synthetic language has its own small vocabulary (see speedrun/data/synth.py): a 50K-way
         # softmax would cost more than the rest of this model on a 2-core CPU.
@@ -370,7 +370,7 @@ def record89_tiny() -> RunConfig:
 
 def tiny_adamw() -> RunConfig:
     """Baseline for the CPU track: same data and size, nanoGPT-style recipe (learned positions, GELU, AdamW)."""
-    base = tiny()
+    base = sub3min_tiny()
     return dataclasses.replace(
         base,
         preset="tiny-adamw",
@@ -379,19 +379,32 @@ def tiny_adamw() -> RunConfig:
     )
 
 
-PRESETS = {"gpt2-124m": gpt2_124m, "record89": record89, "record89-tiny": record89_tiny, "tiny": tiny,
+# Each preset is named after the record whose recipe it computes (at the record's size, or "-tiny": the CPU
+# track's); the first is the default race on GPUs, sub3min-tiny the default on a CPU (the tiny-cpu record).
+PRESETS = {"record89": record89, "record89-tiny": record89_tiny, "sub3min": sub3min, "sub3min-tiny": sub3min_tiny,
            "tiny-adamw": tiny_adamw}
+# Earlier names, still accepted (committed run logs and records name them): each gives the renamed preset.
+PRESET_ALIASES = {"gpt2-124m": "sub3min", "tiny": "sub3min-tiny"}
+DEFAULT_GPU_PRESET, DEFAULT_CPU_PRESET = "record89", "sub3min-tiny"
 # The public record whose math each preset computes (the run log names it).
 FOLLOWS = {
-    "gpt2-124m": "modded-nanogpt record Sub3Min (2025-01-16, 179.5 s on 8xH100)",
+    "sub3min": "modded-nanogpt record Sub3Min (2025-01-16, 179.5 s on 8xH100)",
     "record89": "modded-nanogpt record #89, MLP down projection in FP8 (2026-07-17, 79.7 s on 8xH100)",
     "record89-tiny": "modded-nanogpt record #89's recipe at the CPU track's size",
-    "tiny": "modded-nanogpt record Sub3Min's recipe at the CPU track's size",
+    "sub3min-tiny": "modded-nanogpt record Sub3Min's recipe at the CPU track's size",
     "tiny-adamw": "no record: the nanoGPT-style AdamW baseline of the CPU track",
 }
 
 
+def preset_names() -> list[str]:
+    """Every name ``get_preset`` accepts (the presets, then their earlier names): the CLI's choices."""
+    return [*PRESETS, *PRESET_ALIASES]
+
+
 def get_preset(name: str) -> RunConfig:
+    """The preset called ``name`` (or an earlier name of it, see PRESET_ALIASES)."""
+    name = PRESET_ALIASES.get(name, name)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} "
+                         f"(earlier names: {', '.join(f'{a} = {b}' for a, b in PRESET_ALIASES.items())})")
     return PRESETS[name]()

@@ -42,7 +42,7 @@ def synthetic_env(track: str, torch_version: str = "2.13.0", gpu_name: str | Non
 
 
 def synthetic_config(track: str, num_steps: int, val_every: int, seed: int, val_tokens: int | None = None) -> dict:
-    cfg = get_preset("tiny" if track == "tiny-cpu" else "gpt2-124m")
+    cfg = get_preset("sub3min-tiny" if track == "tiny-cpu" else "sub3min")
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, num_steps=num_steps, val_every=val_every, seed=seed),
         data=dataclasses.replace(cfg.data, val_tokens=val_tokens if val_tokens is not None else cfg.data.val_tokens))

@@ -49,7 +49,7 @@ TRACKS: dict[str, Track] = {
         ),
         Track(
             name="tiny-cpu",
-            description="the tiny preset on the synthetic language, CPU",
+            description="the -tiny presets on the synthetic language, CPU",
             data="synth",
             val_tokens=131_072,
             hardware="CPU",

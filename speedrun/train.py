@@ -33,7 +33,7 @@ import torch
 import kernels
 import kernels.common
 from speedrun import REPO_ROOT, dist, schedule
-from speedrun.config import FOLLOWS, RunConfig, get_preset, window_blocks
+from speedrun.config import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, FOLLOWS, RunConfig, get_preset, window_blocks
 from speedrun.data.loader import TrainLoader, val_batches
 from speedrun.data.shards import data_vocab, list_shards, read_manifest
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
@@ -399,7 +399,7 @@ def save_model_checkpoint(path, model, cfg: RunConfig, run_id: str, step: int) -
 
 def resolve_config(args, cuda: bool) -> RunConfig:
     """The preset with the command line's overrides applied."""
-    cfg = get_preset(args.preset or ("gpt2-124m" if cuda else "tiny"))
+    cfg = get_preset(args.preset or (DEFAULT_GPU_PRESET if cuda else DEFAULT_CPU_PRESET))
     # command-line option -> (config section, field); options left unset keep the preset's value
     overrides = {"steps": ("train", "num_steps"), "val_every": ("train", "val_every"), "seed": ("train", "seed"),
                  "val_tokens": ("data", "val_tokens"), "seq_len": ("data", "seq_len"),
@@ -418,6 +418,9 @@ def resolve_config(args, cuda: bool) -> RunConfig:
         raise SystemExit(f"--kernels triton: preset {cfg.preset} needs {', '.join(without_triton)}, which have no "
                          "Triton variant here (Triton missing, or not written yet); use --kernels torch")
     train_over["kernels"] = args.kernels or ("triton" if cuda and not without_triton else "torch")
+    if cuda and args.kernels is None and without_triton:
+        print(f"speedrun: kernels torch: preset {cfg.preset}'s {', '.join(without_triton)} have no Triton variant "
+              "yet, so its plain-PyTorch references run (exact, slow); `--preset sub3min` races on Triton kernels")
     train_over["compile"] = cuda if args.compile is None else args.compile
     try:
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_over),
@@ -439,7 +442,7 @@ def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, di
     if not list_shards(data_dir, "train") or not list_shards(data_dir, "val"):
         raise SystemExit(f"no train/val shards in {relative_to_repo(data_dir)}: get the FineWeb shards with "
                          "`speedrun data download`, make shards from text with `speedrun data tokenize`, or "
-                         "run `./run.sh --preset tiny` (synthetic data, no download)")
+                         "run `./run.sh --preset sub3min-tiny` (synthetic data, no download)")
     manifest = read_manifest(data_dir) or {}
     vocab_size, eot = data_vocab(data_dir)
     if (vocab_size, eot) != (cfg.model.vocab_size, cfg.model.eot_token):

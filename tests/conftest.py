@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_track_run(tmp_path_factory):
     """One real run of the `tiny` preset on the CPU track, as a user runs it: the synthetic language
-    generated into a temporary data root, then `speedrun train --preset tiny` (about 2 minutes on 2 cores).
+    generated into a temporary data root, then `speedrun train --preset sub3min-tiny` (about 2 minutes on 2 cores).
     Returns (data_root, logs_dir); logs_dir holds the run's .txt and .json. Shared by the slow tests that
     need a real on-track run, so the suite pays for it once."""
     import subprocess
@@ -67,7 +67,7 @@ def tiny_track_run(tmp_path_factory):
     synth = subprocess.run([sys.executable, "-m", "speedrun.cli", "data", "synth", "--out", str(data / "synth")],
                            cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert synth.returncode == 0, synth.stderr
-    train = subprocess.run([sys.executable, "-m", "speedrun.cli", "train", "--preset", "tiny", "--data",
+    train = subprocess.run([sys.executable, "-m", "speedrun.cli", "train", "--preset", "sub3min-tiny", "--data",
                             str(data / "synth"), "--log-dir", str(logs), "--quiet"], cwd=REPO_ROOT, env=env,
                            capture_output=True, text=True)
     assert train.returncode == 0, train.stdout + train.stderr

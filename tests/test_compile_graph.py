@@ -40,7 +40,7 @@ def trace_model(dtype_name: str, fp8_head: bool, training: bool) -> dict:
         if hasattr(m, "triton_usable"):
             m.triton_usable = lambda device: True
     import speedrun.model
-    from speedrun.config import tiny
+    from speedrun.config import sub3min_tiny
     from speedrun.model import GPT, TRAINING_OPS
 
     speedrun.model.supports_fp8 = lambda: fp8_head
@@ -53,7 +53,7 @@ def trace_model(dtype_name: str, fp8_head: bool, training: bool) -> dict:
             raise Traced()
         return run
 
-    cfg = dataclasses.replace(tiny().model, attn_block_size=16)
+    cfg = dataclasses.replace(sub3min_tiny().model, attn_block_size=16)
     model = GPT(cfg, kernels.resolve("triton", TRAINING_OPS), dtype=getattr(torch, dtype_name)).train(training)
     g = torch.Generator().manual_seed(0)
     inputs, targets = torch.randint(0, cfg.vocab_size, (2, 2, 96), generator=g)

@@ -11,7 +11,7 @@ import kernels.common
 import speedrun.train as train_mod
 from speedrun import dist
 from speedrun.cli import build_parser
-from speedrun.config import tiny
+from speedrun.config import sub3min_tiny
 from speedrun.data.synth import generate_synth
 from speedrun.model import GPT, TRAINING_OPS
 
@@ -36,7 +36,7 @@ def interpreter_for_model_runs(monkeypatch):
 
 
 def small_config():
-    cfg = tiny().model
+    cfg = sub3min_tiny().model
     # Random weights everywhere (the recipe zero-initialises lm_head and the output projections, which
     # would hide most of the gradient path); a window of 2 blocks of 16 tokens crosses tiles.
     return dataclasses.replace(cfg, attn_block_size=16)
@@ -110,7 +110,7 @@ def test_twenty_tiny_steps_same_losses_with_triton(tmp_path):
     generate_synth(data, seed=3, train_tokens=200_000, val_tokens=2048)
     losses = {}
     for variant in ("torch", "triton"):
-        args = build_parser().parse_args(["train", "--preset", "tiny", "--data", str(data), "--seq-len", "128",
+        args = build_parser().parse_args(["train", "--preset", "sub3min-tiny", "--data", str(data), "--seq-len", "128",
                                           "--val-tokens", "2048", "--steps", "20", "--val-every", "10",
                                           "--kernels", variant])
         cfg = train_mod.resolve_config(args, cuda=False)

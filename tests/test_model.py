@@ -66,8 +66,8 @@ def small_model(cfg: ModelConfig = SMALL, seed: int = 0, dtype=torch.float32) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def test_gpt2_124m_parameter_count_on_meta_device():
-    cfg = get_preset("gpt2-124m").model
+def test_sub3min_parameter_count_on_meta_device():
+    cfg = get_preset("sub3min").model
     with torch.device("meta"):
         model = GPT(cfg, OPS)
     d, V, Vp, L = cfg.dim, cfg.vocab_size, cfg.padded_vocab_size, cfg.n_layer
@@ -120,12 +120,12 @@ def test_storage_dtypes_bf16_activations():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_gpt2_124m_forward_backward_reduced_seq_len():
+def test_sub3min_forward_backward_reduced_seq_len():
     """lm_head is zero-initialised, so every logit starts at cap * sigmoid(0) = 15: the softmax over the
     50304 (padded) classes is uniform and the loss is exactly ln(50304). Then, with every weight made
     non-zero, one backward must reach every parameter -- except lambda_1 of the attention layers that
     have no value embedding, which multiplies nothing."""
-    cfg = get_preset("gpt2-124m").model
+    cfg = get_preset("sub3min").model
     torch.manual_seed(0)
     model = GPT(cfg, OPS, torch.float32)
     tokens = make_tokens(cfg, (1, 256), seed=2, eot_every=97)
@@ -177,7 +177,7 @@ def test_zero_init_outputs_and_gradients():
 
 
 def test_initial_values_follow_the_spec():
-    cfg = get_preset("gpt2-124m").model
+    cfg = get_preset("sub3min").model
     small = dataclasses.replace(SMALL, dim=768, n_head=6, head_dim=128, mlp_hidden=3072, n_layer=2,
                                 window_pattern="LS", no_attention_layers=(), n_value_embeds=1)
     model = small_model(small)
@@ -194,7 +194,7 @@ def test_initial_values_follow_the_spec():
     assert torch.equal(model.skip_weights, torch.ones(1))
     assert model.embed.weight.std().item() == pytest.approx(1.0, rel=0.02)
     assert value_embed_layers(cfg) == [0, 1, 2, None, None, None, None, None, None, 0, 1, 2]
-    assert value_embed_layers(get_preset("tiny").model) == [0, None, None, 0]
+    assert value_embed_layers(get_preset("sub3min-tiny").model) == [0, None, None, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def reference_rotary(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def test_rotary_frequencies_of_the_recipe():
-    freqs = rotary_frequencies(get_preset("gpt2-124m").model)
+    freqs = rotary_frequencies(get_preset("sub3min").model)
     assert freqs.shape == (64,)
     assert freqs[0] == 1.0 and freqs[31].item() == pytest.approx(1 / 1024, rel=1e-6)
     assert freqs[5].item() == pytest.approx(1024 ** (-5 / 31), rel=1e-6)
@@ -238,7 +238,7 @@ def test_rotary_matches_independent_complex_implementation():
 
 
 def test_rotary_scores_depend_only_on_relative_position():
-    cfg = get_preset("gpt2-124m").model
+    cfg = get_preset("sub3min").model
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(1, 1, 1, 128, generator=g), torch.randn(1, 1, 1, 128, generator=g)
     cos, sin = rotary_cos_sin(cfg, 600)
@@ -429,7 +429,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="cross_entropy"):
         GPT(SMALL, {k: v for k, v in OPS.items() if k != "cross_entropy"})
     with pytest.raises(TypeError, match="cfg"):
-        GPT(get_preset("tiny"), OPS)
+        GPT(get_preset("sub3min-tiny"), OPS)
     with pytest.raises(ValueError, match="n_value_embeds"):
         GPT(dataclasses.replace(SMALL, n_value_embeds=4), OPS, torch.float32)
 
@@ -449,12 +449,12 @@ def test_mean_attended_keys_matches_the_mask(seq_len, window, block):
 
 
 def test_flops_per_token():
-    cfg = get_preset("gpt2-124m").model
+    cfg = get_preset("sub3min").model
     d, T = cfg.dim, 65536
     matmul = cfg.padded_vocab_size * d + 11 * 4 * d * d + 12 * 2 * d * cfg.mlp_hidden
     full = 6 * matmul + 11 * 12 * d * (T + 1) / 2
     assert flops_per_token(cfg, T) == pytest.approx(full)
-    assert flops_per_token(get_preset("gpt2-124m"), T) == pytest.approx(full)  # RunConfig accepted
+    assert flops_per_token(get_preset("sub3min"), T) == pytest.approx(full)  # RunConfig accepted
     # Window of w = 14 blocks: long layers 0, 4, 11 (7 is attention-free), short (7 blocks) the other 8.
     # A token at offset r of its block sees (w-1)*128 + r + 1 keys, except in the first w-1 blocks,
     # which lose (w-1)w/2 blocks of 128x128 pairs in total.
@@ -530,7 +530,7 @@ def test_fp8_lm_head_on_gpu():
         pytest.skip("GPU without FP8 support")
     check_fp8_linear("cuda")
     # Through the model: the training (FP8) loss and head gradient vs the eval-path bf16 matmul.
-    cfg = dataclasses.replace(get_preset("tiny").model, fp8_lm_head=True)
+    cfg = dataclasses.replace(get_preset("sub3min-tiny").model, fp8_lm_head=True)
     torch.manual_seed(27)
     model = GPT(cfg, OPS, torch.bfloat16).cuda()
     with torch.no_grad():

@@ -179,7 +179,7 @@ def groups_by_name(optimizers):
 
 
 def test_recipe_grouping_on_tiny():
-    cfg = get_preset("tiny")
+    cfg = get_preset("sub3min-tiny")
     model = GPT(cfg.model, OPS, torch.float32)
     adam, muon = build_optimizers(model, cfg, OPS)
     assert type(adam) is torch.optim.Adam and isinstance(muon, Muon)
@@ -201,8 +201,8 @@ def test_recipe_grouping_on_tiny():
     assert muon.param_groups[0]["momentum"] == pytest.approx(0.85)
 
 
-def test_recipe_grouping_on_gpt2_124m_meta():
-    cfg = get_preset("gpt2-124m")
+def test_recipe_grouping_on_sub3min_meta():
+    cfg = get_preset("sub3min")
     with torch.device("meta"):
         model = GPT(cfg.model, OPS)
     adam, muon = build_optimizers(model, cfg, OPS)
@@ -215,7 +215,7 @@ def test_recipe_grouping_on_gpt2_124m_meta():
 
 
 def test_every_parameter_must_be_in_a_group():
-    cfg = get_preset("tiny")
+    cfg = get_preset("sub3min-tiny")
     model = GPT(cfg.model, OPS, torch.float32)
     model.stray = torch.nn.Parameter(torch.ones(3, 3))  # >= 2-D but outside the blocks: nobody's
     with pytest.raises(ValueError, match="stray"):
@@ -246,8 +246,8 @@ def test_adamw_baseline_grouping():
     (836, None, 0.95),
     (1392, None, 0.95),
 ])
-def test_set_schedules_on_gpt2_124m(step, multiplier, momentum):
-    cfg = get_preset("gpt2-124m")
+def test_set_schedules_on_sub3min(step, multiplier, momentum):
+    cfg = get_preset("sub3min")
     with torch.device("meta"):
         model = GPT(cfg.model, OPS)
     optimizers = build_optimizers(model, cfg, OPS)
@@ -295,7 +295,7 @@ def train_steps(cfg, n_steps: int, seq_len: int = 128):
 
 
 def test_training_steps_decrease_the_loss_on_tiny():
-    cfg = get_preset("tiny")
+    cfg = get_preset("sub3min-tiny")
     losses, snapshots = train_steps(cfg, n_steps=3)
     assert losses[0] == pytest.approx(math.log(cfg.model.padded_vocab_size), abs=1e-5)
     assert losses[1] < losses[0] and losses[3] < losses[1]
@@ -313,6 +313,6 @@ def test_training_steps_decrease_the_loss_on_tiny_adamw():
 def test_set_schedules_rejects_unbuilt_optimizers():
     p = torch.nn.Parameter(torch.ones(2, 2))
     with pytest.raises(ValueError, match="initial_lr"):
-        set_schedules([torch.optim.SGD([p], lr=0.1)], 0, get_preset("tiny"))
+        set_schedules([torch.optim.SGD([p], lr=0.1)], 0, get_preset("sub3min-tiny"))
     with pytest.raises(ValueError, match="step"):
-        set_schedules([], -1, get_preset("tiny"))
+        set_schedules([], -1, get_preset("sub3min-tiny"))

@@ -96,7 +96,7 @@ def test_record89_plan_matches_the_spec_tables():
     assert trained == 365_690_880
 
 
-@pytest.mark.parametrize("preset", ["gpt2-124m", "tiny", "tiny-adamw"])
+@pytest.mark.parametrize("preset", ["sub3min", "sub3min-tiny", "tiny-adamw"])
 def test_step_count_plan_is_the_config_schedule(preset):
     cfg = get_preset(preset)
     for step in range(0, cfg.train.num_steps + 1, 7):
@@ -128,9 +128,9 @@ def test_staged_config_round_trips_through_json_and_is_checked():
         RunConfig.from_dict({**cfg.to_dict(), "schedule": {**cfg.to_dict()["schedule"],
                                                           "stages": [bad_stage, *stages[1:]]}})
     # An old run log (no schedule section) still reads.
-    old = get_preset("gpt2-124m").to_dict()
+    old = get_preset("sub3min").to_dict()
     del old["schedule"]
-    assert RunConfig.from_dict(old) == get_preset("gpt2-124m")
+    assert RunConfig.from_dict(old) == get_preset("sub3min")
 
 
 def test_schedule_command_prints_the_plan():
@@ -148,3 +148,17 @@ def test_schedule_command_prints_the_plan():
     bad = subprocess.run([sys.executable, "-m", "speedrun.cli", "schedule", "--every", "0"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "positive integer" in bad.stderr
+
+
+def test_presets_are_named_after_their_records_and_earlier_names_still_work():
+    assert list(config.PRESETS)[0] == config.DEFAULT_GPU_PRESET == "record89"  # the frontier is the GPU race
+    assert config.DEFAULT_CPU_PRESET == "sub3min-tiny"  # the tiny-cpu record's recipe
+    for name, cfg in ((n, get_preset(n)) for n in config.PRESETS):
+        assert cfg.preset == name and name in config.FOLLOWS
+    for old, new in config.PRESET_ALIASES.items():
+        assert get_preset(old) == get_preset(new)  # the same recipe, under its new name
+        logged = {**get_preset(new).to_dict(), "preset": old}  # a committed run log says the old name
+        assert RunConfig.from_dict(logged).preset == old
+    assert config.preset_names() == [*config.PRESETS, "gpt2-124m", "tiny"]
+    with pytest.raises(ValueError, match="unknown preset 'gpt2'.*earlier names: gpt2-124m = sub3min"):
+        get_preset("gpt2")

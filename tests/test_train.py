@@ -30,7 +30,7 @@ def synth_dir(tmp_path_factory):
 
 def make_run(synth_dir, *extra):
     """(cfg, env, data_dir, target, track) for the tiny preset on the test's small synthetic data."""
-    args = build_parser().parse_args(["train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len",
+    args = build_parser().parse_args(["train", "--preset", "sub3min-tiny", "--data", str(synth_dir), "--seq-len",
                                       str(SEQ_LEN), "--val-tokens", str(VAL_TOKENS), *extra])
     cfg = train_mod.resolve_config(args, cuda=False)
     env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -95,7 +95,7 @@ def test_run_log_is_complete_and_code_hash_matches(synth_dir, tmp_path):
     assert facts["run_id"] == result.run_id and facts["schema_version"] == 1
     for key in ("python", "torch", "triton", "world_size", "git"):
         assert key in facts["env"]
-    assert facts["config"]["preset"] == "tiny" and facts["tokens_seen"] == 2 * 8 * SEQ_LEN
+    assert facts["config"]["preset"] == "sub3min-tiny" and facts["tokens_seen"] == 2 * 8 * SEQ_LEN
     # The snapshot sections hold the exact files; their hashes and the code hash recompute.
     snapshot = parse_code_snapshot(text)
     hashes = {}
@@ -156,7 +156,7 @@ def test_sigterm_aborts_after_the_current_step(synth_dir, tmp_path, monkeypatch)
 def test_cli_run_writes_logs_and_exit_code(synth_dir, tmp_path):
     from speedrun.cli import main
 
-    rc = main(["train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN),
+    rc = main(["train", "--preset", "sub3min-tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN),
                "--val-tokens", str(VAL_TOKENS), "--steps", "2", "--log-dir", str(tmp_path), "--quiet",
                "--save-checkpoint", str(tmp_path / "ck.pt")])
     logs = list(tmp_path.glob("*.json"))
@@ -171,7 +171,7 @@ def test_cli_run_writes_logs_and_exit_code(synth_dir, tmp_path):
 def test_sample_from_a_checkpoint(synth_dir, tmp_path, capsys):
     from speedrun.cli import main
 
-    main(["train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN), "--val-tokens",
+    main(["train", "--preset", "sub3min-tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN), "--val-tokens",
           str(VAL_TOKENS), "--steps", "1", "--log-dir", str(tmp_path), "--quiet", "--save-checkpoint",
           str(tmp_path / "ck.pt")])
     capsys.readouterr()
@@ -189,8 +189,9 @@ def test_sample_from_a_checkpoint(synth_dir, tmp_path, capsys):
 
 def _torchrun(nproc, synth_dir, log_dir, seqs_per_forward):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "speedrun.cli", "train", "--preset", "tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN),
-           "--val-tokens", str(VAL_TOKENS), "--steps", "4", "--val-every", "2", "--log-dir", str(log_dir), "--quiet",
+           "-m", "speedrun.cli", "train", "--preset", "sub3min-tiny", "--data", str(synth_dir),
+           "--seq-len", str(SEQ_LEN), "--val-tokens", str(VAL_TOKENS), "--steps", "4", "--val-every", "2",
+           "--log-dir", str(log_dir), "--quiet",
            "--seqs-per-forward", str(seqs_per_forward)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)

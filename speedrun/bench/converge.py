@@ -17,9 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kernels
 from speedrun import REPO_ROOT
 from speedrun.bench.cli import add_common_arguments
-from speedrun.config import PRESETS
+from speedrun.config import get_preset, preset_names
 from speedrun.data.shards import atomic_write_bytes, atomic_write_text, list_shards
 from speedrun.runlog import repo_or_absolute_path
 
@@ -104,7 +105,8 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from speedrun.cli import _positive_int
 
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpt2-124m on GPU, tiny on CPU")
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help="default: sub3min on GPU, sub3min-tiny on CPU (presets with Triton kernels for every op)")
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps per run (default: 200)")
     p.add_argument("--val-every", type=_positive_int, default=25, help="validate every N steps (default: 25)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="override the preset's sequence length")
@@ -117,11 +119,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def converge_command(args) -> int:
     from speedrun.bench.measure import bench_device, device_name, results_dir
+    from speedrun.train import recipe_ops
 
     device = bench_device(args.device)
     if not args.tolerance > 0:
         raise SystemExit(f"--tolerance must be positive, got {args.tolerance}")
-    args.preset = args.preset or ("gpt2-124m" if device.type == "cuda" else "tiny")
+    args.preset = get_preset(args.preset or ("sub3min" if device.type == "cuda" else "sub3min-tiny")).preset
+    without_triton = [op for op in recipe_ops(get_preset(args.preset)) if "triton" not in kernels.variants(op)]
+    if without_triton:  # refused now, not after a whole torch run
+        raise SystemExit(f"bench converge compares --kernels torch with triton; preset {args.preset}'s "
+                         f"{', '.join(without_triton)} lack a Triton variant here (Triton missing, or not yet written)")
     data_dir = Path(args.data).resolve() if args.data else default_data_dir()
     if not list_shards(data_dir, "train") or not list_shards(data_dir, "val"):
         raise SystemExit(f"--data {args.data}: no train/val shards there")

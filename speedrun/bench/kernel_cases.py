@@ -1,10 +1,10 @@
 """What the kernel benchmark runs: for each op, its shapes (the recipe's, and a sweep over the main size),
 its inputs, and its counted FLOPs and minimum bytes.
 
-Shapes come from a preset's config, never typed in: ``gpt2-124m`` on a GPU, ``tiny`` on a CPU (where the
+Shapes come from a preset's config, never typed in: ``sub3min`` on a GPU, ``sub3min-tiny`` on a CPU (where the
 Triton interpreter runs: times mean nothing there, only the pipeline and the correctness checks do).
 
-    op              main size (x axis)   recipe shape (gpt2-124m)                      sweep
+    op              main size (x axis)   recipe shape (sub3min)                        sweep
     attention       seq_len T            B=1, T=seq_len, H=6, D=128, final long window  T / 8, T / 4, T / 2, T
     mlp             tokens M             M=seq_len, dim 768, hidden 3072               M / 8, M / 4, M / 2, M
     cross_entropy   tokens N             N=seq_len, V=50304 (padded vocab)              N / 8, N / 4, N / 2, N
@@ -71,7 +71,7 @@ def op_modes(op: str) -> tuple[str, ...]:
 
 
 def bench_config(device: torch.device) -> RunConfig:
-    return get_preset("gpt2-124m" if device.type == "cuda" else "tiny")
+    return get_preset("sub3min" if device.type == "cuda" else "sub3min-tiny")
 
 
 def muon_shapes(cfg: RunConfig) -> list[tuple[int, ...]]:

@@ -118,6 +118,8 @@ def summary(folder: Path) -> str:
         (("bench kernels",), "kernels.csv", "## Kernels (source: kernels.csv)", lambda: ["", *_kernels(folder), ""]),
         (("bench train",), "train.md", "## Training step (source: train.md)",
          lambda: _section_table(folder, "train.md", True)),
+        (("bench train record89",), "record89/train.md", "## Training step, record #89 (source: record89/train.md)",
+         lambda: _section_table(folder, "record89/train.md", True)),
         (("bench converge",), "converge.md", "## Convergence, --kernels torch vs triton (source: converge.md)",
          lambda: _section_table(folder, "converge.md", False)),
     ]

@@ -38,7 +38,7 @@ from speedrun.bench.measure import (
     timing_from_samples,
     versions,
 )
-from speedrun.config import PRESETS, RunConfig, get_preset, window_blocks
+from speedrun.config import RunConfig, get_preset, preset_names, window_blocks
 from speedrun.data.shards import atomic_write_text, write_shard
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers
@@ -238,7 +238,8 @@ def report(results: list[dict], cfg: RunConfig, device: torch.device) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from speedrun.cli import _non_negative_int, _positive_int
 
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpt2-124m on GPU, tiny on CPU")
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help="default: sub3min on GPU, sub3min-tiny on CPU (presets with Triton kernels for every op)")
     p.add_argument("--kernels", default="torch,triton", help="kernel sets, comma-separated (default: torch,triton)")
     p.add_argument("--steps", type=_positive_int, default=None, help="timed steps (default: 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=_non_negative_int, default=None, help="untimed steps first (default: 3 / 1)")
@@ -255,7 +256,7 @@ def train_command(args) -> int:
     if "triton" in sets and "triton" not in kernels.variants("attention"):
         raise SystemExit("--kernels triton: Triton is not installed")
     gpu = device.type == "cuda"
-    cfg = get_preset(args.preset or ("gpt2-124m" if gpu else "tiny"))
+    cfg = get_preset(args.preset or ("sub3min" if gpu else "sub3min-tiny"))
     if args.seq_len is not None:
         if cfg.schedule is not None:
             raise SystemExit(f"--seq-len does not apply to preset {cfg.preset}: its stages set the sequence lengths")

@@ -33,7 +33,7 @@ DEFAULT_REPO_ID = "kjj0/fineweb10B-gpt2"
 VAL_SHARD_NAME = "fineweb_val_000000.bin"
 # The last train shard the default repository publishes (fineweb_train_000103.bin).
 PUBLISHED_TRAIN_SHARDS = 103
-# The gpt2-124m recipe runs 1393 steps of 524,288 tokens = 730,333,184 train tokens. A 100M-token
+# The sub3min recipe runs 1393 steps of 524,288 tokens = 730,333,184 train tokens. A 100M-token
 # shard gives 190 steps (the loader moves on when fewer than batch + 1 tokens are left), so the run
 # reads train shards 1-8. Two more are a margin for longer or re-tuned runs.
 RECIPE_TRAIN_SHARDS = 8
@@ -83,7 +83,7 @@ def _how_to_get_data(out_dir: Path, missing: list[str], reason: str) -> str:
             f"  - copy the shards into {out_dir} from a machine that has them "
             "(then check them with `speedrun data verify`);\n"
             "  - tokenize your own text: `speedrun data tokenize FILE... --out DIR`, and train with --data DIR;\n"
-            "  - or train with no download at all: `./run.sh --preset tiny` uses generated synthetic data.")
+            "  - or train with no download at all: `./run.sh --preset sub3min-tiny` uses generated synthetic data.")
 
 
 def _check_arguments(train_shards, out_dir, repo_id) -> None:

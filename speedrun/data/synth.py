@@ -1,7 +1,7 @@
 """The synthetic language of the CPU track: a hidden-Markov source with an exactly known optimal loss.
 
 The token stream is one hidden Markov model over a vocabulary of 2048 ids, where id 2047 is the
-end-of-text token that starts every document (the tiny model's vocabulary, see ``config.tiny``):
+end-of-text token that starts every document (the tiny model's vocabulary, see ``config.sub3min_tiny``):
 
     document   eot, then n >= 1 content tokens; after every content token the document ends with
                probability ``end_prob`` (the same in every state), and the next one starts with eot

@@ -49,6 +49,8 @@ def test_gpu_suite_dry_run(tmp_path):
     text = (out / "summary.md").read_text()
     assert "Dry run on a CPU" in text and "FAILED" not in text
     assert "| bench kernels | ok |" in text and "| bench converge | ok |" in text and "| bench launch | ok |" in text
+    assert "| bench train record89 | ok |" in text and "## Training step, record #89" in text
+    assert "preset record89-tiny" in (out / "record89" / "train.md").read_text()
     assert "| torch | False |" in text and "| triton | False |" in text  # the train table, both kernel sets
     assert "PASS" in text and "missing" not in text
     train = (out / "train.md").read_text()
@@ -121,6 +123,8 @@ def test_converge_compare_passes_close_curves_and_fails_the_rest():
     (["train", "--kernels", "torch,torch"], "--kernels must list torch and/or triton"),
     (["train", "--seq-len", "100"], "multiple of the attention block"),
     (["converge", "--tolerance", "0"], "--tolerance must be positive"),
+    (["converge", "--preset", "record89-tiny"], "preset record89-tiny's varlen_attention"),  # before any run
+    (["launch", "--op", "mlp,nope"], "--op must list ops with a Triton variant"),
 ])
 def test_bench_misuse_is_refused(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:

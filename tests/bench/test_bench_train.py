@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 
 def _small_tiny():
-    cfg = get_preset("tiny")
+    cfg = get_preset("sub3min-tiny")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=128))
 
 

@@ -133,7 +133,7 @@ def assert_offline_message(text, out):
     assert "Traceback" not in text
     assert "cannot reach the Hugging Face hub" in text
     assert f"copy the shards into {out}" in text
-    assert "speedrun data tokenize" in text and "./run.sh --preset tiny" in text
+    assert "speedrun data tokenize" in text and "./run.sh --preset sub3min-tiny" in text
 
 
 def test_offline_env_fails_fast(tmp_path, hub, monkeypatch, capsys):
