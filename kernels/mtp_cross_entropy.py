@@ -27,8 +27,24 @@ w_s = 1.6/448, grad_s = 0.75/448 x the incoming gradient, which training makes 1
     logits = bf16(x_s w_s (e4m3(x / x_s) e4m3(w / w_s)))
     G8 = e5m2(g / grad_s);  dx = bf16(grad_s w_s G8 e4m3(w / w_s)^T);  dw = x_s grad_s e4m3(x / x_s)^T G8
 
+``weights`` may also be a 1-D fp32 tensor of the K weights on x's device: the Triton variant reads it from
+device memory, so weights that change every step (the schedule's) cost neither a recompile nor a sync.
+
 Variants: ``torch`` (the reference: rows in chunks, so no (T, V) fp32 tensor is ever whole; the backward
-recomputes each chunk's logits; FP8 products emulated exactly, kernels/fp8.py).
+recomputes each chunk's logits; FP8 products emulated exactly, kernels/fp8.py) and, when Triton imports,
+``triton`` (the record's design, below).
+
+Triton variant: the head matmul is a library call (x @ w, or torch._scaled_mm for ``fp8``); one kernel then
+reads each row's logits twice (the LSE, then the gradient) and writes the row's loss and its gradient G
+for grad_out = 1, in the forward pass, without a host sync. G is stored in x's dtype, or for ``fp8`` as the
+record's e5m2(g / (0.75/448)) (spec 2.11 item 5). The backward scales G's rows by grad_out (in place) and
+runs the two matmuls. Where it differs from the reference:
+
+* bf16/fp16: G is rounded to x's dtype before dx = G w^T and dw = x^T G (the reference keeps it in fp32);
+  the tests hold dx and dw to 2x the reference's own error against fp64.
+* fp8: exact (up to fp32 summation order) when grad_out is one value c for every row, as in training
+  (grad_scale): e5m2(G8 * c / |c|) = +-G8. Other grad_outs round twice (G8, then G8 * grad_out_t / max|.|).
+* a target outside [0, V) gives that row a NaN loss and NaN gradient (no host sync to raise).
 """
 
 from __future__ import annotations
@@ -36,7 +52,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
 from kernels.fp8 import scaled_mm, to_e4m3, to_e5m2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton: only the reference is registered
+    triton = None
 
 SOFTCAP, SHIFT, DIVISOR = 23.0, 5.0, 7.5
 ROW_CHUNK = 2048
@@ -59,6 +82,13 @@ def check_mtp_args(x, w, targets, weights):
         raise ValueError(f"x must be (T, d) and w (d, V), got {tuple(x.shape)} and {tuple(w.shape)}")
     if not isinstance(targets, torch.Tensor) or targets.shape != (x.size(0),) or targets.dtype != torch.int64:
         raise ValueError(f"targets must be an int64 tensor of shape ({x.size(0)},)")
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1 or not 1 <= weights.numel() <= 3 or weights.dtype != torch.float32:
+            raise ValueError(f"weights as a tensor must be 1-D fp32 with 1 to 3 entries, got {tuple(weights.shape)} "
+                             f"{weights.dtype}")
+        if weights.device != x.device:
+            raise ValueError(f"weights must be on x's device ({x.device}), got {weights.device}")
+        return weights
     weights = tuple(float(v) for v in weights)
     if not weights:
         raise ValueError("weights must hold at least one weight")
@@ -127,7 +157,192 @@ class _MTPCrossEntropy(torch.autograd.Function):
 @torch.compiler.disable  # row chunks in Python: left out of a compiled model's graph
 def mtp_cross_entropy_torch(x, w, targets, weights, fp8=False):
     """Reference (see the module docstring)."""
-    return _MTPCrossEntropy.apply(x, w, targets, check_mtp_args(x, w, targets, weights), bool(fp8))
+    weights = check_mtp_args(x, w, targets, weights)
+    if isinstance(weights, torch.Tensor):
+        weights = tuple(weights.tolist())  # a host read: the reference is not a kernel
+    return _MTPCrossEntropy.apply(x, w, targets, weights, bool(fp8))
 
 
 VARIANTS = {"torch": mtp_cross_entropy_torch}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Triton variant (see the module docstring).
+#
+#   forward   u   = x @ w  (or the FP8 product)       library matmul, x's dtype              (T, V)
+#             loss, G = _mtp_ce_kernel(u, targets)    two sweeps over each row's u           (T,), (T, V)
+#   saved     x, w, G
+#   backward  G  *= grad_out (per row; fp8: requantised, the identity for a uniform grad_out)
+#             dx = G @ w^T,  dw = x^T @ G             library matmuls (fp8: torch._scaled_mm)
+# ------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    # Roundings are spelled out on the fp32 bits (round to nearest even), not left to casts: the CPU
+    # interpreter's fp32 -> bf16 / fp8 casts truncate, so a cast would make its results differ from the GPU's.
+    # A value already on the target grid then casts exactly on both.
+
+    @triton.jit
+    def _round_mantissa(v, DROP: tl.constexpr):
+        """fp32 ``v`` rounded to nearest even with its DROP low mantissa bits cleared (16: bf16's grid)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) >> DROP) << DROP
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_e5m2(v):
+        """fp32 ``v`` (|v| < 57344) rounded to nearest even on the e5m2 grid: 2 mantissa bits from 2^-14 up,
+        multiples of 2^-16 below (subnormals; RNE by the 1.5 * 2^23 trick)."""
+        q = v * 65536.0
+        sub = ((q + 12582912.0) - 12582912.0) * (1.0 / 65536.0)
+        return tl.where(tl.abs(v) < 6.103515625e-05, sub, _round_mantissa(v, 21))
+
+    @triton.jit
+    def _capped(u, ROUND_BF16: tl.constexpr):
+        """s = sigmoid((u + 5) / 7.5) in fp32, rounded to bf16 when asked (x's dtype, as the reference)."""
+        s = 1.0 / (1.0 + tl.exp(-((u + 5.0) / 7.5)))
+        if ROUND_BF16:
+            s = _round_mantissa(s, 16)
+        return s
+
+    @triton.jit
+    def _mtp_ce_kernel(
+        u_ptr, g_ptr,  # (T, V) logits in x's dtype; (T, V) out: the gradient for grad_out = 1, times g_mul
+        targets_ptr, weights_ptr, loss_ptr,  # (T,) int64; (K,) fp32; (T,) fp32 out
+        T, V, g_mul,
+        K: tl.constexpr, ROUND_BF16: tl.constexpr, G_FORMAT: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """BLOCK_R rows per program. Softcapped logits lie in (0, 23): the LSE shifts by the constant 23 (no
+        running max). Rows past T read row T - 1 and are never stored."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rows < T
+        rows_in = tl.minimum(rows, T - 1)
+        u_rows = u_ptr + rows_in[:, None] * V  # (BLOCK_R, 1)
+        cols = tl.arange(0, BLOCK_V)
+
+        # sweep 1: LSE_t = 23 + log sum_j exp(z_tj - 23)
+        acc = tl.zeros((BLOCK_R, BLOCK_V), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = (offs < V)[None, :]
+            u = tl.load(u_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, tl.exp(23.0 * _capped(u, ROUND_BF16) - 23.0), 0.0)
+        lse = 23.0 + tl.log(tl.sum(acc, axis=1))  # (BLOCK_R,)
+
+        # the loss: row t predicts targets[t + k] for k < K while t + k < T; S = sum_k w_k (all of them)
+        loss = tl.zeros((BLOCK_R,), tl.float32)
+        total = 0.0
+        bad = rows < 0  # all False
+        for k in tl.static_range(K):
+            wk = tl.load(weights_ptr + k)
+            total += wk
+            has = rows_in + k < T
+            y = tl.load(targets_ptr + rows_in + k, mask=has, other=0)
+            bad |= has & ((y < 0) | (y >= V))
+            u_y = tl.load(u_ptr + rows_in * V + tl.where((y >= 0) & (y < V), y, 0)).to(tl.float32)
+            loss += tl.where(has, wk * (lse - 23.0 * _capped(u_y, ROUND_BF16)), 0.0)
+        tl.store(loss_ptr + rows, tl.where(bad, float("nan"), loss), mask=r_ok)
+
+        # sweep 2: g = (23 / 7.5) s (1 - s) (S softmax(z) - sum_k w_k onehot(targets[t + k]))
+        g_rows = g_ptr + rows[:, None] * V
+        nan_rows = tl.where(bad, float("nan"), 0.0)[:, None]
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = (offs < V)[None, :]
+            u = tl.load(u_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = _capped(u, ROUND_BF16)
+            d = total * tl.exp(23.0 * s - lse[:, None])
+            for k in tl.static_range(K):
+                has = rows_in + k < T
+                y = tl.load(targets_ptr + rows_in + k, mask=has, other=-1)
+                d -= tl.where((offs[None, :] == y[:, None]) & has[:, None], tl.load(weights_ptr + k), 0.0)
+            g = (23.0 / 7.5) * s * (1.0 - s) * d * g_mul + nan_rows
+            if G_FORMAT == 1:  # bf16
+                g = _round_mantissa(g, 16)
+            elif G_FORMAT == 2:  # e5m2 (|g| * g_mul < 1000: no saturation)
+                g = _round_e5m2(g)
+            tl.store(g_rows + offs[None, :], g.to(g_ptr.dtype.element_ty), mask=mask & r_ok[:, None])
+
+    G_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2}
+
+    def _launch_mtp_ce(u: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, g_dtype: torch.dtype,
+                       g_mul: float):
+        """(loss (T,) fp32, G (T, V) in g_dtype, times g_mul) for contiguous logits u (T, V) in x's dtype
+        (fp32 or bf16: s is rounded to it)."""
+        T, V = u.shape
+        loss = new_empty((T,), torch.float32, u.device)
+        g = new_empty((T, V), g_dtype, u.device)
+        if T == 0:
+            return loss, g
+        if interpreting():  # tile sizes from kernels.common.INTERPRETER_TILE (its cost is per program)
+            block_r, block_v, warps = interpreter_block(T), interpreter_block(V), 4
+        else:  # one row per program, as the record's kernel; the row's 100 KB of bf16 logits stay in L2
+            block_r, block_v, warps = 1, 2048, 8
+        _mtp_ce_kernel[(triton.cdiv(T, block_r),)](
+            u, g, targets, weights, loss, T, V, g_mul,
+            K=weights.numel(), ROUND_BF16=u.dtype == torch.bfloat16, G_FORMAT=G_FORMATS[g_dtype],
+            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        )
+        return loss, g
+
+    def _fp8_mm(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """out_dtype(scale * (a8 @ b8)): torch._scaled_mm on a GPU (a8 row-major, b8 column-major, as it
+        requires; every dimension a multiple of 16), else the exact emulation of kernels/fp8.py."""
+        if a8.is_cuda and all(n % 16 == 0 for n in (*a8.shape, b8.shape[1])):
+            one = torch.ones((), dtype=torch.float32, device=a8.device)
+            return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=scale.float().reshape(()),
+                                    scale_b=one, out_dtype=out_dtype)
+        return scaled_mm(a8, b8, scale, out_dtype)
+
+    class _MTPCrossEntropyTriton(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, targets, weights, fp8):
+            if fp8:
+                w8 = to_e4m3(w / W_SCALE)
+                x8 = to_e4m3(x / X_SCALE)
+                u = _fp8_mm(x8, w8, torch.tensor(XW_SCALE, device=x.device), x.dtype)
+                loss, g = _launch_mtp_ce(u, targets, weights, torch.float8_e5m2, 1 / GRAD_SCALE)
+                ctx.save_for_backward(x8, w8, g)
+            else:
+                u = (x @ w.to(x.dtype)).contiguous()
+                loss, g = _launch_mtp_ce(u, targets, weights, x.dtype, 1.0)
+                ctx.save_for_backward(x, w, g)
+            ctx.fp8, ctx.x_dtype, ctx.w_dtype = fp8, x.dtype, w.dtype
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            a, b, g = ctx.saved_tensors
+            go = grad_out.float()
+            if ctx.fp8:  # a = e4m3(x / x_s), b = e4m3(w / w_s), g = e5m2(G / (0.75 / 448))
+                peak = go.abs().amax()
+                factor = torch.where(peak > 0, go / peak, torch.zeros_like(go))  # +-1 for a uniform grad_out
+                g8 = torch.empty_like(g)
+                for r0 in range(0, g.size(0), ROW_CHUNK):
+                    g8[r0:r0 + ROW_CHUNK] = to_e5m2(g[r0:r0 + ROW_CHUNK].float() * factor[r0:r0 + ROW_CHUNK, None])
+                grad_s = GRAD_SCALE * peak
+                dx = _fp8_mm(g8, b.t(), grad_s * W_SCALE, ctx.x_dtype)
+                dw = _fp8_mm(a.t(), g8, grad_s * X_SCALE, torch.float32)
+                return dx, dw.to(ctx.w_dtype), None, None, None
+            g.mul_(go[:, None].to(g.dtype))  # G is this backward's own: scaled in place
+            x, w = a, b
+            dx = g @ w.to(g.dtype).t()
+            dw = x.to(g.dtype).t() @ g
+            return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None
+
+    def mtp_cross_entropy_triton(x, w, targets, weights, fp8=False):
+        """The Triton variant (see the module docstring); ``weights`` best as an fp32 device tensor."""
+        weights = check_mtp_args(x, w, targets, weights)
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"the Triton variant takes float32 or bfloat16 x (the recipe's), got {x.dtype}")
+        if not triton_usable(x.device):
+            raise ValueError(f"x is on {x.device}, where the Triton kernels cannot run "
+                             "(needs a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+        if not isinstance(weights, torch.Tensor):
+            weights = torch.tensor(weights, dtype=torch.float32, device=x.device)
+        if len(weights) > 3:
+            raise ValueError(f"the Triton variant takes 1 to 3 weights, got {len(weights)}")
+        return _MTPCrossEntropyTriton.apply(x, w, targets.contiguous(), weights.contiguous(), bool(fp8))
+
+    VARIANTS["triton"] = mtp_cross_entropy_triton

@@ -34,8 +34,9 @@ def main():
     parser.add_argument("--no-compile", action="store_true", required=True)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    from speedrun.config import tiny
-    expected = ("tiny", "cpu", "torch", str(tiny().data.seq_len), str(tiny().data.val_tokens))
+    from speedrun.config import sub3min_tiny
+    cfg = sub3min_tiny()
+    expected = ("sub3min-tiny", "cpu", "torch", str(cfg.data.seq_len), str(cfg.data.val_tokens))
     assert (args.preset, args.device, args.kernels, args.seq_len, args.val_tokens) == expected
     seed = int(args.seed)
     write_synthetic_run(Path(args.log_dir), str(uuid.uuid4()), seed=seed, num_steps=int(args.steps),
@@ -60,8 +61,8 @@ def test_train_arguments_and_seeds_come_from_the_logs(tmp_path):
     facts = record.runs[0].facts
     args = train_arguments(facts, seed=7, log_dir=tmp_path / "logs")
     data = facts["config"]["data"]
-    assert args[:12] == ["--preset", "tiny", "--steps", "20", "--val-every", "5", "--seq-len", str(data["seq_len"]),
-                         "--val-tokens", str(data["val_tokens"]), "--seed", "7"]
+    assert args[:12] == ["--preset", "sub3min-tiny", "--steps", "20", "--val-every", "5",
+                         "--seq-len", str(data["seq_len"]), "--val-tokens", str(data["val_tokens"]), "--seed", "7"]
     assert "--no-compile" in args and args[args.index("--device") + 1] == "cpu" and "--data" not in args
     assert seeds_for(record, 2) == [0, 1] and seeds_for(record, 5) == [0, 1, 2, 3, 4]
 

@@ -110,16 +110,12 @@ def every_config(on_launch):
 @contextlib.contextmanager
 def gpu_path():
     """The launchers' GPU path (autotuned kernels, GPU tile choices) on CPU tensors."""
-    import kernels.attention
-    import kernels.common
-    import kernels.cross_entropy
-    import kernels.matmul_tiles
-    import kernels.mlp
-    import kernels.newton_schulz
-    import kernels.polar_express
+    import importlib
 
-    modules = [kernels.common, kernels.attention, kernels.cross_entropy, kernels.matmul_tiles, kernels.mlp,
-               kernels.newton_schulz, kernels.polar_express]
+    import kernels
+
+    modules = [importlib.import_module(name) for name in
+               ("kernels.common", "kernels.matmul_tiles", *kernels.OP_MODULES.values())]
     saved = []
     for m in modules:
         for name, value in (("interpreting", lambda: False), ("triton_usable", lambda device: True)):
@@ -165,6 +161,11 @@ def drive_ops(device="cpu", only=None) -> None:
             z = leaf(64, 50304, dtype=dtype)
             targets = torch.randint(0, 50304, (64,), generator=g).to(device)
             ops["cross_entropy"](z, targets, 30.0, 7.5).backward()
+        if "mtp_cross_entropy" in ops and dtype != torch.float16:  # its Triton variant takes fp32 and bf16
+            x, w = leaf(64, 768, dtype=dtype), leaf(768, 50304, dtype=dtype)
+            targets = torch.randint(0, 50304, (64,), generator=g).to(device)
+            for fp8 in (False, True) if dtype == torch.bfloat16 else (False,):  # G in x's dtype, or e5m2
+                ops["mtp_cross_entropy"](x, w, targets, (1.0, 0.5, 0.25), fp8=fp8).sum().backward()
         for op in ("newton_schulz", "polar_express"):
             if op in ops:  # Gram matrices of 768-wide and 200-wide rows (K a multiple of BLOCK_K, and not)
                 for shape in ((2, 64, 768), (768, 64), (100, 200)):

@@ -4,6 +4,7 @@ which uses the full weight sum S in the last K - 1 rows (not autograd's)."""
 
 import pytest
 import torch
+from kernel_testing import DEVICE, needs_triton, on_device
 
 import kernels
 from kernels import mtp_cross_entropy as mce
@@ -13,6 +14,7 @@ VARIANTS = kernels.variants("mtp_cross_entropy")
 
 def reference(x, w, y, weights):
     """(loss (T,), d loss_sum / d logits (T, V)) in float64, row by row."""
+    x, w, y = x.detach().cpu(), w.detach().cpu(), y.cpu()
     z = 23 * torch.sigmoid((x.double() @ w.double() + 5) / 7.5)
     T, V = z.shape
     lse = torch.logsumexp(z, -1)
@@ -29,24 +31,116 @@ def reference(x, w, y, weights):
     return loss, dz * (23 / 7.5) * s * (1 - s)
 
 
+def inputs(T, d, V, seed, dtype=torch.float32, x_scale=1.0, w_scale=1.0):
+    """(x, w, targets) on DEVICE from a seeded CPU generator; row 3's first two targets on one column."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, d, generator=g) * x_scale).to(dtype)
+    w = (torch.randn(d, V, generator=g) * w_scale).to(dtype)
+    y = torch.randint(0, V, (T,), generator=g)
+    y[3] = y[4]
+    x, w, y = on_device(x, w, y)
+    return x.requires_grad_(), w.requires_grad_(), y
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("weights", [(1.0,), (1.0, 0.5), (1.0, 0.5, 0.25)])
-def test_loss_and_the_records_gradient(variant, weights, monkeypatch):
+@pytest.mark.parametrize("shape", [(13, 8, 40), (70, 16, 300)])  # the second: several row and column tiles
+def test_loss_and_the_records_gradient(variant, weights, shape, monkeypatch):
     monkeypatch.setattr(mce, "ROW_CHUNK", 5)  # several row chunks
-    g = torch.Generator().manual_seed(len(weights))
-    T, d, V = 13, 8, 40
-    x = torch.randn(T, d, generator=g, requires_grad=True)
-    w = torch.randn(d, V, generator=g, requires_grad=True)
-    y = torch.randint(0, V, (T,), generator=g)
-    y[3] = y[4]  # two targets of one row on the same column
+    x, w, y = inputs(*shape, seed=len(weights))
     loss = kernels.get("mtp_cross_entropy", variant)(x, w, y, weights)
     want, dz = reference(x, w, y, weights)
-    assert loss.dtype == torch.float32 and (loss.double() - want).abs().max() < 1e-5
-    grad_out = torch.rand(T, generator=g)
-    loss.backward(grad_out)
+    assert loss.dtype == torch.float32 and (loss.double().cpu() - want).abs().max() < 1e-5
+    grad_out = torch.rand(shape[0], generator=torch.Generator().manual_seed(7))
+    loss.backward(grad_out.to(DEVICE))
     dz = dz * grad_out.double()[:, None]
-    assert (x.grad.double() - dz @ w.double().T).abs().max() < 1e-5
-    assert (w.grad.double() - x.double().T @ dz).abs().max() < 1e-5
+    x64, w64 = x.detach().double().cpu(), w.detach().double().cpu()
+    assert (x.grad.double().cpu() - dz @ w64.T).abs().max() < 1e-5
+    assert (w.grad.double().cpu() - x64.T @ dz).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weights_as_a_device_tensor_equal_the_floats(variant):
+    """The schedule's weights change every step: a device tensor is read by the kernel (no recompile)."""
+    op = kernels.get("mtp_cross_entropy", variant)
+    x, w, y = inputs(21, 8, 50, seed=3)
+    floats = op(x, w, y, (1.0, 0.375, 0.125))
+    tensor = op(x, w, y, torch.tensor([1.0, 0.375, 0.125], device=DEVICE))
+    assert torch.equal(floats, tensor)
+
+
+def _loss_and_grads(variant, x, w, y, weights, fp8, grad_out):
+    xv, wv = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = kernels.get("mtp_cross_entropy", variant)(xv, wv, y, weights, fp8=fp8)
+    loss.backward(grad_out)
+    return [t.detach().double().cpu() for t in (loss, xv.grad, wv.grad)]
+
+
+@needs_triton
+def test_triton_bf16_within_twice_the_references_error():
+    """bf16: the Triton variant keeps G in bf16 (the reference in fp32); its loss, dx and dw may err at most
+    2x the reference's error against the same formula in fp32."""
+    x, w, y = inputs(64, 32, 500, seed=11, dtype=torch.bfloat16, x_scale=2.0, w_scale=0.3)
+    grad_out = torch.full((64,), 0.125, device=DEVICE)  # grad_scale = 1/8 on every row, as with 8 micro-steps
+    ref = _loss_and_grads("torch", x, w, y, (1.0, 0.5, 0.25), False, grad_out)
+    tri = _loss_and_grads("triton", x, w, y, (1.0, 0.5, 0.25), False, grad_out)
+    truth = _loss_and_grads("torch", x.float(), w.float(), y, (1.0, 0.5, 0.25), False, grad_out)
+    for name, r, t, want in zip(("loss", "dx", "dw"), ref, tri, truth, strict=True):
+        ref_err, tri_err = (r - want).abs().max(), (t - want).abs().max()
+        assert tri_err <= 2 * ref_err + 1e-6 * want.abs().max(), (name, float(tri_err), float(ref_err))
+
+
+@needs_triton
+def test_triton_fp8_equals_the_reference_for_a_uniform_grad_out():
+    """The same FP8 logits and the same e5m2 gradient (stored in the forward as e5m2(G / (0.75/448)), which
+    a uniform grad_out maps to itself): equal up to fp32 summation order (the LSE's and the matmuls')."""
+    x, w, y = inputs(64, 32, 512, seed=13, dtype=torch.bfloat16, x_scale=2.0, w_scale=0.3)
+    grad_out = torch.full((64,), 0.125, device=DEVICE)
+    ref = _loss_and_grads("torch", x, w, y, (1.0, 0.5, 0.25), True, grad_out)
+    tri = _loss_and_grads("triton", x, w, y, (1.0, 0.5, 0.25), True, grad_out)
+    for r, t in zip(ref, tri, strict=True):  # loss, dx, dw
+        assert (r - t).abs().max() <= 1e-5 * r.abs().max()
+
+
+@needs_triton
+def test_triton_fp8_with_a_non_uniform_grad_out_within_twice_the_references_error(monkeypatch):
+    """grad_out varying by row: the Triton variant requantises its stored e5m2 gradient (two roundings, the
+    reference one). Yardstick: the reference with the gradient left unquantised; the Triton variant's dx and
+    dw may err at most 2x the reference's distance from it."""
+    x, w, y = inputs(32, 32, 128, seed=12, dtype=torch.bfloat16, x_scale=2.0, w_scale=0.3)
+    grad_out = (torch.rand(32, generator=torch.Generator().manual_seed(2)) + 0.5).to(DEVICE)
+    ref = _loss_and_grads("torch", x, w, y, (1.0, 0.5), True, grad_out)
+    tri = _loss_and_grads("triton", x, w, y, (1.0, 0.5), True, grad_out)
+    monkeypatch.setattr(mce, "to_e5m2", lambda t: t)  # the reference's backward without the e5m2 rounding
+    truth = _loss_and_grads("torch", x, w, y, (1.0, 0.5), True, grad_out)
+    for r, t, want in zip(ref[1:], tri[1:], truth[1:], strict=True):
+        assert (t - want).abs().max() <= 2 * (r - want).abs().max()
+
+
+@needs_triton
+def test_triton_target_outside_the_vocabulary_poisons_its_rows_only():
+    """No host sync to raise: the rows that predict the bad target (t = 5 and t = 4 with K = 2) get NaN."""
+    x, w, y = inputs(9, 8, 30, seed=4)
+    y[5] = 30
+    loss = kernels.get("mtp_cross_entropy", "triton")(x, w, y, (1.0, 0.5))
+    bad = loss.isnan().cpu()
+    assert bad.tolist() == [t in (4, 5) for t in range(9)]
+    loss[~bad.to(DEVICE)].sum().backward()
+    assert x.grad[[4, 5]].isnan().any() and not x.grad[[0, 1, 2, 3, 6, 7, 8]].isnan().any()
+
+
+@needs_triton
+def test_triton_misuse_and_empty():
+    op = kernels.get("mtp_cross_entropy", "triton")
+    x, w, y = inputs(6, 4, 20, seed=5)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        op(x.detach().half(), w.detach().half(), y, (1.0,))
+    with pytest.raises(ValueError, match="1 to 3 weights"):
+        op(x, w, y, (1.0, 0.5, 0.25, 0.1))
+    with pytest.raises(ValueError, match="1-D fp32"):
+        op(x, w, y, torch.ones(2, dtype=torch.float64, device=DEVICE))
+    empty = op(x[:0], w, y[:0], (1.0, 0.5))
+    assert empty.shape == (0,) and empty.dtype == torch.float32
 
 
 def test_one_weight_is_plain_cross_entropy():
