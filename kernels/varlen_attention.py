@@ -16,11 +16,22 @@ The op (every variant has this signature)::
 Variants: ``torch`` (the reference: per document and block of queries, an fp32 score matrix over the keys
 the window allows, masked softmax, autograd for the backward). It reads cu_seqlens on the host (a sync);
 its memory is O(query_block * (query_block + window)) per head, so it runs at the record's sizes too, slowly.
+
+``triton`` (when Triton imports): the Sub3Min attention's flash kernels (kernels/attention.py), re-indexed,
+not a second kernel. That kernel's rule "key j is in the window of query i iff j // b >= i // b - w + 1"
+with blocks of b = 1 token and w = window + 1 is this op's t - window <= j; its documents come from the
+segment of each position, torch.searchsorted(cu_seqlens, t, right=True) - 1, on the device (no host sync;
+so cu_seqlens is not checked: it must start at 0, end at T and never decrease, as the reference demands).
+Tile skipping keeps the cost O(T * window). The record's paired-head layers call the op on their
+interleaved 2T sequence with doubled boundaries (speedrun/model89.py): the same kernel again. Head dims 64
+and 128; fp32, fp16 and bf16 on a GPU (bf16 not under the CPU interpreter, whose bf16 dot is wrong).
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels import attention as _attention
 
 
 def check_varlen_attention_args(q, k, v, cu_seqlens, window, scale):
@@ -70,3 +81,17 @@ def varlen_attention_torch(q, k, v, cu_seqlens, window, scale, query_block: int 
 
 
 VARIANTS = {"torch": varlen_attention_torch}
+
+if "triton" in _attention.VARIANTS:
+
+    def varlen_attention_triton(q, k, v, cu_seqlens, window, scale):
+        """The op on the Triton flash-attention kernels (module docstring); differentiable in q, k, v."""
+        check_varlen_attention_args(q, k, v, cu_seqlens, window, scale)
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be on q's device ({q.device}), got {cu_seqlens.device}")
+        positions = torch.arange(q.size(0), dtype=torch.int32, device=q.device)
+        segment = torch.searchsorted(cu_seqlens, positions, right=True) - 1  # (T,) non-decreasing
+        out = _attention.attention_triton(q[None], k[None], v[None], segment[None], window + 1, scale, block_size=1)
+        return out[0]
+
+    VARIANTS["triton"] = varlen_attention_triton

@@ -124,6 +124,9 @@ class GPT89(nn.Module):
         self.register_buffer("yarn_freq", base_frequencies(cfg.head_dim), persistent=False)
         self.attn_scale, self._yarn_window, self._tables = ATTN_SCALE_START, None, {}
         self.windows, self.mtp_weights = (cfg.attn_block_size, cfg.attn_block_size), (1.0,)
+        # the MTP weights as the loss reads them: fp32 on the device, refilled by set_plan (a new value every
+        # step is then neither a recompile nor a host sync for a kernel that reads them from memory)
+        self.register_buffer("_mtp_weight_values", torch.tensor([1.0, 0.0, 0.0]), persistent=False)
         self.fp8 = cfg.fp8_lm_head
         # FP8 state (spec 2.3), per MLP slot: the delayed scales (saved, restored by the warm-up reset) and
         # the quantised weights (rebuilt from the weights: quantize_fp8)
@@ -201,6 +204,9 @@ class GPT89(nn.Module):
         when a training step's long window differs from the last one (the final validation's wider window
         gets no YaRN update). Plans must come in step order from step 0 on (or after reset_schedule_state)."""
         self.windows, self.mtp_weights = plan.window_tokens, plan.mtp_weights
+        if not 1 <= len(plan.mtp_weights) <= len(self._mtp_weight_values):
+            raise ValueError(f"step {plan.step}: {len(plan.mtp_weights)} MTP weights; the model takes 1 to 3")
+        self._mtp_weight_values[:len(plan.mtp_weights)] = torch.tensor(plan.mtp_weights, dtype=torch.float32)
         long = plan.window_tokens[1]
         if plan.training and self._yarn_window is not None and long != self._yarn_window:
             self.yarn_freq = yarn_update(self.yarn_freq, self._yarn_window, long)
@@ -305,7 +311,8 @@ class GPT89(nn.Module):
         x = x + mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * cache[9] + mu[3] * ve[0][None] + mu[4] * cache[3]
         x = norm(x)[0]
         if self.training:  # the lm_head, softcap and MTP loss (2.11)
-            return self.ops["mtp_cross_entropy"](x, self.lm_head, targets, self.mtp_weights, fp8=self.fp8)
+            weights = self._mtp_weight_values[:len(self.mtp_weights)]
+            return self.ops["mtp_cross_entropy"](x, self.lm_head, targets, weights, fp8=self.fp8)
         logits = x @ self.lm_head.type_as(x)  # eval (2.12): plain cross-entropy of the softcapped logits
         z = (23 * torch.sigmoid((logits.float() + 5) / 7.5)).to(logits.dtype).float()
         return F.cross_entropy(z, targets, reduction="none")

@@ -152,6 +152,10 @@ def drive_ops(device="cpu", only=None) -> None:
                 q, k, v = (leaf(1, 256, 6, D, dtype=dtype) for _ in range(3))
                 doc_ids = torch.zeros(1, 256, dtype=torch.int32, device=device)
                 ops["attention"](q, k, v, doc_ids, 4, 0.12, 128).sum().backward()
+        if "varlen_attention" in ops:  # the same kernels with blocks of one token (a specialisation of its own)
+            q, k, v = (leaf(256, 6, 128, dtype=dtype) for _ in range(3))
+            cu = torch.tensor([0, 100, 256], dtype=torch.int32, device=device)
+            ops["varlen_attention"](q, k, v, cu, 64, 0.12).sum().backward()
         if "mlp" in ops:
             for M, dim, hidden in ((64, 768, 3072), (64, 200, 600)):  # K multiples of BLOCK_K, and not
                 x, w_fc = leaf(M, dim, dtype=dtype), leaf(hidden, dim, dtype=dtype)
