@@ -11,7 +11,7 @@
 #     3. speedrun bench launch: every kernel configuration of the AOT table, once   -> launch.md
 #     4. speedrun bench kernels --quick (the recipe's shapes)    -> kernels.csv, kernels.txt, kernels_<op>.png
 #     5. speedrun bench train, sub3min with --kernels triton and torch: step times, graph breaks -> train.md
-#     6. speedrun bench train, record89 (the default race) with its torch ops, eager   -> record89/train.md
+#     6. speedrun bench train, record89 (the default race), --kernels triton and torch, eager -> record89/train.md
 #     7. speedrun bench converge: a shortened sub3min run per kernel set, val curves compared
 #                                                                -> converge.md, converge.png, converge_logs/
 #     8. a markdown summary of all of it                         -> summary.md
@@ -85,14 +85,14 @@ fi
 KERNEL_OPS=attention,mlp,cross_entropy,newton_schulz,polar_express
 if [ "$DRY_RUN" = 1 ] && [ "$SMOKE" = 1 ]; then
     step environment env.txt 60 env_report
-    step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op mlp --out "$OUT"
+    step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op varlen_attention --out "$OUT"
     step "model check" tests.txt 300 "${PYTEST[@]}" tests/test_kernels_in_model.py -m "not slow"
     step "bench train" train.log 300 "${SB[@]}" train --device cpu --preset sub3min-tiny --kernels triton,torch \
         --steps 1 --warmup 1 --profile-steps 0 --seq-len 128 --out "$OUT"
 elif [ "$DRY_RUN" = 1 ]; then
     step environment env.txt 60 env_report
     step tests tests.txt 300 "${PYTEST[@]}" -m gpu tests/kernels
-    step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op mlp --out "$OUT"
+    step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op varlen_attention --out "$OUT"
     step "bench kernels" kernels.log 300 "${SB[@]}" kernels --quick --device cpu --variant torch,triton,sdpa \
         --op "$KERNEL_OPS" --out "$OUT"
     step "bench train" train.log 300 "${SB[@]}" train --device cpu --steps 1 --warmup 1 --profile-steps 1 --seq-len 128 \
@@ -121,10 +121,10 @@ else
     # triton first: the torch set's reference attention makes its steps take seconds at T = 65,536
     step "bench train" train.log 140 "${SB[@]}" train --preset sub3min --kernels triton,torch --steps 3 --warmup 1 \
         --profile-steps 1 --out "$OUT"
-    # record #89 has no Triton kernels yet (issue [4/6]): its reference ops, uncompiled (a compile of their
-    # graph pieces would take the budget), one step at the last stage's batch and windows
-    step "bench train record89" record89.log 60 "${SB[@]}" train --preset record89 --kernels torch --steps 1 \
-        --warmup 1 --profile-steps 1 --no-compile --out "$OUT/record89"
+    # record #89, uncompiled (its compile would take the budget): one step at the last stage's batch and
+    # windows per kernel set, triton first (the torch references take seconds per step at this size)
+    step "bench train record89" record89.log 60 "${SB[@]}" train --preset record89 --kernels triton,torch \
+        --steps 1 --warmup 1 --profile-steps 0 --no-compile --out "$OUT/record89"
     # eager (no compile): this step checks that the kernel sets train alike, not their speed (~1 s per step
     # for the torch set at this length on an H100)
     step "bench converge" converge.log 80 "${SB[@]}" converge --preset sub3min --steps 30 --val-every 10 --seq-len 8192 \

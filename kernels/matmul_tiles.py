@@ -36,7 +36,7 @@ def k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if UPCAST:  # bf16 under the CPU interpreter, whose bf16 tl.dot is wrong
+        if UPCAST:  # bf16 (and e4m3) under the CPU interpreter, whose bf16 tl.dot is wrong
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -46,7 +46,7 @@ def k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
-    """DOT_PRECISION and UPCAST for inputs of ``dtype``: IEEE fp32 dots for fp32 (not TF32); bf16 is upcast
-    to fp32 under the CPU interpreter."""
-    upcast = dtype == torch.bfloat16 and interpreting()
+    """DOT_PRECISION and UPCAST for inputs of ``dtype``: IEEE fp32 dots for fp32 (not TF32); bf16 and e4m3 are
+    upcast to fp32 under the CPU interpreter (exactly: every product of two such values is an fp32)."""
+    upcast = dtype in (torch.bfloat16, torch.float8_e4m3fn) and interpreting()
     return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}

@@ -84,11 +84,13 @@ try:
     import triton.language as tl
 
     from kernels.matmul_tiles import dot_flags, k_loop
+    from kernels.triton_rounding import round_mantissa
 except ImportError:  # no Triton: only the torch variant
     triton = None
 
 EPILOGUE_NONE, EPILOGUE_RELU2, EPILOGUE_DRELU2 = 0, 1, 2
 EPILOGUE_RELU2_SAVE, EPILOGUE_DRELU = 3, 4  # fp16: also write relu(acc) to aux; d_pre = acc * 2 aux
+EPILOGUE_DRELU_PRE = 5  # record #89's FP8 MLP backward: d_pre = 2 u relu(aux), u = acc rounded to C's dtype
 
 if triton is not None:
 
@@ -114,7 +116,8 @@ if triton is not None:
         """C = epilogue(A @ B): A (M, K), B (K, N), C and aux (M, N) with C's strides; any strides for A, B.
 
         EPILOGUE_NONE: C = acc;  EPILOGUE_RELU2: C = relu(acc)^2;  EPILOGUE_DRELU2: C = acc * 2 sqrt(aux);
-        EPILOGUE_RELU2_SAVE: C = relu(acc)^2 and aux = relu(acc);  EPILOGUE_DRELU: C = acc * 2 aux.
+        EPILOGUE_RELU2_SAVE: C = relu(acc)^2 and aux = relu(acc);  EPILOGUE_DRELU: C = acc * 2 aux;
+        EPILOGUE_DRELU_PRE: C = 2 u relu(aux) with u = acc (bf16 C: u and C rounded to bf16 as they are made).
         One program per (BLOCK_M, BLOCK_N) tile of C, in grouped order (GROUP_M tile-rows sweep the
         tile-columns together, so the B tiles they share stay in L2).
         """
@@ -153,6 +156,12 @@ if triton is not None:
         elif EPILOGUE == 4:  # d pre = d post * 2 relu(pre), relu(pre) read as saved
             relu_pre = tl.load(aux_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
             acc = acc * (2.0 * relu_pre)
+        elif EPILOGUE == 5:  # d pre = 2 u relu(pre), u = acc; bf16: both rounded here (so the store is exact)
+            pre = tl.maximum(tl.load(aux_ptr + c_offs, mask=mask, other=0.0).to(tl.float32), 0.0)
+            if c_ptr.dtype.element_ty == tl.bfloat16:
+                acc = round_mantissa(2.0 * round_mantissa(acc, 16) * pre, 16)
+            else:
+                acc = 2.0 * acc * pre
         tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     # An A100 (sm_80) block has 166,912 bytes of shared memory; the pipelined K loop keeps (stages - 1) A and
@@ -179,8 +188,8 @@ if triton is not None:
 
     def _matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None = None):
         """Launch: C (M, N) = epilogue(a @ b) in a's dtype, for a (M, K) and b (K, N) of one dtype (any strides,
-        so pass ``w.t()`` views for x @ w^T). ``aux`` (M, N): read by EPILOGUE_DRELU2 and EPILOGUE_DRELU,
-        written by EPILOGUE_RELU2_SAVE (then it must be contiguous, like C)."""
+        so pass ``w.t()`` views for x @ w^T). ``aux`` (M, N): read by EPILOGUE_DRELU2, EPILOGUE_DRELU and
+        EPILOGUE_DRELU_PRE, written by EPILOGUE_RELU2_SAVE (then it must be contiguous, like C)."""
         M, K = a.shape
         N = b.shape[1]
         c = new_empty((M, N), a.dtype, a.device)

@@ -19,7 +19,8 @@ Forward (FP8, current scaling up, delayed scaling down):
 Backward (bf16, the FP8 values are a detached side computation; gradients of the bf16 function at pre, post):
     dw_proj = post^T g;  u = bf16(g w_proj^T);  dpre = bf16(2 u relu(pre));  dw_fc = dpre^T x;  dx = dpre w_fc
 
-Variants: ``torch`` (the reference: FP8 products emulated exactly, fp32 sums: kernels/fp8.py).
+Variants: ``torch`` (the reference: FP8 products emulated exactly, fp32 sums: kernels/fp8.py) and, when
+Triton imports, ``triton`` (section below).
 The quantisation of the weights (after every optimizer step) and of the activation scale (after every
 training forward) are here too: ``quantize_up``, ``quantize_down``, ``activation_scale``.
 """
@@ -83,14 +84,156 @@ class _MLPFp8(torch.autograd.Function):
         return dx, dw_fc, dw_proj, None, None, None, None, None
 
 
-def mlp_fp8_torch(x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale):
-    """Reference (see the module docstring)."""
+def check_mlp_fp8_args(x, w_fc, w_proj, up8, down8):
     if x.dim() != 2 or w_fc.shape != w_proj.shape or x.size(1) != w_fc.size(1):
         raise ValueError(f"x must be (T, d) and w_fc, w_proj (hidden, d); got {tuple(x.shape)}, "
                          f"{tuple(w_fc.shape)}, {tuple(w_proj.shape)}")
     if up8.dtype != torch.float8_e4m3fn or down8.dtype != torch.float8_e4m3fn:
         raise TypeError("up8 and down8 must be float8_e4m3fn (quantize_up / quantize_down)")
+    if up8.shape != w_fc.shape or down8.shape != w_proj.shape:
+        raise ValueError(f"up8 and down8 must have the weights' shape {tuple(w_fc.shape)}, got "
+                         f"{tuple(up8.shape)} and {tuple(down8.shape)}")
+
+
+def mlp_fp8_torch(x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale):
+    """Reference (see the module docstring)."""
+    check_mlp_fp8_args(x, w_fc, w_proj, up8, down8)
     return _MLPFp8.apply(x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale)
 
 
 VARIANTS = {"torch": mlp_fp8_torch}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Triton variant (the record's kernels' split, spec 2.10 and 6 rows 6-10).
+#
+#   a = amax|x|, x8 = e4m3(x 448 / a)           torch (one reduction, one elementwise pass)
+#   pre, post, post8, partial amax               _fp8_up_kernel: x8 @ up8^T (e4m3 dots, fp32 accumulation)
+#                                                with the dequant, ReLU^2 and the down input's quantisation in
+#                                                its epilogue; one max(post) per program
+#   post_amax = max(partials)                    torch (the reduce-to-scale step; activation_scale() of it
+#                                                is the next call's act_scale)
+#   out = act_scale down_scale post8 @ down8     torch._scaled_mm on a GPU (kernels/fp8.py: scaled_mm_fast)
+#   backward: d_pre = bf16(2 bf16(g w_proj^T) relu(pre))   kernels/mlp.py's matmul, EPILOGUE_DRELU_PRE
+#             dw_proj = post^T g, dw_fc = d_pre^T x, dx = d_pre w_fc             torch matmuls (bf16)
+#
+# Every rounding of the epilogue is done on the fp32 bits (kernels/triton_rounding.py), so the CPU
+# interpreter's results are the GPU's: pre, post and post8 equal the reference's up to the fp32 summation
+# order of the dot. Scales are read from device memory (no sync, no recompile when they change).
+# ------------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+
+    from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
+    from kernels.fp8 import scaled_mm_fast
+    from kernels.matmul_tiles import dot_flags, k_loop
+    from kernels.triton_rounding import round_e4m3, round_mantissa
+except ImportError:  # no triton: only the reference is registered
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_up_kernel(
+        a_ptr, b_ptr,  # x8 (M, K) e4m3; up8 as B (K, N) = up8^T: any strides
+        pre_ptr, post_ptr, post8_ptr,  # (M, N) contiguous outs: x's dtype (bf16 in the record) twice, e4m3
+        amax_ptr, dq_ptr, inv_act_ptr,  # (programs,) fp32 out: max(post) per tile; fp32 scalars in
+        M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """pre = bf16(dq acc), post = bf16(relu(pre)^2), post8 = e4m3(min(post inv_act, 448)) for one
+        (BLOCK_M, BLOCK_N) tile, in grouped order (as kernels/mlp.py's matmul); fp32 pre and post unrounded."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        first_pid_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % (GROUP_M * num_pid_n)) % group_size_m)
+        pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_n % N).to(tl.int64)[None, :] * stride_bn
+        acc = k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                     DOT_PRECISION, UPCAST)
+
+        pre = acc * tl.load(dq_ptr)
+        if pre_ptr.dtype.element_ty == tl.bfloat16:
+            pre = round_mantissa(pre, 16)
+        relu = tl.maximum(pre, 0.0)
+        post = relu * relu
+        if post_ptr.dtype.element_ty == tl.bfloat16:
+            post = round_mantissa(post, 16)
+        post8 = round_e4m3(tl.minimum(post * tl.load(inv_act_ptr), 448.0))
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        c_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(pre_ptr + c_offs, pre.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(post_ptr + c_offs, post.to(post_ptr.dtype.element_ty), mask=mask)
+        tl.store(post8_ptr + c_offs, post8.to(post8_ptr.dtype.element_ty), mask=mask)
+        tl.store(amax_ptr + pid, tl.max(tl.max(tl.where(mask, post, 0.0), axis=1), axis=0))
+
+    def _up_projection(x8: torch.Tensor, up8: torch.Tensor, dq: torch.Tensor, inv_act: torch.Tensor,
+                       dtype: torch.dtype):
+        """(pre, post, post8, post_amax) for x8 (M, K) and up8 (N, K), both e4m3; dq, inv_act fp32 scalars;
+        pre and post in ``dtype``."""
+        M, K = x8.shape
+        N = up8.shape[0]
+        pre, post = (new_empty((M, N), dtype, x8.device) for _ in range(2))
+        post8 = new_empty((M, N), torch.float8_e4m3fn, x8.device)
+        if M == 0 or N == 0:
+            return pre, post, post8, torch.zeros((), dtype=torch.float32, device=x8.device)
+        if interpreting():  # tile sizes from kernels.common.INTERPRETER_TILE, read now
+            bm, bn, bk, warps, stages = interpreter_block(M), interpreter_block(N), interpreter_block(K), 1, 1
+        else:  # e4m3 tiles: (128 + 128) x 128 bytes per stage
+            bm, bn, bk, warps, stages = 128, 128, 128, 8, 3
+        programs = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        partial = new_empty((programs,), torch.float32, x8.device)
+        b = up8.t()
+        _fp8_up_kernel[(programs,)](
+            x8, b, pre, post, post8, partial, dq, inv_act, M, N, K,
+            x8.stride(0), x8.stride(1), b.stride(0), b.stride(1), **dot_flags(torch.float8_e4m3fn),
+            EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+        )
+        return pre, post, post8, partial.amax()
+
+    class _MLPFp8Triton(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale):
+            a = x.detach().abs().amax().clamp(min=1e-12).float()
+            x8 = to_e4m3(x.detach().float() * (E4M3_MAX / a))
+            dq = (up_scale * a / E4M3_MAX).float().reshape(())
+            inv_act = (1 / act_scale).float().reshape(())
+            pre, post, post8, post_amax = _up_projection(x8, up8, dq, inv_act, x.dtype)
+            out = scaled_mm_fast(post8, down8, act_scale * down_scale, x.dtype)
+            ctx.save_for_backward(x, w_fc, w_proj, pre, post)
+            ctx.mark_non_differentiable(post_amax)
+            return out, post_amax
+
+        @staticmethod
+        def backward(ctx, g, _):
+            from kernels.mlp import EPILOGUE_DRELU_PRE, _matmul_epilogue
+
+            x, w_fc, w_proj, pre, post = ctx.saved_tensors
+            g = g.to(x.dtype)
+            dpre = _matmul_epilogue(g, w_proj.to(x.dtype).t(), EPILOGUE_DRELU_PRE, aux=pre)
+            dw_proj = (post.t() @ g).to(w_proj.dtype)
+            dw_fc = (dpre.t() @ x).to(w_fc.dtype)
+            dx = dpre @ w_fc.to(x.dtype)
+            return dx, dw_fc, dw_proj, None, None, None, None, None
+
+    def mlp_fp8_triton(x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale):
+        """The Triton variant (see the section above); x bf16 (the record's) or fp32."""
+        check_mlp_fp8_args(x, w_fc, w_proj, up8, down8)
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"the Triton variant takes bfloat16 or float32 x, got {x.dtype}")
+        if not triton_usable(x.device):
+            raise ValueError(f"x is on {x.device}, where the Triton kernels cannot run "
+                             "(needs a CUDA GPU, or the CPU with TRITON_INTERPRET=1)")
+        return _MLPFp8Triton.apply(x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale)
+
+    VARIANTS["triton"] = mlp_fp8_triton

@@ -53,11 +53,13 @@ import numpy as np
 import torch
 
 from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
-from kernels.fp8 import scaled_mm, to_e4m3, to_e5m2
+from kernels.fp8 import scaled_mm, scaled_mm_fast, to_e4m3, to_e5m2
 
 try:
     import triton
     import triton.language as tl
+
+    from kernels.triton_rounding import round_e5m2, round_mantissa
 except ImportError:  # no triton: only the reference is registered
     triton = None
 
@@ -178,31 +180,14 @@ VARIANTS = {"torch": mtp_cross_entropy_torch}
 
 if triton is not None:
 
-    # Roundings are spelled out on the fp32 bits (round to nearest even), not left to casts: the CPU
-    # interpreter's fp32 -> bf16 / fp8 casts truncate, so a cast would make its results differ from the GPU's.
-    # A value already on the target grid then casts exactly on both.
-
-    @triton.jit
-    def _round_mantissa(v, DROP: tl.constexpr):
-        """fp32 ``v`` rounded to nearest even with its DROP low mantissa bits cleared (16: bf16's grid)."""
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) >> DROP) << DROP
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _round_e5m2(v):
-        """fp32 ``v`` (|v| < 57344) rounded to nearest even on the e5m2 grid: 2 mantissa bits from 2^-14 up,
-        multiples of 2^-16 below (subnormals; RNE by the 1.5 * 2^23 trick)."""
-        q = v * 65536.0
-        sub = ((q + 12582912.0) - 12582912.0) * (1.0 / 65536.0)
-        return tl.where(tl.abs(v) < 6.103515625e-05, sub, _round_mantissa(v, 21))
+    # Roundings are done on the fp32 bits (kernels/triton_rounding.py), then cast exactly.
 
     @triton.jit
     def _capped(u, ROUND_BF16: tl.constexpr):
         """s = sigmoid((u + 5) / 7.5) in fp32, rounded to bf16 when asked (x's dtype, as the reference)."""
         s = 1.0 / (1.0 + tl.exp(-((u + 5.0) / 7.5)))
         if ROUND_BF16:
-            s = _round_mantissa(s, 16)
+            s = round_mantissa(s, 16)
         return s
 
     @triton.jit
@@ -259,9 +244,9 @@ if triton is not None:
                 d -= tl.where((offs[None, :] == y[:, None]) & has[:, None], tl.load(weights_ptr + k), 0.0)
             g = (23.0 / 7.5) * s * (1.0 - s) * d * g_mul + nan_rows
             if G_FORMAT == 1:  # bf16
-                g = _round_mantissa(g, 16)
+                g = round_mantissa(g, 16)
             elif G_FORMAT == 2:  # e5m2 (|g| * g_mul < 1000: no saturation)
-                g = _round_e5m2(g)
+                g = round_e5m2(g)
             tl.store(g_rows + offs[None, :], g.to(g_ptr.dtype.element_ty), mask=mask & r_ok[:, None])
 
     G_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2}
@@ -286,22 +271,13 @@ if triton is not None:
         )
         return loss, g
 
-    def _fp8_mm(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """out_dtype(scale * (a8 @ b8)): torch._scaled_mm on a GPU (a8 row-major, b8 column-major, as it
-        requires; every dimension a multiple of 16), else the exact emulation of kernels/fp8.py."""
-        if a8.is_cuda and all(n % 16 == 0 for n in (*a8.shape, b8.shape[1])):
-            one = torch.ones((), dtype=torch.float32, device=a8.device)
-            return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=scale.float().reshape(()),
-                                    scale_b=one, out_dtype=out_dtype)
-        return scaled_mm(a8, b8, scale, out_dtype)
-
     class _MTPCrossEntropyTriton(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w, targets, weights, fp8):
             if fp8:
                 w8 = to_e4m3(w / W_SCALE)
                 x8 = to_e4m3(x / X_SCALE)
-                u = _fp8_mm(x8, w8, torch.tensor(XW_SCALE, device=x.device), x.dtype)
+                u = scaled_mm_fast(x8, w8, torch.tensor(XW_SCALE, device=x.device), x.dtype)
                 loss, g = _launch_mtp_ce(u, targets, weights, torch.float8_e5m2, 1 / GRAD_SCALE)
                 ctx.save_for_backward(x8, w8, g)
             else:
@@ -322,8 +298,8 @@ if triton is not None:
                 for r0 in range(0, g.size(0), ROW_CHUNK):
                     g8[r0:r0 + ROW_CHUNK] = to_e5m2(g[r0:r0 + ROW_CHUNK].float() * factor[r0:r0 + ROW_CHUNK, None])
                 grad_s = GRAD_SCALE * peak
-                dx = _fp8_mm(g8, b.t(), grad_s * W_SCALE, ctx.x_dtype)
-                dw = _fp8_mm(a.t(), g8, grad_s * X_SCALE, torch.float32)
+                dx = scaled_mm_fast(g8, b.t(), grad_s * W_SCALE, ctx.x_dtype)
+                dw = scaled_mm_fast(a.t(), g8, grad_s * X_SCALE, torch.float32)
                 return dx, dw.to(ctx.w_dtype), None, None, None
             g.mul_(go[:, None].to(g.dtype))  # G is this backward's own: scaled in place
             x, w = a, b

@@ -26,9 +26,9 @@ class Traced(Exception):
     """Raised by the trace-only backend instead of running the graph."""
 
 
-def trace_model(dtype_name: str, fp8_head: bool, training: bool) -> dict:
-    """In the child process: trace the small model with the triton set; {"graphs", "triton_launches"} or
-    {"error"}."""
+def trace_model(preset: str, dtype_name: str, fp8: bool, training: bool) -> dict:
+    """In the child process: trace ``preset``'s model at a small size with the triton set; {"graphs",
+    "triton_launches"} or {"error"}."""
     import importlib
 
     import torch
@@ -40,10 +40,12 @@ def trace_model(dtype_name: str, fp8_head: bool, training: bool) -> dict:
         if hasattr(m, "triton_usable"):
             m.triton_usable = lambda device: True
     import speedrun.model
-    from speedrun.config import sub3min_tiny
+    import speedrun.model89
+    from speedrun import schedule
+    from speedrun.config import get_preset, sub3min_tiny
     from speedrun.model import GPT, TRAINING_OPS
 
-    speedrun.model.supports_fp8 = lambda: fp8_head
+    speedrun.model.supports_fp8 = lambda: fp8
     graphs = []
 
     def backend(gm, example_inputs):
@@ -53,13 +55,25 @@ def trace_model(dtype_name: str, fp8_head: bool, training: bool) -> dict:
             raise Traced()
         return run
 
-    cfg = dataclasses.replace(sub3min_tiny().model, attn_block_size=16)
-    model = GPT(cfg, kernels.resolve("triton", TRAINING_OPS), dtype=getattr(torch, dtype_name)).train(training)
     g = torch.Generator().manual_seed(0)
-    inputs, targets = torch.randint(0, cfg.vocab_size, (2, 2, 96), generator=g)
-    window = tuple(torch.tensor(b, dtype=torch.int32) for b in (2, 1))  # as the trainer passes it
+    if preset == "record89-tiny":  # its FP8 MLP and lm_head when fp8 (the GPU's bf16 path)
+        cfg = get_preset(preset)
+        model_cfg = dataclasses.replace(cfg.model, fp8_lm_head=fp8)
+        model = speedrun.model89.GPT89(model_cfg, kernels.resolve("triton", speedrun.model89.TRAINING_OPS),
+                                       dtype=getattr(torch, dtype_name)).train(training)
+        model.set_plan(schedule.plan(cfg, 0))
+        tokens = torch.randint(0, model_cfg.vocab_size - 1, (97,), generator=g)
+        args = (tokens[:-1].int(), tokens[1:], torch.tensor([0, 40, 96, 96], dtype=torch.int32),
+                torch.randint(0, model_cfg.bigram_vocab_size - 1, (96,), generator=g).int())
+        kwargs = {}
+    else:
+        model_cfg = dataclasses.replace(sub3min_tiny().model, attn_block_size=16)
+        model = GPT(model_cfg, kernels.resolve("triton", TRAINING_OPS), dtype=getattr(torch, dtype_name))
+        model.train(training)
+        args = tuple(torch.randint(0, model_cfg.vocab_size, (2, 2, 96), generator=g))
+        kwargs = {"window": tuple(torch.tensor(b, dtype=torch.int32) for b in (2, 1))}  # as the trainer passes it
     try:
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(inputs, targets, window=window)
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*args, **kwargs)
     except Traced:
         launches = sum(1 for gm in graphs[0].modules() if isinstance(gm, torch.fx.GraphModule)
                        for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target))
@@ -69,18 +83,28 @@ def trace_model(dtype_name: str, fp8_head: bool, training: bool) -> dict:
     return {"error": "the compiled model ran instead of stopping at the trace-only backend"}
 
 
-@pytest.mark.parametrize(("dtype", "fp8_head", "training"), [
-    ("float32", False, True),
-    ("bfloat16", True, True),  # the race: bf16 with the FP8 lm_head of an H100
-    ("bfloat16", True, False),  # validation (eval mode)
-])
-def test_triton_kernel_set_traces_into_one_graph(dtype, fp8_head, training):
+CASES = [  # (preset, dtype, fp8, training)
+    ("sub3min-tiny", "float32", False, True),
+    ("sub3min-tiny", "bfloat16", True, True),  # the race: bf16 with the FP8 lm_head of an H100
+    ("sub3min-tiny", "bfloat16", True, False),  # validation (eval mode)
+    ("record89-tiny", "float32", False, True),
+    ("record89-tiny", "bfloat16", True, True),  # record #89 on an H100: FP8 MLP and lm_head
+]
+
+
+@pytest.fixture(scope="module")
+def traces() -> list[dict]:
+    """Every case traced in one child process (one start-up of torch and dynamo for all)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, dtype, str(fp8_head), str(training)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_triton_kernel_set_traces_into_one_graph(traces, case):
+    result = traces[case]
     assert "error" not in result, result["error"][:3000]
     assert result["graphs"] == 1
     # every kernel launch of the forward and the backward is in the graph (none was inlined or skipped)
@@ -89,4 +113,10 @@ def test_triton_kernel_set_traces_into_one_graph(dtype, fp8_head, training):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO_ROOT))
-    print(json.dumps(trace_model(sys.argv[1], sys.argv[2] == "True", sys.argv[3] == "True")))
+    results = []
+    for preset, dtype, fp8, training in CASES:
+        import torch
+
+        torch._dynamo.reset()
+        results.append(trace_model(preset, dtype, fp8, training))
+    print(json.dumps(results))

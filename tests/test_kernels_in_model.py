@@ -136,3 +136,42 @@ def test_twenty_tiny_steps_same_losses_with_triton(tmp_path):
         assert triton_losses[i] == pytest.approx(torch_losses[i], rel=1e-6), (i, torch_losses, triton_losses)
     for a, b in zip(torch_losses, triton_losses, strict=True):
         assert b == pytest.approx(a, rel=1e-2), (torch_losses, triton_losses)
+
+
+@needs_interpreter
+def test_record89_triton_kernels_match_torch_in_the_model_fp32():
+    """Record #89's model (record89-tiny, fp32 on the CPU, so its MLP and lm_head run in fp32, not FP8) with
+    every hot op Triton (varlen attention for plain and paired-head layers, the MLP, the MTP loss with 3
+    weights) equals the torch references: the per-token losses and every parameter's gradient."""
+    import numpy as np
+
+    import speedrun.model89 as model89
+    from speedrun import schedule
+    from speedrun.config import get_preset
+    from speedrun.data.packed import bigram_hash
+
+    cfg = get_preset("record89-tiny")
+    plan = schedule.plan(cfg, 0)
+    assert len(plan.mtp_weights) == 3
+    g = torch.Generator().manual_seed(0)
+    T = 192
+    tokens = torch.randint(0, cfg.model.vocab_size - 1, (T + 1,), generator=g)
+    inputs, targets = tokens[:-1].to(torch.int32), tokens[1:]
+    cu_seqlens = torch.tensor([0, 1, 70, 71, 150, T, T, T], dtype=torch.int32)  # 1-token documents, padding
+    bigram = torch.from_numpy(bigram_hash(inputs.numpy(), cfg.model.bigram_vocab_size).astype(np.int32))
+    results = {}
+    for variant in ("torch", "triton"):
+        torch.manual_seed(1234)
+        model = model89.GPT89(cfg.model, kernels.resolve(variant, model89.TRAINING_OPS), dtype=torch.float32)
+        randomise(model, seed=2)
+        model.set_plan(plan)
+        losses = model(inputs, targets, cu_seqlens, bigram)
+        losses.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[variant] = (losses.detach(), grads)
+    (loss_t, grads_t), (loss_k, grads_k) = results["torch"], results["triton"]
+    assert (loss_k - loss_t).abs().max() <= 1e-5 * loss_t.abs().max()
+    assert grads_t.keys() == grads_k.keys() and len(grads_t) > 10
+    for name, gt in grads_t.items():
+        scale = gt.abs().max().clamp(min=1e-12)
+        assert (grads_k[name] - gt).abs().max() <= 2e-5 * scale, name

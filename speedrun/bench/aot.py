@@ -5,7 +5,8 @@ GPUs we race on, with no GPU: sm_90 (H100) and sm_80 (A100).
    fp32), head dims, sizes and flags its launchers produce, with every kernel launch intercepted instead of
    run: a plain kernel is recorded with its arguments; an autotuned one once per autotune config. Nothing
    executes (the outputs stay uninitialised), so the sizes can be the recipe's.
-2. Compile each distinct (kernel, specialisation, config) for each target with Triton's own compiler, its
+2. Compile each distinct (kernel, specialisation, config) for each target (kernels with e4m3 operands for
+   sm_90 only: FP8 MMAs need sm_89+, the A100 runs the bf16 path) with Triton's own compiler, its
    own argument specialisation (alignment, constants) and the ptxas it ships; ptxas -v then reports the
    registers and spills. Shared memory comes from the compiled kernel's metadata.
 3. A row fails when the kernel does not compile, needs more shared memory than the target has, or spills
@@ -170,6 +171,15 @@ def drive_ops(device="cpu", only=None) -> None:
             targets = torch.randint(0, 50304, (64,), generator=g).to(device)
             for fp8 in (False, True) if dtype == torch.bfloat16 else (False,):  # G in x's dtype, or e5m2
                 ops["mtp_cross_entropy"](x, w, targets, (1.0, 0.5, 0.25), fp8=fp8).sum().backward()
+        if "mlp_fp8" in ops and dtype == torch.bfloat16:  # record #89's FP8 MLP: bf16 activations only
+            from kernels.mlp_fp8 import activation_scale, quantize_down, quantize_up
+
+            w_fc, w_proj = leaf(3072, 768, dtype=dtype), leaf(3072, 768, dtype=dtype)
+            up8, up_scale = quantize_up(w_fc.detach())
+            down8, down_scale, _ = quantize_down(w_proj.detach(), None, bootstrap=True)
+            out, _ = ops["mlp_fp8"](leaf(64, 768, dtype=dtype), w_fc, w_proj, up8, up_scale, down8, down_scale,
+                                    activation_scale(torch.tensor(4.0)))
+            out.float().sum().backward()
         for op in ("newton_schulz", "polar_express"):
             if op in ops:  # Gram matrices of 768-wide and 200-wide rows (K a multiple of BLOCK_K, and not)
                 for shape in ((2, 64, 768), (768, 64), (100, 200)):
@@ -287,9 +297,14 @@ def _ptxas_usage(ptx: str, capability: int) -> tuple[int | None, int | None]:
 
 def compile_all(launches: list, log=print) -> list[Compiled]:
     """Each distinct specialisation of the launches, compiled once per target."""
+    import torch
+
     unique = {}
     for fn, args, kwargs, recipe in launches:
+        e4m3_dots = any(getattr(a, "dtype", None) == torch.float8_e4m3fn for a in args)
         for target_name in TARGETS:
+            if e4m3_dots and TARGETS[target_name][0] < 89:  # FP8 MMAs need sm_89+: the A100 runs the bf16 path
+                continue
             target, source, options, row, key = specialise(fn, args, kwargs, target_name)
             key = (fn.__name__, target_name, key)
             if key in unique:

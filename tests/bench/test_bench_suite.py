@@ -123,13 +123,21 @@ def test_converge_compare_passes_close_curves_and_fails_the_rest():
     (["train", "--kernels", "torch,torch"], "--kernels must list torch and/or triton"),
     (["train", "--seq-len", "100"], "multiple of the attention block"),
     (["converge", "--tolerance", "0"], "--tolerance must be positive"),
-    (["converge", "--preset", "record89-tiny"], "preset record89-tiny's varlen_attention"),  # before any run
     (["launch", "--op", "mlp,nope"], "--op must list ops with a Triton variant"),
 ])
 def test_bench_misuse_is_refused(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", *argv, "--device", "cpu", "--out", str(tmp_path)])
     assert message in str(e.value)
+
+
+def test_converge_refuses_a_preset_without_triton_variants_before_any_run(monkeypatch, tmp_path):
+    import kernels.mlp_fp8
+
+    monkeypatch.delitem(kernels.mlp_fp8.VARIANTS, "triton", raising=False)
+    with pytest.raises(SystemExit, match="preset record89-tiny's mlp_fp8 lack a Triton variant"):
+        main(["bench", "converge", "--preset", "record89-tiny", "--device", "cpu", "--out", str(tmp_path)])
+    assert not (tmp_path / "converge_logs").exists()
 
 
 @pytest.mark.parametrize("command", ["kernels", "train", "converge"])
