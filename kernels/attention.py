@@ -236,7 +236,7 @@ def attention_triton_fwd(q, k, v, doc_ids, window_blocks, scale, block_size=128,
 
     Returns (out, lse, saved): out (B, T, H, D) contiguous in q's dtype; lse (B, H, T) fp32, the natural-log
     log-sum-exp of each query's scaled, masked scores; saved = (q, k, v, doc_start, doc_end, window) as the
-    kernels used them (window: 0-dim int32 device tensor), for ``attention_triton_bwd``.
+    kernels used them (window: 0-dim int32, scale 0-dim fp32 device tensors), for ``attention_triton_bwd``.
     """
     check_attention_args(q, k, v, doc_ids, window_blocks, block_size)
     if q.dtype == torch.float64:
@@ -260,20 +260,24 @@ def attention_triton_fwd(q, k, v, doc_ids, window_blocks, scale, block_size=128,
     else:
         window = torch.full((), min(max(window_blocks, 1), wmax), dtype=torch.int32, device=q.device)
     doc_start, doc_end = _doc_bounds(doc_ids)
+    if isinstance(scale, torch.Tensor):  # from device memory: a new value is neither a recompile nor a sync
+        scale_t = scale.reshape(()).to(q.device, torch.float32)
+    else:
+        scale_t = torch.full((), scale, dtype=torch.float32, device=q.device)
     out = new_empty((B, T, H, D), q.dtype, q.device)
     lse = new_empty((B, H, T), torch.float32, q.device)
     if B * T * H > 0:
         bm, _, kw = _launch("fwd", tiles, D, q.dtype, T)
         _k.attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, out, lse, doc_start, window, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            T, H, scale * _k.LOG2E, block_size, **kw)
-    return out, lse, (q, k, v, doc_start, doc_end, window)
+            T, H, scale_t, block_size, **kw)
+    return out, lse, (q, k, v, doc_start, doc_end, window, scale_t)
 
 
-def attention_triton_bwd(dout, out, lse, saved, scale, block_size, *, tiles=None):
+def attention_triton_bwd(dout, out, lse, saved, block_size, *, tiles=None):
     """Backward launcher: (dq, dk, dv), each (B, T, H, D) contiguous in q's dtype. ``dout`` is like ``out``
     (any strides with a unit D stride; copied otherwise)."""
-    q, k, v, doc_start, doc_end, window = saved
+    q, k, v, doc_start, doc_end, window, scale = saved
     B, T, H, D = q.shape
     dout = _unit_last(dout.to(q.dtype))
     delta = new_empty((B, H, T), torch.float32, q.device)
@@ -283,8 +287,7 @@ def attention_triton_bwd(dout, out, lse, saved, scale, block_size, *, tiles=None
     pre_m = interpreter_block(T) // 2 if interpreting() else 64
     _k.attn_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), B * H)](
         out, dout, delta, *_strides(out), *_strides(dout), T, H, HEAD_DIM=D, BLOCK_M=pre_m)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), T, H, scale,
-              scale * _k.LOG2E, block_size)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), T, H, scale, block_size)
     _, bn, kw = _launch("dkdv", tiles, D, q.dtype, T)
     _k.attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
         q, k, v, dout, dk, dv, lse, delta, doc_start, doc_end, window, *common, **kw)
@@ -299,14 +302,14 @@ class _AttentionTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, doc_ids, window_blocks, scale, block_size, tiles):
         out, lse, saved = attention_triton_fwd(q, k, v, doc_ids, window_blocks, scale, block_size, tiles=tiles)
         ctx.save_for_backward(out, lse, *saved)
-        ctx.scale, ctx.block_size, ctx.tiles = scale, block_size, tiles
+        ctx.block_size, ctx.tiles = block_size, tiles
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         out, lse, *saved = ctx.saved_tensors
-        dq, dk, dv = attention_triton_bwd(dout, out, lse, saved, ctx.scale, ctx.block_size, tiles=ctx.tiles)
+        dq, dk, dv = attention_triton_bwd(dout, out, lse, saved, ctx.block_size, tiles=ctx.tiles)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -11,6 +11,7 @@ Layouts (all kernels; b, h from ``program_id(1) = b * H + h``; strides in elemen
                         DOC_START[i] == DOC_START[j])
     WINDOW              0-dim integer tensor: the window in blocks of ``block_size`` tokens; < 1 behaves as 1.
                         Loaded from memory, so a new window value is neither a recompile nor a host sync.
+    SCALE               0-dim fp32 tensor: the softmax scale, loaded from memory likewise
 
 Mask: query i sees key j iff j <= i, same document, and j // block_size >= i // block_size - w + 1.
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # the kernels work in base 2: exp(x) = exp2(x * log2(e))
+# The kernels work in base 2: exp(x) = exp2(x * log2(e)), log2(e) = 1.4426950408889634.
 
 
 @triton.jit
@@ -87,7 +88,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_doc, q_blk_lo, offs_m, K, V, stride_kt, strid
 
 @triton.jit
 def attn_fwd_kernel(Q, K, V, O, LSE, DS, WINDOW, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
-                    sob, sot, soh, T, H, qk_scale, block_size, HEAD_DIM: tl.constexpr,
+                    sob, sot, soh, T, H, SCALE, block_size, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid (cdiv(T, BLOCK_M), B * H). Writes O and LSE for one query tile of one (b, h)."""
     m0 = tl.program_id(0) * BLOCK_M
@@ -101,6 +102,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE, DS, WINDOW, sqb, sqt, sqh, skb, skt, skh, s
     DS += b64 * T
     LSE += (b64 * H + h) * T
     w = tl.maximum(tl.load(WINDOW).to(tl.int32), 1)
+    qk_scale = tl.load(SCALE) * 1.4426950408889634
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -175,7 +177,7 @@ def _dkdv_inner(dk, dv, k, v, k_doc, k_blk_hi, offs_n, Q, DO, LSE, DELTA, DS, st
 
 @triton.jit
 def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DS, DE, WINDOW, sqb, sqt, sqh, skb, skt, skh,
-                         svb, svt, svh, sdb, sdt, sdh, sgb, sgt, sgh, T, H, scale, qk_scale, block_size,
+                         svb, svt, svh, sdb, sdt, sdh, sgb, sgt, sgh, T, H, SCALE, block_size,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DOT_PREC: tl.constexpr):
     """Grid (cdiv(T, BLOCK_N), B * H). Writes dK, dV (strides sg*) for one key tile of one (b, h)."""
@@ -194,6 +196,8 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DS, DE, WINDOW, sqb, s
     LSE += (b64 * H + h) * T
     DELTA += (b64 * H + h) * T
     w = tl.maximum(tl.load(WINDOW).to(tl.int32), 1)
+    scale = tl.load(SCALE)
+    qk_scale = scale * 1.4426950408889634
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -247,7 +251,7 @@ def _dq_inner(dq, q, do, lse2, delta, q_doc, q_blk_lo, offs_m, K, V, stride_kt, 
 
 @triton.jit
 def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DS, WINDOW, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
-                       sdb, sdt, sdh, sgb, sgt, sgh, T, H, scale, qk_scale, block_size,
+                       sdb, sdt, sdh, sgb, sgt, sgh, T, H, SCALE, block_size,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PREC: tl.constexpr):
     """Grid (cdiv(T, BLOCK_M), B * H). Writes dQ (strides sg*) for one query tile of one (b, h)."""
@@ -264,6 +268,8 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DS, WINDOW, sqb, sqt, sqh, s
     LSE += (b64 * H + h) * T
     DELTA += (b64 * H + h) * T
     w = tl.maximum(tl.load(WINDOW).to(tl.int32), 1)
+    scale = tl.load(SCALE)
+    qk_scale = scale * 1.4426950408889634
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -9,8 +9,11 @@ The op (every variant has this signature)::
     cu_seqlens   (S,) int32: 0 = c_0 <= c_1 <= ... <= c_{S-1} = T, the document boundaries (repeated
                  entries are empty documents: the recipe pads the array with T)
     window       int >= 0, in tokens: query t sees the keys j of its own document with t - window <= j <= t
-                 (window + 1 keys at most; FlashAttention's window_size=(window, 0) with causal=True)
-    scale        the softmax scale (YaRN-adjusted in the recipe)
+                 (window + 1 keys at most; FlashAttention's window_size=(window, 0) with causal=True);
+                 or a 0-dim integer tensor on q's device
+    scale        the softmax scale (YaRN-adjusted in the recipe): a float, or a 0-dim float tensor on q's device
+                 (the Triton variant reads tensors from device memory: a new window or scale is neither a
+                 recompile under torch.compile nor a host sync; the reference reads the window on the host)
     out          (T, H, D) in q's dtype; softmax in fp32
 
 Variants: ``torch`` (the reference: per document and block of queries, an fp32 score matrix over the keys
@@ -47,10 +50,19 @@ def check_varlen_attention_args(q, k, v, cu_seqlens, window, scale):
         raise ValueError("q, k, v must share one dtype and one device")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise TypeError("cu_seqlens must be a 1-D int32 tensor")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+    if isinstance(window, torch.Tensor):
+        integer = not window.dtype.is_floating_point and window.dtype != torch.bool
+        if window.dim() != 0 or not integer or window.device != q.device:
+            raise ValueError(f"window as a tensor must be a 0-dim integer tensor on {q.device}, got {window.dtype} "
+                             f"{tuple(window.shape)} on {window.device}")
+    elif isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0 (tokens), got {window!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0 or not scale.dtype.is_floating_point or scale.device != q.device:
+            raise ValueError(f"scale as a tensor must be a 0-dim float tensor on {q.device}, got {scale.dtype} "
+                             f"{tuple(scale.shape)} on {scale.device}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or a 0-dim float tensor, got {type(scale).__name__}")
 
 
 def document_bounds(cu_seqlens: torch.Tensor, T: int) -> list[tuple[int, int]]:
@@ -65,6 +77,9 @@ def document_bounds(cu_seqlens: torch.Tensor, T: int) -> list[tuple[int, int]]:
 def varlen_attention_torch(q, k, v, cu_seqlens, window, scale, query_block: int = 1024):
     """Reference: plain fp32 attention, document by document, ``query_block`` queries at a time."""
     check_varlen_attention_args(q, k, v, cu_seqlens, window, scale)
+    window = int(window)  # a host read: the reference is not a kernel
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (tokens), got {window}")
     T = q.size(0)
     outs = []
     for start, end in document_bounds(cu_seqlens, T):

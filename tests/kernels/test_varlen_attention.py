@@ -126,3 +126,18 @@ def test_triton_misuse():
     q, k, v, cu = case(8, 1, 64, [0, 8], seed=0)
     with pytest.raises(ValueError, match="window"):
         op(q, k, v, cu, -1, 1.0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_and_scale_as_device_tensors_equal_the_numbers(variant):
+    """The schedule changes both during a run: as 0-dim device tensors the Triton variant reads them from
+    memory (no recompile under torch.compile, no sync); the results are the same."""
+    op = kernels.get("varlen_attention", variant)
+    q, k, v, cu = case(90, 2, 64, [0, 33, 90], seed=6)
+    numbers = op(q, k, v, cu, 21, 0.2)
+    tensors = op(q, k, v, cu, torch.tensor(21, device=DEVICE), torch.tensor(0.2, device=DEVICE))
+    torch.testing.assert_close(tensors, numbers, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="0-dim integer tensor"):
+        op(q, k, v, cu, torch.tensor([21], device=DEVICE), 0.2)
+    with pytest.raises(ValueError, match="0-dim float tensor"):
+        op(q, k, v, cu, 21, torch.tensor(1, device=DEVICE))
