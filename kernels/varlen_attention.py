@@ -20,6 +20,7 @@ Variants: ``torch`` (the reference: per document and block of queries, an fp32 s
 the window allows, masked softmax, autograd for the backward). It reads cu_seqlens on the host (a sync);
 its memory is O(query_block * (query_block + window)) per head, so it runs at the record's sizes too, slowly.
 
+``sdpa`` and (with CUDA) ``flex``: PyTorch's, through kernels/attention.py's variants re-indexed as below.
 ``triton`` (when Triton imports): the Sub3Min attention's flash kernels (kernels/attention.py), re-indexed,
 not a second kernel. That kernel's rule "key j is in the window of query i iff j // b >= i // b - w + 1"
 with blocks of b = 1 token and w = window + 1 is this op's t - window <= j; its documents come from the
@@ -95,18 +96,29 @@ def varlen_attention_torch(q, k, v, cu_seqlens, window, scale, query_block: int 
     return torch.cat(outs)
 
 
-VARIANTS = {"torch": varlen_attention_torch}
+def _reindexed(attention_variant, scale_on_host: bool = False):
+    """This op through a variant of kernels/attention.py's op (B = 1, blocks of 1 token, w = window + 1,
+    segments as document ids; see the module docstring). ``scale_on_host``: the variant takes a Python float."""
 
-if "triton" in _attention.VARIANTS:
-
-    def varlen_attention_triton(q, k, v, cu_seqlens, window, scale):
-        """The op on the Triton flash-attention kernels (module docstring); differentiable in q, k, v."""
+    def varlen(q, k, v, cu_seqlens, window, scale):
         check_varlen_attention_args(q, k, v, cu_seqlens, window, scale)
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens must be on q's device ({q.device}), got {cu_seqlens.device}")
+        if scale_on_host and isinstance(scale, torch.Tensor):
+            scale = float(scale)
         positions = torch.arange(q.size(0), dtype=torch.int32, device=q.device)
         segment = torch.searchsorted(cu_seqlens, positions, right=True) - 1  # (T,) non-decreasing
-        out = _attention.attention_triton(q[None], k[None], v[None], segment[None], window + 1, scale, block_size=1)
-        return out[0]
+        return attention_variant(q[None], k[None], v[None], segment[None], window + 1, scale, block_size=1)[0]
 
-    VARIANTS["triton"] = varlen_attention_triton
+    varlen.__doc__ = f"This op through kernels.attention's {attention_variant.__name__} (see _reindexed)."
+    return varlen
+
+
+VARIANTS = {"torch": varlen_attention_torch}
+# The natural competitors, for `speedrun bench kernels`: PyTorch's SDPA on the dense (T, T) mask (O(T^2)
+# memory), flex_attention where CUDA is; then our Triton kernels.
+VARIANTS["sdpa"] = _reindexed(_attention.attention_sdpa, scale_on_host=True)
+if "flex" in _attention.VARIANTS:
+    VARIANTS["flex"] = _reindexed(_attention.attention_flex, scale_on_host=True)
+if "triton" in _attention.VARIANTS:
+    VARIANTS["triton"] = _reindexed(_attention.attention_triton)

@@ -43,8 +43,8 @@ def test_forward_and_gradients_match_the_dense_reference(variant, window):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     out.backward(g.to(DEVICE))
     want.backward(g.double())
-    for got, ref in zip((q, k, v), (q64, k64, v64), strict=True):
-        assert (got.grad.cpu().double() - ref.grad).abs().max() < 1e-5
+    for got, ref in zip((q, k, v), (q64, k64, v64), strict=True):  # fp32: 2e-5 of the scale (SDPA: 1.1e-5)
+        assert (got.grad.cpu().double() - ref.grad).abs().max() < 2e-5 * max(1.0, ref.grad.abs().max())
 
 
 def test_small_query_blocks_give_the_same_result():
@@ -79,8 +79,8 @@ def test_many_tiles_against_the_reference(variant):
     out.backward(g.to(DEVICE))
     want.backward(g.double())
     assert (out.detach().cpu().double() - want).abs().max() < 1e-5
-    for got, ref in zip((q, k, v), (q64, k64, v64), strict=True):
-        assert (got.grad.cpu().double() - ref.grad).abs().max() < 1e-5
+    for got, ref in zip((q, k, v), (q64, k64, v64), strict=True):  # fp32: 2e-5 of the scale (SDPA: 1.1e-5)
+        assert (got.grad.cpu().double() - ref.grad).abs().max() < 2e-5 * max(1.0, ref.grad.abs().max())
 
 
 def sdpa(q, k, v, cu, window, scale):
