@@ -23,6 +23,7 @@
 #                 the script, not the GPU; its times mean nothing
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 
 DRY_RUN=0
 SMOKE=0
@@ -60,10 +61,11 @@ step() {
     shift 3
     echo "=== $name (budget ${budget}s): $*"
     local t0=$SECONDS
+    # paths inside the checkout are written relative to it: the logs get committed, the checkout's place not
     if declare -F "$1" > /dev/null; then  # a function of this script (the environment report): no budget
-        "$@" 2>&1 | tee "$OUT/$log"
+        "$@" 2>&1 | sed -u "s|$ROOT/||g" | tee "$OUT/$log"
     else
-        timeout --signal=INT --kill-after=20 "$budget" "$@" 2>&1 | tee "$OUT/$log"
+        timeout --signal=INT --kill-after=20 "$budget" "$@" 2>&1 | sed -u "s|$ROOT/||g" | tee "$OUT/$log"
     fi
     local rc=${PIPESTATUS[0]}
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS_FILE"
