@@ -1,7 +1,8 @@
-"""The tiled matmul inner loop shared by the Triton matmul kernels (kernels/mlp.py, kernels/newton_schulz.py),
-and the dot flags they all use.
+"""The tiled matmul inner loop shared by the Triton matmul kernels (kernels/mlp.py, kernels/newton_schulz.py,
+kernels/mlp_fp8.py), their tile order, and the dot flags they all use.
 
     acc = k_loop(a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
 fp32 accumulation. bf16 tl.dot is wrong under Triton's CPU interpreter, so there (only) bf16 tiles are
 upcast to fp32 before the dot (UPCAST): CPU runs check bf16 loads, epilogues and stores, not the bf16 MMA
@@ -15,6 +16,18 @@ import triton
 import triton.language as tl
 
 from kernels.common import interpreting
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n): this program's tile of an (M, N) output, in grouped order (GROUP_M tile-rows sweep the
+    tile-columns together, so the B tiles they share stay in L2)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(tl.cdiv(M, BLOCK_M) - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
 
 
 @triton.jit

@@ -83,7 +83,7 @@ try:
     import triton
     import triton.language as tl
 
-    from kernels.matmul_tiles import dot_flags, k_loop
+    from kernels.matmul_tiles import dot_flags, grouped_tile, k_loop
     from kernels.triton_rounding import round_mantissa
 except ImportError:  # no Triton: only the torch variant
     triton = None
@@ -121,14 +121,7 @@ if triton is not None:
         One program per (BLOCK_M, BLOCK_N) tile of C, in grouped order (GROUP_M tile-rows sweep the
         tile-columns together, so the B tiles they share stay in L2).
         """
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // num_pid_in_group) * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         # Rows/cols past the edge wrap around (loads stay in bounds, no mask); the store masks them.
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

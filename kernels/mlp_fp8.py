@@ -128,7 +128,8 @@ try:
 
     from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
     from kernels.fp8 import scaled_mm_fast
-    from kernels.matmul_tiles import dot_flags, k_loop
+    from kernels.matmul_tiles import dot_flags, grouped_tile, k_loop
+    from kernels.mlp import EPILOGUE_DRELU_PRE, _matmul_epilogue
     from kernels.triton_rounding import round_e4m3, round_mantissa
 except ImportError:  # no triton: only the reference is registered
     triton = None
@@ -146,13 +147,7 @@ if triton is not None:
     ):
         """pre = bf16(dq acc), post = bf16(relu(pre)^2), post8 = e4m3(min(post inv_act, 448)) for one
         (BLOCK_M, BLOCK_N) tile, in grouped order (as kernels/mlp.py's matmul); fp32 pre and post unrounded."""
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        first_pid_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % (GROUP_M * num_pid_n)) % group_size_m)
-        pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+        pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,7 +170,7 @@ if triton is not None:
         tl.store(pre_ptr + c_offs, pre.to(pre_ptr.dtype.element_ty), mask=mask)
         tl.store(post_ptr + c_offs, post.to(post_ptr.dtype.element_ty), mask=mask)
         tl.store(post8_ptr + c_offs, post8.to(post8_ptr.dtype.element_ty), mask=mask)
-        tl.store(amax_ptr + pid, tl.max(tl.max(tl.where(mask, post, 0.0), axis=1), axis=0))
+        tl.store(amax_ptr + tl.program_id(0), tl.max(tl.max(tl.where(mask, post, 0.0), axis=1), axis=0))
 
     def _up_projection(x8: torch.Tensor, up8: torch.Tensor, dq: torch.Tensor, inv_act: torch.Tensor,
                        dtype: torch.dtype):
@@ -216,8 +211,6 @@ if triton is not None:
 
         @staticmethod
         def backward(ctx, g, _):
-            from kernels.mlp import EPILOGUE_DRELU_PRE, _matmul_epilogue
-
             x, w_fc, w_proj, pre, post = ctx.saved_tensors
             g = g.to(x.dtype)
             dpre = _matmul_epilogue(g, w_proj.to(x.dtype).t(), EPILOGUE_DRELU_PRE, aux=pre)

@@ -18,6 +18,7 @@ import pytest
 
 import kernels
 from speedrun import REPO_ROOT
+from speedrun.bench.aot import gpu_path
 
 pytestmark = pytest.mark.skipif("triton" not in kernels.variants("mlp"), reason="triton is not installed")
 
@@ -29,16 +30,10 @@ class Traced(Exception):
 def trace_model(preset: str, dtype_name: str, fp8: bool, training: bool) -> dict:
     """In the child process: trace ``preset``'s model at a small size with the triton set; {"graphs",
     "triton_launches"} or {"error"}."""
-    import importlib
-
     import torch
     import torch.utils._triton
 
     torch.utils._triton.has_triton = lambda: True  # dynamo's test for "Triton kernels can be traced here"
-    for module in kernels.OP_MODULES.values():
-        m = importlib.import_module(module)
-        if hasattr(m, "triton_usable"):
-            m.triton_usable = lambda device: True
     import speedrun.model
     import speedrun.model89
     from speedrun import schedule
@@ -73,7 +68,8 @@ def trace_model(preset: str, dtype_name: str, fp8: bool, training: bool) -> dict
         args = tuple(torch.randint(0, model_cfg.vocab_size, (2, 2, 96), generator=g))
         kwargs = {"window": tuple(torch.tensor(b, dtype=torch.int32) for b in (2, 1))}  # as the trainer passes it
     try:
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*args, **kwargs)
+        with gpu_path():  # the launchers' GPU path on CPU tensors (speedrun bench aot's capture does the same)
+            torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*args, **kwargs)
     except Traced:
         launches = sum(1 for gm in graphs[0].modules() if isinstance(gm, torch.fx.GraphModule)
                        for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target))
