@@ -37,6 +37,7 @@ N_LAYERS = 11
 NO_ATTENTION = 6  # layer 6 has an MLP only; attention slot a = i - (i > 6)
 PAIRED = (0, 2, 5, 9)
 XSA = (1, 3, 4, 7, 8, 10)
+LONG_WINDOW = (3, 10)  # the layers with the long window (and the key offset); the others have the short one
 VALUE_EMBED = {1: 0, 2: 1, 8: 2, 9: 3, 10: 4}  # layer -> value-embedding table (layer 10's is MUDD-gated)
 CACHED = (3, 7)  # x after these layers is kept for the skip at layer 6 and for MUDD
 GATE_IN = 12  # the smear, skip and output gates read the first 12 channels
@@ -121,12 +122,15 @@ class GPT89(nn.Module):
             raise ValueError(f"ops lacks {missing}; build it with kernels.resolve(variant)")
         self.cfg, self.ops, self.dtype = cfg, ops, dtype
         self._init_parameters(cfg, dtype)
+        # The schedule's state as the forward reads it: device tensors that set_plan updates in place, so a new
+        # window, attention scale, rotary frequency or MTP weight is neither a recompile under torch.compile
+        # nor a host sync for a kernel that reads it from memory. The host keeps what set_plan checks.
         self.register_buffer("yarn_freq", base_frequencies(cfg.head_dim), persistent=False)
-        self.attn_scale, self._yarn_window, self._tables = ATTN_SCALE_START, None, {}
-        self.windows, self.mtp_weights = (cfg.attn_block_size, cfg.attn_block_size), (1.0,)
-        # the MTP weights as the loss reads them: fp32 on the device, refilled by set_plan (a new value every
-        # step is then neither a recompile nor a host sync for a kernel that reads them from memory)
+        self.register_buffer("_attn_scale_value", torch.tensor(ATTN_SCALE_START), persistent=False)  # fp32
+        self.register_buffer("_window_values", torch.full((2,), cfg.attn_block_size, dtype=torch.int32),
+                             persistent=False)  # (short, long) in tokens
         self.register_buffer("_mtp_weight_values", torch.tensor([1.0, 0.0, 0.0]), persistent=False)
+        self.attn_scale, self._yarn_window, self.mtp_weights = ATTN_SCALE_START, None, (1.0,)
         self.fp8 = cfg.fp8_lm_head
         # FP8 state (spec 2.3), per MLP slot: the delayed scales (saved, restored by the warm-up reset) and
         # the quantised weights (rebuilt from the weights: quantize_fp8)
@@ -199,30 +203,34 @@ class GPT89(nn.Module):
 
     # ---- the schedule's state: windows, MTP weights, YaRN (spec 2.8, 4) ----
 
+    @torch.no_grad()
     def set_plan(self, plan) -> None:
         """Take the windows and MTP weights of ``plan`` (a speedrun.schedule.StepPlan); rescale the rotary
         when a training step's long window differs from the last one (the final validation's wider window
         gets no YaRN update). Plans must come in step order from step 0 on (or after reset_schedule_state)."""
-        self.windows, self.mtp_weights = plan.window_tokens, plan.mtp_weights
         if not 1 <= len(plan.mtp_weights) <= len(self._mtp_weight_values):
             raise ValueError(f"step {plan.step}: {len(plan.mtp_weights)} MTP weights; the model takes 1 to 3")
+        self.mtp_weights = plan.mtp_weights
         self._mtp_weight_values[:len(plan.mtp_weights)] = torch.tensor(plan.mtp_weights, dtype=torch.float32)
+        self._window_values.copy_(torch.tensor(plan.window_tokens, dtype=torch.int32))
         long = plan.window_tokens[1]
         if plan.training and self._yarn_window is not None and long != self._yarn_window:
-            self.yarn_freq = yarn_update(self.yarn_freq, self._yarn_window, long)
+            self.yarn_freq.copy_(yarn_update(self.yarn_freq, self._yarn_window, long))
             self.attn_scale *= 0.2 * math.log(long / self._yarn_window) + 1
-            self._tables = {}
+            self._attn_scale_value.fill_(self.attn_scale)
         if plan.training:
             self._yarn_window = long
         if self.attn_scale != plan.attn_scale:
             raise RuntimeError(f"step {plan.step}: the model's attention scale {self.attn_scale} is not the plan's "
                                f"{plan.attn_scale}: set_plan missed a stage change (plans must come in order)")
 
+    @torch.no_grad()
     def reset_schedule_state(self) -> None:
         """Back to step 0's rotary and FP8 weight copies (the warm-up restore, spec 3.7; the restored state dict
         brought the delayed scales back)."""
-        self.yarn_freq = base_frequencies(self.cfg.head_dim).to(self.yarn_freq.device)
-        self.attn_scale, self._yarn_window, self._tables = ATTN_SCALE_START, None, {}
+        self.yarn_freq.copy_(base_frequencies(self.cfg.head_dim))
+        self.attn_scale, self._yarn_window = ATTN_SCALE_START, None
+        self._attn_scale_value.fill_(ATTN_SCALE_START)
         self.quantize_fp8(bootstrap=True)
 
     def after_optimizer_step(self, plan) -> None:
@@ -238,12 +246,6 @@ class GPT89(nn.Module):
         short, long = plan.window_tokens
         keys = sum(min(w + 1, (plan.max_doc_len or w + 1) / 2) for w in [short] * 8 + [long] * 2)
         return plan.batch_tokens * (6.0 * matmul + 12.0 * c.dim * keys)
-
-    def _rotary(self, T: int, paired: bool):
-        key = (T, paired)
-        if key not in self._tables:
-            self._tables[key] = rotary_tables(self.yarn_freq, T, paired, self.dtype)
-        return self._tables[key]
 
     # ---- the forward pass (spec 2.5-2.12) ----
 
@@ -269,6 +271,9 @@ class GPT89(nn.Module):
         x0 = torch.cat([x0[..., :bd] + bigram_vec * bigram_lambdas[0], x0[..., bd:]], dim=-1)
         skip = torch.sigmoid(lam[23]) * 2 * torch.sigmoid(F.linear(x0[..., :GATE_IN], self.skip_gate))
         x, cache = x0, {0: x0}
+        # the rotary tables from the current frequencies, each forward (cheap next to a layer; no cache to
+        # invalidate when YaRN changes the frequencies in place)
+        rotary = {paired: rotary_tables(self.yarn_freq, T, paired, dt) for paired in (False, True)}
         post_amax = []  # FP8 training: each MLP's max(post), for the next forward's activation scales
 
         for i in range(N_LAYERS):
@@ -291,7 +296,7 @@ class GPT89(nn.Module):
                     aux_v = (gate[..., None] * table.view(1, T, c.n_head, -1)).view(1, T, -1)
                 else:
                     aux_v = None
-                out = self._attention(i, attn_in, aux_v, cu_seqlens)
+                out = self._attention(i, attn_in, aux_v, cu_seqlens, rotary)
                 if mu is not None:
                     x = mu[8] * x + mu[9] * out + mu[10] * cache[0]
                     x = self._add_bigram(x, mu[11] * bigram_vec)
@@ -336,8 +341,10 @@ class GPT89(nn.Module):
         h = F.gelu(F.linear(x, self.mudd_w1[block]))
         return ((F.linear(h, self.mudd_w2[block, :n]) + self.mudd_b2[block, :n]) * MUDD_SCALE).split(1, dim=-1)
 
-    def _attention(self, i: int, xa: torch.Tensor, aux_v: torch.Tensor | None, cu_seqlens: torch.Tensor):
-        """Layer i's attention sublayer (2.7) on its normed input xa (1, T, d); returns (1, T, d)."""
+    def _attention(self, i: int, xa: torch.Tensor, aux_v: torch.Tensor | None, cu_seqlens: torch.Tensor,
+                   rotary: dict) -> torch.Tensor:
+        """Layer i's attention sublayer (2.7) on its normed input xa (1, T, d), with rotary[paired] the (cos,
+        sin) tables; returns (1, T, d)."""
         c = self.cfg
         T, H, hd, d = xa.size(1), c.n_head, c.head_dim, c.dim
         a = i - (i > NO_ATTENTION)
@@ -347,25 +354,24 @@ class GPT89(nn.Module):
         qkv = F.linear(xa, lam_qkv * torch.cat([w_qk, w_v]).type_as(xa))
         q, k, v = qkv.view(1, T, 3 * H, hd).chunk(3, dim=-2)
         q, k = norm(q), norm(k)
-        short, long = self.windows
-        window = long if i in (3, 10) else short
+        window, scale = self._window_values[int(i in LONG_WINDOW)], self._attn_scale_value
         if i in PAIRED:  # head pairs, interleaved into a 2T sequence (see the module docstring)
-            cos, sin = self._rotary(T, paired=True)
+            cos, sin = rotary[True]
             q = rotate(q.reshape(1, T, H // 2, 2 * hd), cos, sin).view(1, 2 * T, H // 2, hd)
             k = rotate(k.reshape(1, T, H // 2, 2 * hd), cos, sin).view(1, 2 * T, H // 2, hd)
             v = v.reshape(1, 2 * T, H // 2, hd)
             if aux_v is not None:
                 v = v + aux_v.view_as(v)
-            y = self.ops["varlen_attention"](q[0], k[0], v[0], 2 * cu_seqlens, window, self.attn_scale)
+            y = self.ops["varlen_attention"](q[0], k[0], v[0], 2 * cu_seqlens, window, scale)
             y = y.reshape(1, T, H, hd)
         else:
-            cos, sin = self._rotary(T, paired=False)
+            cos, sin = rotary[False]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            if window == long:  # long-window layers: the keys' second halves come from the previous token
+            if i in LONG_WINDOW:  # the keys' second halves come from the previous token
                 k = key_offset(k)
             if aux_v is not None:
                 v = v + aux_v.view_as(v)
-            y = self.ops["varlen_attention"](q[0], k[0], v[0], cu_seqlens, window, self.attn_scale)[None]
+            y = self.ops["varlen_attention"](q[0], k[0], v[0], cu_seqlens, window, scale)[None]
             if i in XSA:  # remove tanh(alpha) of y's component along the token's own value (2.7 step 5)
                 vn = F.normalize(v, dim=-1, eps=1e-4)
                 alpha = torch.tanh(self.xsa_alphas[i]).type_as(y).view(1, 1, H, 1)
