@@ -9,7 +9,7 @@
 #     2. GPU tests: tests/kernels on CUDA (fp32, fp16, bf16), the model check, the compile-graph check,
 #        the loader tests, every `gpu`-marked test (in parallel when pytest-xdist is there) -> tests.txt
 #     3. speedrun bench launch: every kernel configuration of the AOT table, once   -> launch.md
-#     4. speedrun bench kernels --quick (the recipe's shapes)    -> kernels.csv, kernels.txt, kernels_<op>.png
+#     4. speedrun bench kernels --quick, record #89's ops at its shapes -> kernels.csv, kernels.txt, kernels_<op>.png
 #     5. speedrun bench train, sub3min with --kernels triton and torch: step times, graph breaks -> train.md
 #     6. speedrun bench train, record89 (the default race), --kernels triton and torch, eager -> record89/train.md
 #     7. speedrun bench converge: a shortened sub3min run per kernel set, val curves compared
@@ -84,7 +84,8 @@ PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 if "$PY" -c "import xdist" 2> /dev/null && [ "$DRY_RUN" = 0 ]; then
     PYTEST+=(-n 8)  # cold Triton compiles dominate: 8 workers on the GPU machine's 16 cores
 fi
-KERNEL_OPS=attention,mlp,cross_entropy,newton_schulz,polar_express
+# record #89's ops (the default race; the Sub3Min ops were timed in bench/results/2026-11-27_nvidia-h100-80gb-hbm3)
+KERNEL_OPS=varlen_attention,mtp_cross_entropy,mlp_fp8,quantize_down,polar_express
 if [ "$DRY_RUN" = 1 ] && [ "$SMOKE" = 1 ]; then
     step environment env.txt 60 env_report
     step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op varlen_attention --out "$OUT"
@@ -117,9 +118,9 @@ else
     step tests tests.txt 110 "${PYTEST[@]}" tests/kernels tests/test_model.py tests/test_kernels_in_model.py \
         tests/test_compile_graph.py tests/data/test_loader.py -m "gpu or not slow"
     step "bench launch" launch.log 45 "${SB[@]}" launch --out "$OUT"
-    # record #89's varlen_attention, mtp_cross_entropy and mlp_fp8 have plain-PyTorch references only so far
-    # (their Triton kernels are issue [4/6]): timing them at the record's size would eat this step's budget
-    step "bench kernels" kernels.log 120 "${SB[@]}" kernels --quick --op "$KERNEL_OPS" --out "$OUT"
+    # no torch_compile variant (a compile per op and shape would eat the budget); flex: the library attention
+    step "bench kernels" kernels.log 120 "${SB[@]}" kernels --quick --op "$KERNEL_OPS" --variant torch,triton,flex \
+        --out "$OUT"
     # triton first: the torch set's reference attention makes its steps take seconds at T = 65,536
     step "bench train" train.log 140 "${SB[@]}" train --preset sub3min --kernels triton,torch --steps 3 --warmup 1 \
         --profile-steps 1 --out "$OUT"

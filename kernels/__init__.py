@@ -20,6 +20,7 @@ OP_MODULES = {
     "varlen_attention": "kernels.varlen_attention",
     "mtp_cross_entropy": "kernels.mtp_cross_entropy",
     "mlp_fp8": "kernels.mlp_fp8",
+    "quantize_down": "kernels.quantize_down",
 }
 
 

@@ -7,7 +7,8 @@ The op (every variant has this signature)::
     x           (T, d) bf16: the normed activations
     w_fc        (hidden, d) bf16, used as x w_fc^T;  w_proj (hidden, d) bf16, used as h w_proj (in x out)
     up8, up_scale       w_fc quantised by ``quantize_up`` (e4m3 (hidden, d), fp32 scalar)
-    down8, down_scale   w_proj quantised by ``quantize_down`` (e4m3 (hidden, d), fp32 scalar)
+    down8, down_scale   w_proj quantised by the quantize_down op (kernels/quantize_down.py: e4m3 (hidden, d),
+                        row- or column-major; fp32 scalar)
     act_scale   fp32 scalar: the delayed scale of the down-projection's input (``activation_scale`` of an
                 earlier call's post_amax)
     out         (T, d) in x's dtype;  post_amax: fp32 scalar, max(post) of this call
@@ -21,8 +22,9 @@ Backward (bf16, the FP8 values are a detached side computation; gradients of the
 
 Variants: ``torch`` (the reference: FP8 products emulated exactly, fp32 sums: kernels/fp8.py) and, when
 Triton imports, ``triton`` (section below).
-The quantisation of the weights (after every optimizer step) and of the activation scale (after every
-training forward) are here too: ``quantize_up``, ``quantize_down``, ``activation_scale``.
+The up weights' quantisation (after every optimizer step; eager PyTorch in the record too) and the activation
+scale (after every training forward) are here too: ``quantize_up``, ``activation_scale``. The down weights'
+delayed-scaling quantisation is an op of its own: kernels/quantize_down.py.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch
 
 from kernels.fp8 import E4M3_MAX, scaled_mm, to_e4m3
 
-WEIGHT_HEADROOM = 1.12  # the down weights' delayed scale: 1.12 x the previous weights' amax / 448
 ACTIVATION_HEADROOM = 1.8  # the down-projection input's delayed scale: 1.8 x the last amax / 448
 
 
@@ -40,17 +41,6 @@ def quantize_up(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = max(max|w|, 1e-12) / 448 and w8 = e4m3(w / s); returns (w8, fp32 s of shape w.shape[:-2])."""
     scale = w.abs().amax(dim=(-2, -1)).clamp(min=1e-12) / E4M3_MAX
     return to_e4m3(w / scale[..., None, None]), scale.float()
-
-
-def quantize_down(w: torch.Tensor, next_scale: torch.Tensor, bootstrap: bool):
-    """Delayed scaling of down-projection weights w (..., hidden, d). The scale used now is ``next_scale``
-    (fp32, shape w.shape[:-2], left by the previous call), or with ``bootstrap`` the current
-    max|w| / 448 (computed in w's dtype); returns (w8 = e4m3(clamp(w / used, +-448)), used, the next call's
-    scale = 1.12 max(max|w|, 1e-12) / 448 in fp32)."""
-    amax = w.abs().amax(dim=(-2, -1))
-    used = (amax.clamp(min=1e-12) / E4M3_MAX).float() if bootstrap else next_scale
-    w8 = to_e4m3(w.float() / used[..., None, None])
-    return w8, used, activation_scale(amax.float(), WEIGHT_HEADROOM)
 
 
 def activation_scale(amax: torch.Tensor, headroom: float = ACTIVATION_HEADROOM) -> torch.Tensor:

@@ -11,10 +11,10 @@ banks are not padded to a multiple of the world size (the optimizer pads its own
 Precision: the embeddings, banks, gates and MUDD weights are stored in ``dtype`` (bf16 on a GPU, as in the
 record; fp32 for the CPU and the golden tests) holding bf16-representable values; the per-layer lambdas
 and scalars are fp32 and cast to ``dtype`` where used (spec 0.3, 2.2). The hot ops come from ``ops``:
-``varlen_attention``, ``mlp``, ``mlp_fp8`` and ``mtp_cross_entropy`` (kernels/). With ``cfg.fp8_lm_head``
-training uses the record's FP8 forward for the MLPs (current scaling up, delayed scaling down, spec 2.10)
-and for the lm_head (2.11); evaluation is never FP8. The FP8 weight copies are refreshed after every
-optimizer step (``after_optimizer_step``), the activation scales after every training forward.
+``varlen_attention``, ``mlp``, ``mlp_fp8``, ``quantize_down`` and ``mtp_cross_entropy`` (kernels/). With
+``cfg.fp8_lm_head`` training uses the record's FP8 forward for the MLPs (current scaling up, delayed scaling
+down, spec 2.10) and for the lm_head (2.11); evaluation is never FP8. The FP8 weight copies are refreshed
+after every optimizer step (``after_optimizer_step``), the activation scales after every training forward.
 
 The paired-head layers follow the record's code exactly: q and k are rotated as (T, H/2, 2 D) head pairs
 and then viewed as a 2T-long sequence of H/2 heads, which puts head h of token t at position
@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.mlp_fp8 import activation_scale, quantize_down, quantize_up
+from kernels.mlp_fp8 import activation_scale, quantize_up
+from kernels.quantize_down import quantize_down_torch
 from speedrun.config import ModelConfig
 
 N_LAYERS = 11
@@ -44,7 +45,7 @@ GATE_IN = 12  # the smear, skip and output gates read the first 12 channels
 MUDD_DIM, MUDD_SCALE = 64, 0.1
 SIGN_ROWS = 8192
 ATTN_SCALE_START = 0.1
-REQUIRED_OPS = ("varlen_attention", "mlp", "mlp_fp8", "mtp_cross_entropy")
+REQUIRED_OPS = ("varlen_attention", "mlp", "mlp_fp8", "quantize_down", "mtp_cross_entropy")
 TRAINING_OPS = (*REQUIRED_OPS, "polar_express")  # with NorMuon's
 NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps for the fp32 compute the record does (spec 0.3)
 
@@ -136,15 +137,19 @@ class GPT89(nn.Module):
         # the quantised weights (rebuilt from the weights: quantize_fp8)
         for name in ("_mlp_down_act_scales", "_mlp_down_proj_scales", "_mlp_down_proj_next_scales"):
             self.register_buffer(name, torch.ones(N_LAYERS + 1))
-        self.quantize_fp8(bootstrap=True)
+        # at build, by the reference (the weights are on the CPU, where a GPU kernel set cannot run; the trainer
+        # quantises again once the model is on its device)
+        self.quantize_fp8(bootstrap=True, quantize_down=quantize_down_torch)
 
     @torch.no_grad()
-    def quantize_fp8(self, bootstrap: bool) -> None:
+    def quantize_fp8(self, bootstrap: bool, quantize_down=None) -> None:
         """Refresh the FP8 copies of the MLP weights (after every optimizer step; ``bootstrap``: the down
-        weights with current scaling, as after the record's first 16 steps, at build and at the reset)."""
+        weights with current scaling, as after the record's first 16 steps, at build and at the reset),
+        the down weights by ``quantize_down`` (default: the ops' quantize_down)."""
         if not self.fp8:
             return
         self._up8, self._up_scales = quantize_up(self.mlp_bank[:, 0])
+        quantize_down = quantize_down or self.ops["quantize_down"]
         self._down8, used, nxt = quantize_down(self.mlp_bank[:, 1], self._mlp_down_proj_next_scales, bootstrap)
         self._mlp_down_proj_scales.copy_(used)
         self._mlp_down_proj_next_scales.copy_(nxt)

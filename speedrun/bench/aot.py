@@ -172,7 +172,8 @@ def drive_ops(device="cpu", only=None) -> None:
             for fp8 in (False, True) if dtype == torch.bfloat16 else (False,):  # G in x's dtype, or e5m2
                 ops["mtp_cross_entropy"](x, w, targets, (1.0, 0.5, 0.25), fp8=fp8).sum().backward()
         if "mlp_fp8" in ops and dtype == torch.bfloat16:  # record #89's FP8 MLP: bf16 activations only
-            from kernels.mlp_fp8 import activation_scale, quantize_down, quantize_up
+            from kernels.mlp_fp8 import activation_scale, quantize_up
+            from kernels.quantize_down import quantize_down_torch as quantize_down
 
             w_fc, w_proj = leaf(3072, 768, dtype=dtype), leaf(3072, 768, dtype=dtype)
             up8, up_scale = quantize_up(w_fc.detach())
@@ -180,6 +181,10 @@ def drive_ops(device="cpu", only=None) -> None:
             out, _ = ops["mlp_fp8"](leaf(64, 768, dtype=dtype), w_fc, w_proj, up8, up_scale, down8, down_scale,
                                     activation_scale(torch.tensor(4.0)))
             out.float().sum().backward()
+        if "quantize_down" in ops and dtype != torch.float16:  # the bank's down weights: bf16, or fp32 (CPU runs)
+            w = torch.randn(2, 2, 96, 768, generator=g).to(device, dtype)[:, 1]  # no K loop: any size compiles alike
+            for bootstrap in (True, False):
+                ops["quantize_down"](w, torch.ones(2, device=device), bootstrap)
         for op in ("newton_schulz", "polar_express"):
             if op in ops:  # Gram matrices of 768-wide and 200-wide rows (K a multiple of BLOCK_K, and not)
                 for shape in ((2, 64, 768), (768, 64), (100, 200)):

@@ -14,6 +14,8 @@ Triton interpreter runs: times mean nothing there, only the pipeline and the cor
     varlen_attention  tokens T           record #89: T=49152, H=6, D=128, window 1664    T / 8, T / 4, T / 2, T
     mtp_cross_entropy tokens N           record #89: N=49152, d=768, V=50304, 3 weights  N / 8, N / 4, N / 2, N
     mlp_fp8         tokens M             record #89: M=49152, dim 768, hidden 3072       M / 8, M / 4, M / 2, M
+    quantize_down   elements             record #89's down weights (12, 3072, 768), a     -
+                                         strided view of the MLP bank, delayed scaling
 
 Counting conventions:
 - attention FLOPs count only the (query, key) pairs the mask keeps (counted exactly from the doc ids and
@@ -36,6 +38,7 @@ import torch
 import kernels
 from speedrun import schedule
 from speedrun.config import RunConfig, get_preset, window_blocks
+from speedrun.model89 import N_LAYERS
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 MEAN_DOC_TOKENS = 1024  # synthetic documents for attention: exponential lengths with this mean
@@ -106,13 +109,16 @@ def record89_cases(op: str, quick: bool, on_gpu: bool) -> list[Case]:
                                                               window=last.window_tokens[1])) for t in sweep]
     if op == "mlp_fp8":
         return [Case(op, f"M={t}", t, "tokens", t == T, dict(M=t, dim=m.dim, hidden=m.mlp_hidden)) for t in sweep]
+    if op == "quantize_down":
+        shape = (N_LAYERS + 1, m.mlp_hidden, m.dim)
+        return [Case(op, "x".join(map(str, shape)), _numel(shape), "elements", True, dict(shape=shape))]
     return [Case(op, f"N={t},V={m.padded_vocab_size}", t, "tokens", t == T,
                  dict(N=t, d=m.dim, V=m.padded_vocab_size, weights=(1.0, 0.5, 0.25))) for t in sweep]
 
 
 def cases(op: str, cfg: RunConfig, quick: bool, on_gpu: bool) -> list[Case]:
     """The shapes of ``op`` for the preset ``cfg``: the recipe's, plus (unless ``quick``) the sweep."""
-    if op in ("varlen_attention", "mtp_cross_entropy", "mlp_fp8"):
+    if op in ("varlen_attention", "mtp_cross_entropy", "mlp_fp8", "quantize_down"):
         return record89_cases(op, quick, on_gpu)
     m, T = cfg.model, cfg.data.seq_len
     if not on_gpu:  # the interpreter is slow: the tiny preset's shapes at half its sequence and below
@@ -209,7 +215,8 @@ def problem(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0)
         return Problem((q, k, v, cu, p["window"], 0.1), {}, 3, randn(T, H, D),
                        _with_bwd_sum(fwd, 2.5 * fwd), _with_bwd_sum(4 * io, 8 * io))
     if case.op == "mlp_fp8":
-        from kernels.mlp_fp8 import activation_scale, mlp_fp8_torch, quantize_down, quantize_up
+        from kernels.mlp_fp8 import activation_scale, mlp_fp8_torch, quantize_up
+        from kernels.quantize_down import quantize_down_torch as quantize_down
 
         M, dim, hidden = p["M"], p["dim"], p["hidden"]
         x = randn(M, dim)
@@ -224,6 +231,11 @@ def problem(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0)
         act, w8 = M * dim * esize, 2 * dim * hidden  # the FP8 weights: 1 byte per entry
         return Problem((x, w_fc, w_proj, up8, up_scale, down8, down_scale, act_scale), {}, 3, randn(M, dim),
                        _with_bwd_sum(fwd, 2 * fwd), _with_bwd_sum(2 * act + w8, 4 * act + 2 * w8 * esize))
+    if case.op == "quantize_down":  # steady state: delayed scaling (the scales a previous call left)
+        L, hidden, dim = p["shape"]
+        w = randn(L, 2, hidden, dim, scale=hidden**-0.5).detach()[:, 1]  # slot 1 of the MLP bank
+        next_scale = w.float().abs().amax(dim=(-2, -1)) * (1.12 / 448)
+        return Problem((w, next_scale, False), {}, 0, None, {"fwd": None}, {"fwd": w.numel() * (esize + 1)})
     if case.op == "mtp_cross_entropy":
         N, d, V = p["N"], p["d"], p["V"]
         x, w = randn(N, d), randn(d, V, scale=0.05)

@@ -99,7 +99,7 @@ def tensor_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[tupl
     """(max abs error, max |reference|) of each result tensor; a wrong shape or NaN/inf in ``got`` gives inf."""
     out = []
     for g, r in zip(got, ref, strict=True):
-        scale = float(r.abs().max()) if r.numel() else 0.0
+        scale = float(r.float().abs().max()) if r.numel() else 0.0  # float(): FP8 outputs (quantize_down)
         if g.shape != r.shape:
             out.append((math.inf, scale))
             continue
