@@ -40,7 +40,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["torch", "triton"], default=None,
                    help="implementation of the hot ops (default: triton on CUDA, torch elsewhere)")
     p.add_argument("--data", metavar="DIR", default=None,
-                   help="folder of token shards (default: the preset's; synthetic data is generated on first use)")
+                   help="folder of token shards, relative to the current folder (default: the preset's, in the "
+                        "repository; synthetic data is generated on first use)")
     p.add_argument("--steps", type=_positive_int, default=None, help="override the number of optimizer steps")
     p.add_argument("--val-every", type=_positive_int, default=None, help="validate every N steps (and at the last)")
     p.add_argument("--val-tokens", type=_positive_int, default=None,
@@ -53,15 +54,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (default on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--log-dir", default="logs", metavar="DIR", help="where run logs go (default: logs)")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="where run logs go (default: logs/ in the repository)")
     p.add_argument("--save-checkpoint", metavar="PATH", default=None,
-                   help="save the final model here after the run (outside the timed region)")
+                   help="save the final model here after the run's log is written (outside the timed region)")
     p.add_argument("--quiet", action="store_true", help="print only validation lines and the summary")
     p.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="speedrun", description="The GPT-2 speedrun harness.")
+    parser = argparse.ArgumentParser(prog="speedrun", description="The GPT-2 speedrun harness.",
+                                     epilog="speedrun --debug COMMAND …: show the traceback of any failure "
+                                            "(also SPEEDRUN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # --- data -----------------------------------------------------------------------------------
@@ -144,9 +148,16 @@ def _run_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``speedrun [--debug] COMMAND …``: every command inside one error boundary (speedrun.errors)."""
+    from speedrun.errors import run_command, wants_debug
+
+    debug, argv = wants_debug(sys.argv[1:] if argv is None else list(argv))
+    return run_command(lambda: _dispatch(argv), debug)
+
+
+def _dispatch(argv: list[str]) -> int:
     # Without a CUDA GPU the Triton kernels run under Triton's CPU interpreter, which must be chosen
     # before triton is first imported.
-    argv = sys.argv[1:] if argv is None else list(argv)
     # (`speedrun bench aot` compiles for GPUs: never under the interpreter)
     if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl") and argv[:2] != ["bench", "aot"]:
         os.environ["TRITON_INTERPRET"] = "1"

@@ -180,6 +180,13 @@ COMMANDS = {"check": cmd_check, "build": cmd_build, "submit": cmd_submit, "show"
 
 
 def main(argv: list[str] | None = None, prog: str = "leaderboard.py") -> int:
-    """Run one subcommand; ``prog`` names the command in help and errors (``speedrun leaderboard``)."""
-    args = build_parser(prog).parse_args(argv)
-    return COMMANDS[args.command](args)
+    """Run one subcommand (``[--debug] COMMAND …``) inside the error boundary (speedrun.errors); ``prog`` names
+    the command in help and errors (``speedrun leaderboard``)."""
+    from speedrun.errors import run_command, wants_debug
+
+    debug, argv = wants_debug(sys.argv[1:] if argv is None else list(argv))
+
+    def command() -> int:
+        args = build_parser(prog).parse_args(argv)
+        return COMMANDS[args.command](args)
+    return run_command(command, debug)

@@ -325,6 +325,8 @@ def load_run(txt_path: Path, json_path: Path, label: str | None = None) -> tuple
         facts = json.loads(json_text)
         if not isinstance(facts, dict):
             problems.append(f"{json_label}: must hold a JSON object")
+        else:
+            nulls_at_divergence(facts)
     except FileNotFoundError:
         problems.append(f"{json_label}: missing (every run needs its .txt and .json log)")
     except UnicodeDecodeError as e:
@@ -485,6 +487,18 @@ def _config_is_complete(config: dict) -> bool:
     return all(isinstance(config[name], dict) and set(config[name]) <= fields
                and fields - set(config[name]) <= FIELDS_ADDED_LATER.get(name, set())
                for name, fields in CONFIG_SECTION_FIELDS.items())
+
+
+def nulls_at_divergence(facts: dict) -> dict:
+    """A diverged run's JSON holds null for the non-finite losses where it diverged (strict JSON; older logs
+    hold NaN there): read as NaN, in place, so the checks compare them with the text log's "nan"."""
+    if facts.get("status") == "diverged":
+        losses, curve = facts.get("train_losses"), facts.get("val_curve")
+        if isinstance(losses, list) and losses and losses[-1] is None:
+            losses[-1] = math.nan
+        if isinstance(curve, list) and curve and isinstance(curve[-1], dict) and curve[-1].get("val_loss", 0) is None:
+            curve[-1]["val_loss"] = math.nan
+    return facts
 
 
 def _diverged_non_finite(facts: dict) -> set[str]:
@@ -648,7 +662,7 @@ def _section_agrees(run: Run, name: str, section_text: str, first_lineno: int, v
 
 def _summary_agrees(run: Run) -> list[str]:
     try:
-        summary = parse_json_section(run.text.summary_text, run.text.summary_start, "summary")
+        summary = nulls_at_divergence(parse_json_section(run.text.summary_text, run.text.summary_start, "summary"))
     except LogFormatError as e:
         return [f"{run.label}:{e.lineno}: {e}"]
     facts = run.facts

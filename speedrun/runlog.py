@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -42,7 +43,8 @@ from speedrun import REPO_ROOT
 from speedrun.data.shards import atomic_write_text
 
 SCHEMA_VERSION = 1
-STATUSES = ("running", "success", "not_converged", "completed", "aborted", "diverged")
+# failed: an error ended the run (its message is in "message"); the log is complete all the same
+STATUSES = ("running", "success", "not_converged", "completed", "aborted", "diverged", "failed")
 CODE_MARK = "====== code: "
 SECTION = "====== {} ======"
 
@@ -242,7 +244,7 @@ class RunLog:
 
     def write_json(self) -> None:
         if self.enabled:
-            atomic_write_text(self.json_path, json.dumps(self.facts, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(self.json_path, facts_json(self.facts) + "\n")
 
     def finish(self, summary_lines: list[str]) -> None:
         """Write the summary section and the final JSON; the text log is closed."""
@@ -252,11 +254,27 @@ class RunLog:
         for text in summary_lines:
             self.line(text)
         self._txt.write(SECTION.format("summary") + "\n")
-        self._txt.write(json.dumps(self.facts, indent=2, sort_keys=True) + "\n")
+        self._txt.write(facts_json(self.facts) + "\n")
         self._txt.flush()
         os.fsync(self._txt.fileno())
         self._txt.close()
         self.write_json()
+
+
+def facts_json(facts: dict) -> str:
+    """The facts as strict JSON: a non-finite number (a diverged run's loss) is written as null, which every
+    JSON parser reads (the status says why it is missing)."""
+    return json.dumps(_finite_or_null(facts), indent=2, sort_keys=True, allow_nan=False)
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def utc_now() -> str:

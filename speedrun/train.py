@@ -9,8 +9,12 @@ The rules, enforced by construction here:
   restarts after it. The record time is the train time at the last step.
 - Validation is the exact mean cross-entropy over ``val_tokens`` tokens, averaged over ranks.
 - A run ends ``success`` (target reached), ``not_converged``, ``completed`` (no target for this data),
-  ``diverged`` (non-finite loss; the step is named) or ``aborted`` (SIGINT/SIGTERM: the current step
-  finishes, the log is written, the exit code is non-zero). Only the final validation can say success.
+  ``diverged`` (non-finite loss; the step is named), ``aborted`` (SIGINT/SIGTERM: the current step
+  finishes, the log is written, the exit code is non-zero) or ``failed`` (an error: its message is in the
+  log, which is complete all the same). Only the final validation can say success.
+- The result comes first: the paths the run writes are checked, and the data is checked to hold the
+  planned steps, before anything is loaded or compiled; the log is finalised before any optional work
+  (the checkpoint), so a failure there cannot lose a finished run.
 - The step never waits on the host: the loss of step s is checked for NaN/inf (and the stop request
   is shared between ranks) one step later, when reading it no longer stalls the device.
 """
@@ -23,6 +27,7 @@ import math
 import os
 import resource
 import signal
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,8 +39,9 @@ import kernels
 import kernels.common
 from speedrun import REPO_ROOT, dist, schedule
 from speedrun.config import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, FOLLOWS, RunConfig, get_preset, window_blocks
-from speedrun.data.loader import TrainLoader, val_batches
-from speedrun.data.shards import data_vocab, list_shards, read_manifest
+from speedrun.data.loader import TrainLoader, steps_in_shards, val_batches
+from speedrun.data.shards import data_vocab, list_shards, read_header, read_manifest, the_val_shard, val_shard_sha256
+from speedrun.errors import UserError
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers, set_schedules
 from speedrun.runlog import RunLog, code_snapshot, environment, relative_to_repo, repo_or_absolute_path
@@ -95,7 +101,8 @@ def device_sync(device: torch.device) -> None:
 
 def stacked_val_batches(cfg: RunConfig, env: dist.DistEnv, val_path: Path):
     """This rank's validation sequences, ``seqs_per_forward`` at a time: (inputs, targets) of shape (n, T)."""
-    pairs = list(val_batches(val_path, cfg.data.val_tokens, cfg.data.seq_len, env.world_size, env.rank, env.device))
+    pairs = list(val_batches(val_path, cfg.data.val_tokens, cfg.data.seq_len, env.world_size, env.rank, env.device,
+                             cfg.model.vocab_size))
     for i in range(0, len(pairs), cfg.data.seqs_per_forward):
         batch = pairs[i:i + cfg.data.seqs_per_forward]
         yield torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
@@ -153,8 +160,8 @@ class Sub3MinRace:
         self.model = compile_model(self.raw_model, cfg)
         self.train_loader = TrainLoader(list_shards(data_dir, "train"), seq_len=cfg.data.seq_len,
                                         batch_slots=cfg.data.batch_slots, world_size=env.world_size,
-                                        rank=env.rank, device=device, prefetch=True)
-        self.val_path = list_shards(data_dir, "val")[0]
+                                        rank=env.rank, device=device, prefetch=True, vocab_size=cfg.model.vocab_size)
+        self.val_path = the_val_shard(data_dir)
         slots_per_rank = cfg.data.batch_slots // env.world_size
         self.per_forward = max(1, min(cfg.data.seqs_per_forward, slots_per_rank))
         if slots_per_rank % self.per_forward:
@@ -242,15 +249,22 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     """Train ``cfg`` on the shards in ``data_dir``; returns what the run log says.
 
     ``clock`` is injectable so tests can check the timing rules with a fake clock; ``race`` (default:
-    ``make_race``) is the recipe's model, optimizers and data on this process.
+    ``make_race``) is the recipe's model, optimizers and data on this process. ``log_dir`` and
+    ``save_checkpoint``, when relative, are taken from the repository root.
     """
     run_id = run_id or str(uuid.uuid4())
     device = env.device
+    log_dir = Path(log_dir) if Path(log_dir).is_absolute() else REPO_ROOT / log_dir
+    checkpoint = None if save_checkpoint is None else Path(save_checkpoint)
+    if checkpoint is not None and not checkpoint.is_absolute():
+        checkpoint = REPO_ROOT / checkpoint
+    # ---- before anything is loaded or compiled: where the run writes, and enough data ----
+    if env.is_main:
+        check_writable_outputs(log_dir, checkpoint)
+    val_path = the_val_shard(data_dir)
+    check_train_data(cfg, env.world_size, data_dir)
     torch.manual_seed(cfg.train.seed)
     race = race or make_race(cfg, env, data_dir)
-    raw_model = race.raw_model
-    val_path = list_shards(data_dir, "val")[0]
-    n = cfg.train.num_steps
 
     # ---- untimed: compile and warm up on every shape the run will see, then restore ----
     race.warm_up()
@@ -265,26 +279,59 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     manifest = read_manifest(data_dir) or {}
     log.facts["data"] = {"dir": relative_to_repo(data_dir), "val_shard": val_path.name,
                          "kind": manifest.get("kind"), "val_optimal_loss": data_floor(manifest, cfg.data.val_tokens),
-                         "val_shard_sha256": manifest.get("files", {}).get(val_path.name, {}).get("sha256")}
-    status, final_val, diverged_at = None, None, None
-    tokens, flops = 0, 0.0
+                         "val_shard_sha256": val_shard_sha256(val_path, manifest) if env.is_main else None}
     log.facts["schedule_changes"] = []
-    previous_plan = None
+    progress = Progress()
+    try:
+        status, final_val, diverged_at = timed_loop(cfg, race, device, log, clock, target, progress)
+    except BaseException as error:  # the run ends with a complete log that says why; then the error goes on
+        race.close()
+        message = " ".join(f"{type(error).__name__}: {error}".split())[:2000]
+        finish_log(log, progress, env, "failed", None, None, message)
+        raise
 
-    # ---- the timed loop ----
+    # ---- after the clock: the result first, then the optional work ----
+    race.close()
+    result = finish_log(log, progress, env, status, final_val, diverged_at)
+    if checkpoint is not None and env.is_main and status != "diverged":
+        try:
+            path = save_model_checkpoint(checkpoint, race.raw_model, cfg, run_id, progress.step)
+        except OSError as e:
+            raise UserError(f"the run's log is complete ({relative_to_repo(log.txt_path)}), but saving the "
+                            f"checkpoint failed: {e.strerror or e}", checkpoint) from e
+        if echo:
+            print(f"checkpoint: {relative_to_repo(path)}")
+    return result
+
+
+@dataclass
+class Progress:
+    """How far the timed loop got (read by the failure path too)."""
+    step: int = 0
+    tokens: int = 0
+    flops: float | None = 0.0
+    train_time: float = 0.0
+
+
+def timed_loop(cfg: RunConfig, race, device: torch.device, log: RunLog, clock, target: float | None,
+               progress: Progress):
+    """The timed steps and validations (module docstring); returns (status, final val loss, diverged at: the
+    step as the log numbers it)."""
+    n = cfg.train.num_steps
+    status, final_val, diverged_at = None, None, None
+    previous_plan = None
     with StopRequest() as stop:
         device_sync(device)
-        train_time = 0.0
         t0 = clock()
         pending = None  # (step, tensor[loss, stop]) of the previous step, read one step late
-        step = 0
         while True:
+            step = progress.step
             if pending is not None:
                 done_step, flags = pending
                 loss_value, stop_votes = flags.tolist()
                 log.facts["train_losses"].append(loss_value)
-                if not math.isfinite(loss_value):
-                    status, diverged_at = "diverged", done_step
+                if not math.isfinite(loss_value):  # the log calls the step after training step s "step:s+1"
+                    status, diverged_at = "diverged", done_step + 1
                 elif stop_votes > 0:
                     status = "aborted"
                 pending = None
@@ -297,8 +344,9 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
             previous_plan = plan
             if status is None and plan.validate:
                 device_sync(device)
-                train_time += clock() - t0
+                progress.train_time += clock() - t0
                 final_val = race.evaluate(step)
+                train_time = progress.train_time
                 avg = f"{1000 * train_time / step:.2f}" if step else "nan"
                 log.line(f"step:{step}/{n} val_loss:{final_val:.4f} train_time:{1000 * train_time:.0f}ms "
                          f"step_avg:{avg}ms")
@@ -314,11 +362,11 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
             loss = race.train_step(step)
             flags = torch.stack([loss.float(), torch.tensor(float(stop.signal is not None), device=device)])
             pending = (step, dist.all_reduce_mean_(flags))
-            tokens += plan.batch_tokens
+            progress.tokens += plan.batch_tokens
             step_flops = race.step_flops(step)
-            flops = None if flops is None or step_flops is None else flops + step_flops
-            step += 1
-            elapsed = train_time + clock() - t0  # host time, no sync: the public format's per-step line
+            progress.flops = None if progress.flops is None or step_flops is None else progress.flops + step_flops
+            progress.step = step = step + 1
+            elapsed = progress.train_time + clock() - t0  # host time, no sync: the public format's per-step line
             if step % cfg.train.log_every == 0:
                 log.line(f"step:{step}/{n} train_time:{1000 * elapsed:.0f}ms step_avg:{1000 * elapsed / step:.2f}ms",
                          important=False)
@@ -326,13 +374,17 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
             status = "completed" if target is None else ("success" if final_val <= target else "not_converged")
         if status in ("aborted", "diverged"):
             device_sync(device)
-            train_time += clock() - t0
+            progress.train_time += clock() - t0
+    return status, final_val, diverged_at
 
-    # ---- after the clock: summary, checkpoint, final log ----
-    race.close()
-    steps_done = step
-    peak = peak_tflops(env_facts["gpu_name"])
-    tokens_per_s = tokens / train_time if train_time > 0 else None
+
+def finish_log(log: RunLog, progress: Progress, env: dist.DistEnv, status: str, final_val: float | None,
+               diverged_at: int | None, message: str | None = None) -> RunResult:
+    """The run's last facts, its summary lines and the final JSON (atomically); the run's result."""
+    device = env.device
+    peak = peak_tflops(log.facts["env"]["gpu_name"])
+    train_time, flops = progress.train_time, progress.flops
+    tokens_per_s = progress.tokens / train_time if train_time > 0 else None
     mfu = (flops / train_time / (peak * 1e12 * env.world_size)) if (peak and flops and train_time > 0) else None
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
@@ -343,15 +395,12 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
         mem_line = f"peak memory (process RSS): {peak_mem:.0f} MiB"
     # Only a run that validated at its last step has a final val loss; an aborted one keeps its val curve.
     log.facts.update(status=status, final_val_loss=final_val if status not in ("diverged", "aborted") else None,
-                     train_time_ms=round(1000 * train_time, 3), steps_done=steps_done, tokens_seen=tokens,
-                     tokens_per_second=tokens_per_s, mfu=mfu, peak_memory_mib=round(peak_mem, 1),
-                     diverged_at_step=diverged_at)
-    if save_checkpoint and env.is_main and status not in ("diverged",):
-        path = save_model_checkpoint(save_checkpoint, raw_model, cfg, run_id, steps_done)
-        log.facts["checkpoint"] = relative_to_repo(path)
-    summary = summary_lines(log.facts, mem_line)
-    log.finish(summary)
-    return RunResult(run_id, status, log.facts["final_val_loss"], 1000 * train_time, log.txt_path, log.json_path)
+                     train_time_ms=round(1000 * train_time, 3), steps_done=progress.step,
+                     tokens_seen=progress.tokens, tokens_per_second=tokens_per_s, mfu=mfu,
+                     peak_memory_mib=round(peak_mem, 1), diverged_at_step=diverged_at, message=message)
+    log.finish(summary_lines(log.facts, mem_line))
+    return RunResult(log.run_id, status, log.facts["final_val_loss"], 1000 * train_time, log.txt_path,
+                     log.json_path)
 
 
 def summary_lines(facts: dict, mem_line: str) -> list[str]:
@@ -359,10 +408,11 @@ def summary_lines(facts: dict, mem_line: str) -> list[str]:
     status, target, val = facts["status"], facts["target_val_loss"], facts["final_val_loss"]
     if status == "diverged":
         lines.append(f"DIVERGED: non-finite loss at step {facts['diverged_at_step']}")
-    elif status == "aborted":
+    elif status in ("aborted", "failed"):
         last = facts["val_curve"][-1] if facts["val_curve"] else None
         seen = f"; last validation at step {last['step']}: val_loss {last['val_loss']:.4f}" if last else ""
-        lines.append(f"ABORTED by signal after step {facts['steps_done']}{seen}")
+        why = "by signal" if status == "aborted" else f"({facts['message']})"
+        lines.append(f"{status.upper()} {why} after step {facts['steps_done']}{seen}")
     if val is not None:
         against = f" (target {target:.4f})" if target is not None else " (no target for this data)"
         lines.append(f"final val_loss {val:.4f} at step {facts['steps_done']}{against}: {status}")
@@ -380,16 +430,58 @@ def summary_lines(facts: dict, mem_line: str) -> list[str]:
 
 
 def save_model_checkpoint(path, model, cfg: RunConfig, run_id: str, step: int) -> Path:
-    """Save the weights and config atomically (temp file + rename); loadable with weights_only=True."""
+    """Save the weights and config atomically (temp file + rename; nothing is left on failure); loadable with
+    weights_only=True."""
     path = Path(path)
     if not path.is_absolute():
         path = REPO_ROOT / path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": cfg.to_dict(), "model": state, "run_id": run_id, "step": step}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"config": cfg.to_dict(), "model": state, "run_id": run_id, "step": step}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def check_train_data(cfg: RunConfig, world_size: int, data_dir: Path) -> None:
+    """The train shards hold the run's planned steps (from their headers, before anything is loaded); UserError
+    saying how many tokens the run needs and how many there are otherwise. Sub3Min's stream is counted by
+    its own rule; record #89's packing cuts and skips document tails, so for it this is a lower bound (a
+    shortfall found later fails the run with a complete log)."""
+    counts = [read_header(p) for p in list_shards(data_dir, "train")]
+    n, have = cfg.train.num_steps, sum(counts)
+    if cfg.schedule is None:
+        step_tokens = cfg.data.seq_len * cfg.data.batch_slots
+        steps = steps_in_shards(counts, cfg.data.seq_len, cfg.data.batch_slots)
+        if steps < n:
+            raise UserError(f"the train shards hold {steps} of the run's {n} steps: it needs {n * step_tokens:,} "
+                            f"tokens ({step_tokens:,} per step, each step from one shard), the {len(counts)} "
+                            f"shard(s) hold {have:,}; add train shards or run fewer steps", data_dir)
+        return
+    need = sum(cfg.data.batch_slots * (schedule.plan(cfg, s).tokens_per_rank + 1) for s in range(n))
+    if have < need:
+        raise UserError(f"the train shards hold {have:,} tokens in {len(counts)} shard(s); the run's {n} steps "
+                        f"need at least {need:,}; add train shards or run fewer steps", data_dir)
+
+
+def check_writable_outputs(log_dir: Path, checkpoint: Path | None) -> None:
+    """The run's log folder and checkpoint path can be written (created and probed now, before anything is
+    loaded or compiled); UserError naming the path otherwise."""
+    targets = [(log_dir, "the log folder")]
+    if checkpoint is not None:
+        if checkpoint.is_dir():
+            raise UserError("--save-checkpoint names a folder; give the checkpoint file's path", checkpoint)
+        targets.append((checkpoint.parent, "the checkpoint's folder"))
+    for folder, what in targets:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".speedrun-probe-"):
+                pass
+        except OSError as e:
+            raise UserError(f"{what} cannot be written: {e.strerror or e}", e.filename or folder) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,12 +525,15 @@ def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, di
     """Find (or, for synthetic data, generate) the shards; fit the model's vocabulary to them."""
     data_dir = Path(cfg.data.data_dir)
     if not data_dir.is_absolute():
-        data_dir = REPO_ROOT / data_dir
+        data_dir = REPO_ROOT / data_dir  # a preset's folder (train_command makes --data absolute)
     if cfg.data.source == "synth" and cfg.data.data_dir == get_preset(cfg.preset).data.data_dir:
         if env.is_main:
             from speedrun.data.synth import ensure_synth
             ensure_synth(data_dir)
         dist.barrier()
+    if not data_dir.is_dir():
+        raise UserError("no such data folder" if not data_dir.exists() else "the data path is not a folder",
+                        data_dir)
     if not list_shards(data_dir, "train") or not list_shards(data_dir, "val"):
         raise SystemExit(f"no train/val shards in {relative_to_repo(data_dir)}: get the FineWeb shards with "
                          "`speedrun data download`, make shards from text with `speedrun data tokenize`, or "
@@ -466,12 +561,21 @@ def train_command(args) -> int:
     cuda = torch.cuda.is_available() if args.device != "cpu" else False
     if args.device == "cuda" and not cuda:
         raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    # paths the user typed are taken from the current folder
+    if args.data is not None:
+        args.data = str(Path(args.data).absolute())
+    log_dir = Path(args.log_dir).absolute() if args.log_dir is not None else REPO_ROOT / "logs"
+    checkpoint = Path(args.save_checkpoint).absolute() if args.save_checkpoint is not None else None
+    if checkpoint is not None and checkpoint.is_dir():
+        raise UserError("--save-checkpoint names a folder; give the checkpoint file's path", checkpoint)
     cfg = resolve_config(args, cuda)
     env = dist.init_distributed("cuda" if cuda else "cpu")
     try:
         if cfg.data.batch_slots % env.world_size:
             raise SystemExit(f"world size {env.world_size} must divide the {cfg.data.batch_slots} sequences "
                              "of a step (use 1, 2, 4 or 8 processes)")
+        if env.is_main:  # before the data is prepared (synthetic data takes a while)
+            check_writable_outputs(log_dir, checkpoint)
         cfg, data_dir, manifest = prepare_data(cfg, env)
         track = get_track(cfg.track)
         floor = data_floor(manifest, cfg.data.val_tokens)
@@ -484,8 +588,8 @@ def train_command(args) -> int:
                   f"target {target if target is not None else 'none'}, kernels {cfg.train.kernels}, "
                   f"compile {cfg.train.compile}, {env.world_size} process(es) on {env.device.type}, "
                   f"data {relative_to_repo(data_dir)}")
-        result = train(cfg, env, data_dir, target, track.name if on_track else None, log_dir=args.log_dir,
-                       quiet=args.quiet, save_checkpoint=args.save_checkpoint)
+        result = train(cfg, env, data_dir, target, track.name if on_track else None, log_dir=log_dir,
+                       quiet=args.quiet, save_checkpoint=checkpoint)
     finally:
         dist.shutdown()
     if env.is_main:

@@ -33,7 +33,7 @@ import torch
 from speedrun import dist, schedule
 from speedrun.config import RunConfig
 from speedrun.data.packed import PackedTrainLoader, packed_val_chunks
-from speedrun.data.shards import list_shards
+from speedrun.data.shards import list_shards, the_val_shard
 from speedrun.optim import NorMuonAdam
 from speedrun.train import compile_model
 
@@ -59,7 +59,7 @@ class Record89Race:
         self.model = compile_model(self.raw_model, cfg)
         self.optimizer = NorMuonAdam(self.raw_model.labeled_parameters(), cfg, ops["polar_express"])
         self.train_paths = list_shards(data_dir, "train")
-        self.val_path = list_shards(data_dir, "val")[0]
+        self.val_path = the_val_shard(data_dir)
         try:  # the validation arguments are checked now, not after the warm-up
             self._val_chunks()
         except ValueError as e:
@@ -70,13 +70,15 @@ class Record89Race:
     def _loader(self, plan, prefetch: bool) -> PackedTrainLoader:
         c = self.cfg
         return PackedTrainLoader(self.train_paths, plan, c.data.batch_slots, self.env.world_size, self.env.rank,
-                                 c.model.eot_token, c.model.bigram_vocab_size, self.env.device, prefetch)
+                                 c.model.eot_token, c.model.bigram_vocab_size, self.env.device, prefetch,
+                                 vocab_size=c.model.vocab_size)
 
     def _val_chunks(self):
         """This rank's validation chunks as device tensors (an iterator; the arguments are checked at once)."""
         c = self.cfg
         chunks = packed_val_chunks(self.val_path, c.data.val_tokens, c.schedule.val_batch_tokens, c.data.batch_slots,
-                                   self.env.world_size, self.env.rank, c.model.eot_token, c.model.bigram_vocab_size)
+                                   self.env.world_size, self.env.rank, c.model.eot_token, c.model.bigram_vocab_size,
+                                   c.model.vocab_size)
         return ([torch.from_numpy(a).to(self.env.device) for a in chunk] for chunk in chunks)
 
     def _train_on(self, plan, micro_batches) -> torch.Tensor:

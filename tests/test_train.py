@@ -126,11 +126,18 @@ def test_nan_loss_is_diverged_and_names_the_step(synth_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(train_mod, "set_schedules", poison_weights_at_step_3)
     result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, echo=False)
-    facts = json.loads(result.json_path.read_text())
+    def strict(constant):  # NaN / Infinity are not JSON: most parsers reject them
+        raise AssertionError(f"the run log's JSON holds {constant}")
+
+    facts = json.loads(result.json_path.read_text(), parse_constant=strict)
     assert result.status == facts["status"] == "diverged"
-    assert facts["diverged_at_step"] == 4  # weights poisoned during step 3's update: step 4's loss is NaN
-    assert facts["final_val_loss"] is None
-    assert "DIVERGED: non-finite loss at step 4" in result.log_path.read_text()
+    # weights poisoned during training step 3's update: training step 4's loss is NaN, the step the log calls
+    # "step:5" (the line after training step s is step:s+1)
+    assert facts["diverged_at_step"] == 5
+    assert facts["final_val_loss"] is None and facts["train_losses"][-1] is None  # written as null
+    text = result.log_path.read_text()
+    assert "DIVERGED: non-finite loss at step 5" in text and "\nstep:5/8 train_time:" in text
+    json.loads(text.rsplit("====== summary ======\n", 1)[1], parse_constant=strict)
 
 
 def test_sigterm_aborts_after_the_current_step(synth_dir, tmp_path, monkeypatch):
@@ -180,11 +187,11 @@ def test_sample_from_a_checkpoint(synth_dir, tmp_path, capsys):
     ids = capsys.readouterr().out.split()
     assert ids[:3] == ["5", "17", "99"] and 3 < len(ids) <= 9
     assert all(0 <= int(t) < 2047 for t in ids)  # the synthetic vocabulary, end-of-text never printed
-    with pytest.raises(SystemExit, match="space-separated token ids"):
-        main(["sample", "--checkpoint", str(tmp_path / "ck.pt"), "--prompt", "hello"])
+    assert main(["sample", "--checkpoint", str(tmp_path / "ck.pt"), "--prompt", "hello"]) == 1
+    assert "space-separated token ids" in capsys.readouterr().err
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a speedrun checkpoint"):
-        main(["sample", "--checkpoint", str(tmp_path / "bad.pt")])
+    assert main(["sample", "--checkpoint", str(tmp_path / "bad.pt")]) == 1
+    assert "not a speedrun checkpoint" in capsys.readouterr().err
 
 
 def _torchrun(nproc, synth_dir, log_dir, seqs_per_forward):

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speedrun.data.shards import data_vocab, list_shards, read_header, read_shard
+from speedrun.data.shards import check_token_range, data_vocab, list_shards, read_header, read_shard, the_val_shard
+from speedrun.errors import UserError
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -66,18 +67,36 @@ def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> t
     return tensor.to(device)
 
 
+def load_checked(path: Path, vocab_size: int | None) -> np.ndarray:
+    """A shard's tokens, every one checked to be < ``vocab_size`` (the model's) when given: a larger id is an
+    error naming the file and the position, not an index error deep in the model."""
+    return read_shard(path, check_tokens=vocab_size is not None, vocab_size=vocab_size or 0)
+
+
+def _step_fits(pos: int, shard_tokens: int, step_tokens: int) -> bool:
+    """Whether a step of ``step_tokens`` (+1 for the last target) starting at ``pos`` fits in the shard."""
+    return pos + step_tokens + 1 < shard_tokens
+
+
+def steps_in_shards(shard_tokens: list[int], seq_len: int, batch_slots: int, align_to_bos: bool = False) -> int:
+    """How many steps the Sub3Min stream takes from shards of these token counts (its rule, no tokens read)."""
+    stride = seq_len * batch_slots  # steps start at 0, stride, 2 stride, ... while _step_fits
+    room = [n - stride - (seq_len if align_to_bos else 0) - 1 for n in shard_tokens]  # starts must be < room
+    return sum((r - 1) // stride + 1 for r in room if r > 0)
+
+
 class _TrainStream:
     """The stream position and the slicing rule, in numpy; no threads, no devices."""
 
     def __init__(self, paths: list[Path], seq_len: int, batch_slots: int, slots: range,
-                 align_to_bos: bool, eot_token: int | None):
+                 align_to_bos: bool, eot_token: int | None, vocab_size: int | None):
         self.paths, self.seq_len, self.batch_slots, self.slots = paths, seq_len, batch_slots, slots
-        self.align_to_bos, self.eot_token = align_to_bos, eot_token
+        self.align_to_bos, self.eot_token, self.vocab_size = align_to_bos, eot_token, vocab_size
         self.seek({"step": 0, "shard_index": 0, "pos": 0})
 
     def seek(self, state: dict) -> None:
         self.step, self.shard_index, self.pos = stream_position(state, ("step", "shard_index", "pos"), len(self.paths))
-        self.tokens = read_shard(self.paths[self.shard_index])
+        self.tokens = load_checked(self.paths[self.shard_index], self.vocab_size)
 
     def state(self) -> dict:
         return {"step": self.step, "shard_index": self.shard_index, "pos": self.pos}
@@ -86,14 +105,14 @@ class _TrainStream:
         """This rank's (inputs, targets) pairs for the next optimizer step; advances the stream."""
         global_batch = self.seq_len * self.batch_slots
         reserve = self.seq_len if self.align_to_bos else 0
-        while self.pos + global_batch + reserve + 1 >= len(self.tokens):
+        while not _step_fits(self.pos, len(self.tokens), global_batch + reserve):
             if self.shard_index + 1 == len(self.paths):
-                raise RuntimeError(
+                raise UserError(
                     f"the train data ran out after {self.step} steps ({self.step * global_batch:,} tokens): "
                     f"{len(self.paths)} shard(s) ending with {self.paths[-1].name}; a step needs "
                     f"{global_batch + reserve + 2:,} tokens left in a shard. Add train shards or run fewer steps")
             self.shard_index += 1
-            self.tokens = read_shard(self.paths[self.shard_index])
+            self.tokens = load_checked(self.paths[self.shard_index], self.vocab_size)
             self.pos = 0
         pairs = []
         for slot in self.slots:
@@ -267,7 +286,8 @@ class TrainLoader(PrefetchingLoader):
     """
 
     def __init__(self, shards, seq_len: int, batch_slots: int, world_size: int = 1, rank: int = 0,
-                 device="cpu", prefetch: bool = True, align_to_bos: bool = False, eot_token: int | None = None):
+                 device="cpu", prefetch: bool = True, align_to_bos: bool = False, eot_token: int | None = None,
+                 vocab_size: int | None = None):
         self.seq_len = _check_int("seq_len", seq_len, 1)
         self.batch_slots = _check_int("batch_slots", batch_slots, 1)
         self.world_size, self.rank = _check_world(world_size, rank)
@@ -279,7 +299,7 @@ class TrainLoader(PrefetchingLoader):
             eot_token = data_vocab(paths[0].parent)[1]
         first_slot = self.rank * self.micro_steps
         stream = _TrainStream(paths, self.seq_len, self.batch_slots, range(first_slot, first_slot + self.micro_steps),
-                              bool(align_to_bos), eot_token)
+                              bool(align_to_bos), eot_token, vocab_size)
         super().__init__(stream, device, prefetch, ("step", "shard_index", "pos"))
 
 
@@ -287,23 +307,17 @@ class ValLoader:
     """This process's validation sequences: iterate for (inputs, targets) pairs of shape (seq_len,)."""
 
     def __init__(self, val_shard, val_tokens: int, seq_len: int, world_size: int = 1, rank: int = 0,
-                 device="cpu"):
+                 device="cpu", vocab_size: int | None = None):
         self.val_tokens = _check_int("val_tokens", val_tokens, 1)
         self.seq_len = _check_int("seq_len", seq_len, 1)
         self.world_size, self.rank = _check_world(world_size, rank)
         if self.val_tokens % (self.seq_len * self.world_size):
-            raise ValueError(f"val_tokens {self.val_tokens:,} must be a multiple of seq_len * world_size = "
+            raise UserError(f"val_tokens {self.val_tokens:,} must be a multiple of seq_len * world_size = "
                              f"{self.seq_len} * {self.world_size}, so every process gets whole, equal sequences")
         path = Path(val_shard)
         if path.is_dir():
-            found = list_shards(path, "val")
-            if len(found) != 1:
-                raise ValueError(f"val_shard: expected one val shard (*_val_*.bin) in {path}, found {len(found)}")
-            path = found[0]
-        available = read_header(path)
-        if available < self.val_tokens + 1:
-            raise ValueError(f"val shard {path} holds {available:,} tokens; val_tokens {self.val_tokens:,} needs "
-                             f"{self.val_tokens + 1:,} (the targets are shifted by one)")
+            path = the_val_shard(path)
+        check_val_prefix(path, self.val_tokens, vocab_size)
         self.path, self.device = path, torch.device(device)
         self.sequences = range(self.rank, self.val_tokens // self.seq_len, self.world_size)
 
@@ -317,7 +331,17 @@ class ValLoader:
             yield _to_device(chunk[:-1], torch.int32, self.device), _to_device(chunk[1:], torch.int64, self.device)
 
 
+def check_val_prefix(path: Path, val_tokens: int, vocab_size: int | None) -> None:
+    """The val shard holds the val_tokens + 1 tokens validation reads, each < ``vocab_size`` when given."""
+    available = read_header(path)
+    if available < val_tokens + 1:
+        raise UserError(f"the val shard holds {available:,} tokens; val_tokens {val_tokens:,} needs "
+                        f"{val_tokens + 1:,} (the targets are shifted by one)", path)
+    if vocab_size is not None:
+        check_token_range(path, read_shard(path)[:val_tokens + 1], vocab_size)
+
+
 def val_batches(val_shard, val_tokens: int, seq_len: int, world_size: int = 1, rank: int = 0,
-                device="cpu") -> ValLoader:
+                device="cpu", vocab_size: int | None = None) -> ValLoader:
     """This process's validation (inputs, targets) pairs (see ``ValLoader``); arguments checked now."""
-    return ValLoader(val_shard, val_tokens, seq_len, world_size, rank, device)
+    return ValLoader(val_shard, val_tokens, seq_len, world_size, rank, device, vocab_size)

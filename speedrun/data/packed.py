@@ -43,8 +43,17 @@ from pathlib import Path
 
 import numpy as np
 
-from speedrun.data.loader import PrefetchingLoader, _check_int, _check_world, stream_position, train_shard_paths
-from speedrun.data.shards import list_shards, read_header, read_shard
+from speedrun.data.loader import (
+    PrefetchingLoader,
+    _check_int,
+    _check_world,
+    check_val_prefix,
+    load_checked,
+    stream_position,
+    train_shard_paths,
+)
+from speedrun.data.shards import read_shard, the_val_shard
+from speedrun.errors import UserError
 from speedrun.schedule import cu_seqlens_slots
 
 BIGRAM_MULTIPLIERS = (36313, 27191)
@@ -105,10 +114,10 @@ class PackedTrainStream:
     """
 
     def __init__(self, paths: list[Path], plan, batch_slots: int, world_size: int, rank: int, bos: int,
-                 bigram_vocab_size: int):
+                 bigram_vocab_size: int, vocab_size: int | None = None):
         self.paths, self.plan, self.batch_slots = paths, plan, batch_slots
         self.world_size, self.rank, self.bos_token = world_size, rank, bos
-        self.bigram_vocab_size = bigram_vocab_size
+        self.bigram_vocab_size, self.vocab_size = bigram_vocab_size, vocab_size
         self._loaded = None  # (shard index, tokens, bos index)
         self.seek({"step": 0, "shard_index": 0, "cursor": 0})
 
@@ -122,7 +131,7 @@ class PackedTrainStream:
 
     def _load(self, index: int) -> None:
         if self._loaded is None or self._loaded[0] != index:
-            tokens = read_shard(self.paths[index])
+            tokens = load_checked(self.paths[index], self.vocab_size)
             self._loaded = (index, tokens, np.flatnonzero(tokens == self.bos_token))
 
     def next_step(self) -> list[tuple[np.ndarray, ...]]:
@@ -134,7 +143,7 @@ class PackedTrainStream:
             if packed is not None:
                 break
             if self.shard_index + 1 == len(self.paths):
-                raise RuntimeError(f"the train data ran out at step {self.step}: {len(self.paths)} shard(s) ending "
+                raise UserError(f"the train data ran out at step {self.step}: {len(self.paths)} shard(s) ending "
                                    f"with {self.paths[-1].name} hold no more whole steps of {self.batch_slots} x "
                                    f"{T + 1:,} tokens from document starts. Add train shards or run fewer steps")
             self.shard_index, self.cursor = self.shard_index + 1, 0
@@ -164,47 +173,39 @@ class PackedTrainLoader(PrefetchingLoader):
     """
 
     def __init__(self, shards, plan, batch_slots: int = 8, world_size: int = 1, rank: int = 0, bos: int = 50256,
-                 bigram_vocab_size: int = 754_560, device="cpu", prefetch: bool = True):
+                 bigram_vocab_size: int = 754_560, device="cpu", prefetch: bool = True, vocab_size: int | None = None):
         batch_slots = _check_int("batch_slots", batch_slots, 1)
         world_size, rank = _check_world(world_size, rank)
         if batch_slots % world_size:
             raise ValueError(f"world_size {world_size} must divide the {batch_slots} sequences of a step")
         _check_int("bigram_vocab_size", bigram_vocab_size, 2)
         stream = PackedTrainStream(train_shard_paths(shards), plan, batch_slots, world_size, rank, int(bos),
-                                   bigram_vocab_size)
+                                   bigram_vocab_size, vocab_size)
         super().__init__(stream, device, prefetch, ("step", "shard_index", "cursor"))
 
 
 def val_shard_path(val_shard) -> Path:
     """The val shard itself, or the one val shard (*_val_*.bin) in a folder."""
     path = Path(val_shard)
-    if path.is_dir():
-        found = list_shards(path, "val")
-        if len(found) != 1:
-            raise ValueError(f"val_shard: expected one val shard (*_val_*.bin) in {path}, found {len(found)}")
-        path = found[0]
-    return path
+    return the_val_shard(path) if path.is_dir() else path
 
 
 def packed_val_chunks(val_shard, val_tokens: int, val_batch_tokens: int, batch_slots: int = 8, world_size: int = 1,
-                      rank: int = 0, bos: int = 50256, bigram_vocab_size: int = 754_560):
+                      rank: int = 0, bos: int = 50256, bigram_vocab_size: int = 754_560, vocab_size: int | None = None):
     """This process's validation chunks (see the module docstring), in order, as an iterator of numpy arrays
     (inputs (T_val,) int32, targets (T_val,) int64, cu_seqlens (slots,) int32, bigram (T_val,) int32).
-    The arguments and the shard's size are checked now, before anything is read."""
+    The arguments, the shard's size and (with ``vocab_size``) its tokens are checked now."""
     val_tokens = _check_int("val_tokens", val_tokens, 1)
     val_batch_tokens = _check_int("val_batch_tokens", val_batch_tokens, 1)
     batch_slots = _check_int("batch_slots", batch_slots, 1)
     world_size, rank = _check_world(world_size, rank)
     if val_batch_tokens % batch_slots or val_tokens % val_batch_tokens:
-        raise ValueError(f"val_tokens {val_tokens:,} must be a multiple of the validation batch {val_batch_tokens:,}, "
+        raise UserError(f"val_tokens {val_tokens:,} must be a multiple of the validation batch {val_batch_tokens:,}, "
                          f"itself a multiple of {batch_slots} chunks")
     if batch_slots % world_size:
         raise ValueError(f"world_size {world_size} must divide the {batch_slots} chunks of a validation batch")
     path = val_shard_path(val_shard)
-    available = read_header(path)
-    if available < val_tokens + 1:
-        raise ValueError(f"val shard {path} holds {available:,} tokens; val_tokens {val_tokens:,} needs "
-                         f"{val_tokens + 1:,} (the targets are shifted by one)")
+    check_val_prefix(path, val_tokens, vocab_size)
     chunk = val_batch_tokens // batch_slots
     return _val_chunks(path, range(rank, val_tokens // chunk, world_size), chunk, bos, bigram_vocab_size)
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from speedrun.errors import UserError
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -43,13 +45,13 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 
 
-class ShardError(ValueError):
-    """A shard file is malformed. The message names the file and the exact problem."""
+class ShardError(UserError):
+    """A shard file is malformed or unusable. The message names the file and the exact problem."""
 
     def __init__(self, path, problem: str):
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(problem, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +222,39 @@ def data_vocab(folder) -> tuple[int, int]:
 
 
 def list_shards(folder, split: str) -> list[Path]:
-    """Shards of ``split`` ("train" or "val") in ``folder``, in sorted-name order."""
+    """Shards of ``split`` ("train" or "val") in ``folder``, in sorted-name order. A name that is not a readable
+    file (a broken or looping symbolic link, a folder) is an error, never skipped."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    return sorted(p for p in Path(folder).glob(f"*_{split}_*.bin") if p.is_file())
+    paths = sorted(Path(folder).glob(f"*_{split}_*.bin"))
+    for p in paths:
+        if not p.exists():  # also False for a symbolic link loop
+            raise ShardError(p, "a broken or looping symbolic link")
+        if not p.is_file():
+            raise ShardError(p, "is not a regular file")
+        if not os.access(p, os.R_OK):
+            raise ShardError(p, "cannot be read (permission denied)")
+    return paths
+
+
+def the_val_shard(folder) -> Path:
+    """The one val shard of ``folder`` (several would make "the validation loss" ambiguous)."""
+    found = list_shards(folder, "val")
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise UserError(f"expected exactly one val shard (*_val_*.bin), found {len(found)}: {names}", folder)
+    return found[0]
+
+
+def val_shard_sha256(path, manifest: dict | None) -> str:
+    """The sha256 of the val shard's bytes, read now (what the run validates on; the manifest's value is not
+    copied); a manifest that lists another hash for it is an error."""
+    digest = file_sha256(path)
+    listed = ((manifest or {}).get("files") or {}).get(Path(path).name)
+    if isinstance(listed, dict) and listed.get("sha256") not in (None, digest):
+        raise ShardError(path, f"sha256 {digest} does not match {MANIFEST_NAME} ({listed.get('sha256')!r}): "
+                               "the val shard changed since the manifest was written")
+    return digest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from speedrun.data.loader import TrainLoader, ValLoader, val_batches
 from speedrun.data.shards import ShardError, write_shard
+from speedrun.errors import UserError
 
 
 def write_train_shards(folder, sizes, rng):
@@ -95,7 +96,7 @@ def test_every_world_size_sees_the_recipe_stream(tmp_path, world_size):
     got = [[pair for loader in loaders for pair in take(loader, 1)[0]] for _ in expected]
     assert_same_steps(got, expected)
     for loader in loaders:
-        with pytest.raises(RuntimeError, match="ran out after 17 steps"):
+        with pytest.raises(UserError, match="ran out after 17 steps"):
             loader.next_step()
         loader.close()
 
@@ -131,9 +132,9 @@ def test_thread_error_reaches_the_consumer(tmp_path):
     write_train_shards(tmp_path, [300], np.random.default_rng(107))
     loader = TrainLoader(tmp_path, 16, 8, prefetch=True)
     take(loader, 2)
-    with pytest.raises(RuntimeError, match="ran out after 2 steps"):
+    with pytest.raises(UserError, match="ran out after 2 steps"):
         loader.next_step()
-    with pytest.raises(RuntimeError, match="ran out"):
+    with pytest.raises(UserError, match="ran out"):
         loader.next_step()  # not swallowed, not replaced by a hang
     loader.close()
 
@@ -182,7 +183,7 @@ def test_align_to_bos(tmp_path):
     assert aligned > 0 and unaligned > 0
     # the shard switch reserves a sequence: pos 1856 + 64 + 16 + 1 < 2000, but 1920 + 81 >= 2000
     take(loader, 5)
-    with pytest.raises(RuntimeError, match="ran out after 30 steps"):
+    with pytest.raises(UserError, match="ran out after 30 steps"):
         loader.next_step()
 
 

@@ -13,6 +13,7 @@ from speedrun import schedule
 from speedrun.config import Stage, get_preset
 from speedrun.data.packed import PackedTrainLoader, bigram_hash, packed_val_chunks
 from speedrun.data.shards import write_shard
+from speedrun.errors import UserError
 
 BOS = 50256
 
@@ -193,7 +194,7 @@ def test_running_out_of_data_is_a_clear_error(tmp_path):
     write_shards(tmp_path, [random_shard(rng, 1200, 10, 60)])
     stream = loader(tmp_path, small_staged_config())
     stream.next_step()
-    with pytest.raises(RuntimeError, match=r"train data ran out at step 1: 1 shard\(s\) ending with t_train_000001"):
+    with pytest.raises(UserError, match=r"train data ran out at step 1: 1 shard\(s\) ending with t_train_000001"):
         for _ in range(5):
             stream.next_step()
 
