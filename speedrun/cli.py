@@ -33,6 +33,23 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = _non_negative_int(text)
+    if value >= 2**63:  # what torch.manual_seed takes
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**63, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help=f"training recipe, named after the record it computes (default: {DEFAULT_GPU_PRESET} with "
@@ -49,7 +66,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=_positive_int, default=None, help="override the tokens per micro-batch sequence")
     p.add_argument("--seqs-per-forward", type=_positive_int, default=None,
                    help="sequences per forward pass (default: the preset's; the math does not change)")
-    p.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default: the preset's)")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed (default: the preset's)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile")
@@ -123,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", required=True, metavar="PATH")
     sample.add_argument("--prompt", default="", help="text to continue (GPT-2 tokenizer)")
     sample.add_argument("--max-new-tokens", type=_positive_int, default=100)
-    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--temperature", type=_positive_float, default=0.8)
     sample.add_argument("--top-k", type=_positive_int, default=50)
-    sample.add_argument("--seed", type=_non_negative_int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     return parser
 
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from speedrun.data.shards import atomic_write_bytes, atomic_write_text
+from speedrun.data.shards import atomic_write_bytes, atomic_write_files
 from speedrun.records import CheckResult, Record
 from speedrun.tracks import TRACKS, Track
 
@@ -180,12 +180,16 @@ def new_figure(width: float = 8.0, height: float = 4.5, rows: int = 1, cols: int
 
 def save_png(figure, path: Path) -> None:
     """Save without the variable metadata (software version), atomically: same input, same bytes."""
+    atomic_write_bytes(path, png_bytes(figure))
+
+
+def png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def progression_png(result: CheckResult, path: Path) -> None:
+def progression_png(result: CheckResult) -> bytes:
     figure, (ax,) = new_figure()
     by_track = result.by_track()
     plotted = False
@@ -210,7 +214,7 @@ def progression_png(result: CheckResult, path: Path) -> None:
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no records yet", ha="center", va="center", fontsize=14)
     ax.set_title("Speedrun records: time of the record over its date")
-    save_png(figure, path)
+    return png_bytes(figure)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,14 +223,13 @@ def progression_png(result: CheckResult, path: Path) -> None:
 
 
 def build(result: CheckResult, records_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the three outputs of a valid check result; returns their paths."""
+    """Write the three outputs of a valid check result, all or none; returns their paths."""
     markdown_path = out_dir / LEADERBOARD_NAME
     plot_path, csv_path = records_dir / PROGRESSION_NAME, records_dir / RUNS_CSV_NAME
     link_prefix = Path(os.path.relpath(records_dir, out_dir)).as_posix()
     text = markdown(result, link_prefix, f"{link_prefix}/{PROGRESSION_NAME}", f"{link_prefix}/{RUNS_CSV_NAME}")
-    atomic_write_text(csv_path, runs_csv(result))
-    progression_png(result, plot_path)
-    atomic_write_text(markdown_path, text)
+    atomic_write_files({csv_path: runs_csv(result).encode(), plot_path: progression_png(result),
+                        markdown_path: text.encode()})
     return [markdown_path, plot_path, csv_path]
 
 

@@ -110,6 +110,13 @@ def validate(sub: Submission, records_dir: Path, today: datetime.date) -> tuple[
         problems.append(f"--beats {sub.beats!r}: not a record path like '<track>/<YYYY-MM-DD>_<slug>'")
     if sub.readme is not None and not sub.readme.is_file():
         problems.append(f"--readme {sub.readme}: no such file")
+    elif sub.readme is not None:
+        try:
+            sub.readme.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"--readme {sub.readme}: not UTF-8 text ({e.reason} at byte {e.start})")
+        except OSError as e:
+            problems.append(f"--readme {sub.readme}: cannot be read ({e.strerror or e})")
     record_path = f"{sub.track}/{(date or today).isoformat()}_{slug}"
     if not problems and (records_dir / record_path).exists():
         problems.append(f"records/{record_path}: already exists (choose another --slug)")

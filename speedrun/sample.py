@@ -27,12 +27,23 @@ def load_checkpoint(path) -> tuple[GPT, RunConfig]:
         raise SystemExit(f"{path}: not a speedrun checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not {"config", "model"} <= set(state):
         raise SystemExit(f"{path}: not a speedrun checkpoint (expected 'config' and 'model' entries)")
-    cfg = RunConfig.from_dict(state["config"])
+    try:
+        cfg = RunConfig.from_dict(state["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SystemExit(f"{path}: not a speedrun checkpoint (its config is not a run config: "
+                         f"{type(e).__name__}: {e})") from None
     if cfg.model.arch == "record89":
         raise SystemExit(f"{path}: a {cfg.preset} checkpoint; `speedrun sample` reads the Sub3Min and baseline "
                          "models' checkpoints only (record #89's model returns losses, not logits)")
     model = GPT(cfg.model, kernels.resolve("torch"), dtype=torch.float32)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # missing, extra or misshapen weights
+        raise SystemExit(f"{path}: its weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SystemExit(f"{path}: the weights hold NaN or infinite values ({', '.join(bad[:3])}): "
+                         "a diverged model cannot be sampled")
     return model.eval(), cfg
 
 

@@ -165,7 +165,7 @@ class Sub3MinRace:
         slots_per_rank = cfg.data.batch_slots // env.world_size
         self.per_forward = max(1, min(cfg.data.seqs_per_forward, slots_per_rank))
         if slots_per_rank % self.per_forward:
-            raise ValueError(f"seqs_per_forward {self.per_forward} must divide the {slots_per_rank} sequences "
+            raise UserError(f"seqs_per_forward {self.per_forward} must divide the {slots_per_rank} sequences "
                              "per process")
         self.long_w = torch.ones((), dtype=torch.int32, device=device)
         self.short_w = torch.ones((), dtype=torch.int32, device=device)

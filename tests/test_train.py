@@ -194,21 +194,51 @@ def test_sample_from_a_checkpoint(synth_dir, tmp_path, capsys):
     assert "not a speedrun checkpoint" in capsys.readouterr().err
 
 
-def _torchrun(nproc, synth_dir, log_dir, seqs_per_forward):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "speedrun.cli", "train", "--preset", "sub3min-tiny", "--data", str(synth_dir),
-           "--seq-len", str(SEQ_LEN), "--val-tokens", str(VAL_TOKENS), "--steps", "4", "--val-every", "2",
-           "--log-dir", str(log_dir), "--quiet",
-           "--seqs-per-forward", str(seqs_per_forward)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+def _train_args(synth_dir, log_dir, seqs_per_forward) -> list[str]:
+    return ["-m", "speedrun.cli", "train", "--preset", "sub3min-tiny", "--data", str(synth_dir),
+            "--seq-len", str(SEQ_LEN), "--val-tokens", str(VAL_TOKENS), "--steps", "4", "--val-every", "2",
+            "--log-dir", str(log_dir), "--quiet", "--seqs-per-forward", str(seqs_per_forward)]
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _run_log(out, log_dir) -> dict:
     assert out.returncode in (0, 1), out.stdout + out.stderr
     (log,) = list(log_dir.glob("*.json"))
     return json.loads(log.read_text())
 
 
+def _torchrun(nproc, synth_dir, log_dir, seqs_per_forward):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *_train_args(synth_dir, log_dir, seqs_per_forward)]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=300)
+    return _run_log(out, log_dir)
+
+
+def _torchrun_two_nodes(synth_dir, log_dir, seqs_per_forward):
+    """Two torchrun "nodes" of one process each on this machine: the README's multi-node command, with the
+    c10d rendezvous on 127.0.0.1 (gloo between the processes)."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=speedrun-test", *_train_args(synth_dir, log_dir, seqs_per_forward)],
+                              cwd=REPO_ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    outs = []
+    for node in nodes:
+        stdout, _ = node.communicate(timeout=300)
+        outs.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, ""))
+    assert outs[1].returncode in (0, 1), outs[1].stdout
+    return _run_log(outs[0], log_dir)
+
+
 def test_two_processes_equal_one_process_with_accumulation(synth_dir, tmp_path):
-    """Two gloo processes = one process accumulating over the same 8 sequences.
+    """Two gloo processes (on one node, and as two nodes) = one process accumulating over the same 8 sequences.
 
     With 4 sequences per forward both runs do the same two forwards and average the same two gradients
     (once by accumulation, once by all-reduce), which is exact in floating point: the losses agree to
@@ -220,12 +250,15 @@ def test_two_processes_equal_one_process_with_accumulation(synth_dir, tmp_path):
     seqs_per_forward, rel = 4, 1e-6
     one = _torchrun(1, synth_dir, tmp_path / "one", seqs_per_forward)
     two = _torchrun(2, synth_dir, tmp_path / "two", seqs_per_forward)
-    assert two["env"]["world_size"] == 2 and one["env"]["world_size"] == 1
-    assert len(one["train_losses"]) == len(two["train_losses"]) == 4
-    for a, b in zip(one["train_losses"], two["train_losses"], strict=False):
-        assert a == pytest.approx(b, rel=rel, abs=rel)
-    for a, b in zip(one["val_curve"], two["val_curve"], strict=False):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=rel, abs=rel)
+    # the same, as two nodes of one process each (README, "on several nodes")
+    nodes = _torchrun_two_nodes(synth_dir, tmp_path / "nodes", seqs_per_forward)
+    assert two["env"]["world_size"] == nodes["env"]["world_size"] == 2 and one["env"]["world_size"] == 1
+    for other in (two, nodes):
+        assert len(one["train_losses"]) == len(other["train_losses"]) == 4
+        for a, b in zip(one["train_losses"], other["train_losses"], strict=True):
+            assert a == pytest.approx(b, rel=rel, abs=rel)
+        for a, b in zip(one["val_curve"], other["val_curve"], strict=True):
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=rel, abs=rel)
 
 
 def test_an_absolute_data_path_inside_the_clone_is_logged_relative_to_it(synth_dir, tmp_path, monkeypatch):

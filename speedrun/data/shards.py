@@ -61,23 +61,31 @@ class ShardError(UserError):
 
 def atomic_write_bytes(path, chunks: Iterable[bytes] | bytes) -> None:
     """Write ``chunks`` to ``path`` through a temp file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with mode 0o666 (not mkstemp's 0o600) so the file gets the permissions the umask gives.
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    atomic_write_files({path: chunks})
+
+
+def atomic_write_files(files: dict) -> None:
+    """Write every {path: bytes or chunks} as atomic_write_bytes does, all or none: each goes to a temp file
+    beside its path first, and the renames happen only when every temp file is complete."""
+    staged = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, chunks in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # os.open with mode 0o666 (not mkstemp's 0o600) so the file gets the permissions the umask gives.
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -193,15 +201,20 @@ def read_manifest(folder) -> dict | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-        raise ValueError(f"{path}: unknown manifest schema_version {manifest.get('schema_version')!r} "
-                         f"(expected {MANIFEST_SCHEMA_VERSION})" if isinstance(manifest, dict)
-                         else f"{path}: a manifest must be a JSON object")
+        raise UserError(f"the manifest is not valid JSON ({e})", path) from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the manifest is not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+    except RecursionError:
+        raise UserError("the manifest is nested too deeply", path) from None
+    if not isinstance(manifest, dict):
+        raise UserError("a manifest must be a JSON object", path)
+    if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise UserError(f"unknown manifest schema_version {manifest.get('schema_version')!r} "
+                        f"(expected {MANIFEST_SCHEMA_VERSION})", path)
     if not isinstance(manifest.get("files"), dict):
-        raise ValueError(f"{path}: manifest has no 'files' object")
+        raise UserError("the manifest has no 'files' object", path)
     return manifest
 
 
@@ -211,9 +224,17 @@ def write_manifest(folder, manifest: dict) -> None:
 
 
 def data_vocab(folder) -> tuple[int, int]:
-    """(vocab_size, eot_token) of the shards in ``folder``: the manifest's, else GPT-2's."""
+    """(vocab_size, eot_token) of the shards in ``folder``: the manifest's, else GPT-2's; checked (uint16
+    tokens: a vocabulary of 2 to 65,536 ids, the end-of-text id one of them)."""
     manifest = read_manifest(folder) or {}
-    return int(manifest.get("vocab_size", GPT2_VOCAB_SIZE)), int(manifest.get("eot_token", GPT2_EOT))
+    vocab_size, eot = manifest.get("vocab_size", GPT2_VOCAB_SIZE), manifest.get("eot_token", GPT2_EOT)
+    where = Path(folder) / MANIFEST_NAME
+    if type(vocab_size) is not int or not 2 <= vocab_size <= 65536:
+        raise UserError(f"manifest vocab_size must be an integer in [2, 65536], got {vocab_size!r}", where)
+    if type(eot) is not int or not 0 <= eot < vocab_size:
+        raise UserError(f"manifest eot_token must be an integer in [0, vocab_size = {vocab_size}), got {eot!r}",
+                        where)
+    return vocab_size, eot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +287,8 @@ def _manifest_vocab_size(manifest: dict | None) -> int:
     if manifest is None or "vocab_size" not in manifest:
         return GPT2_VOCAB_SIZE
     vocab_size = manifest["vocab_size"]
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 0 < vocab_size <= 65536:
-        raise ValueError(f"manifest vocab_size must be an integer in [1, 65536], got {vocab_size!r}")
+    if type(vocab_size) is not int or not 2 <= vocab_size <= 65536:
+        raise UserError(f"manifest vocab_size must be an integer in [2, 65536], got {vocab_size!r}")
     return vocab_size
 
 
@@ -311,14 +332,17 @@ def _verify_results(arg: str):
         # Without a readable manifest the shards are still checked, against the GPT-2 vocabulary.
         yield False, f"BAD  {folder / MANIFEST_NAME}: {e}"
         manifest, vocab_size = None, GPT2_VOCAB_SIZE
-    shards = sorted(p for p in path.glob("*.bin") if p.is_file()) if path.is_dir() else [path]
+    shards = sorted(path.glob("*.bin")) if path.is_dir() else [path]  # broken links too: reported below
     if path.is_dir() and not shards:
         yield False, f"BAD  {arg}: no shard files (*.bin) in this folder"
     for shard in shards:
         try:
             num_tokens = verify_shard(shard, vocab_size, manifest)
         except ShardError as e:
-            yield False, f"BAD  {shard}: {e.problem}"
+            if shard.is_symlink() and not shard.exists():
+                yield False, f"BAD  {shard}: a broken or looping symbolic link"
+            else:
+                yield False, f"BAD  {shard}: {e.problem}"
         except OSError as e:
             yield False, f"BAD  {shard}: cannot read ({e.strerror or e})"
         else:

@@ -44,6 +44,7 @@ from speedrun.data.shards import (
     write_manifest,
     write_shard,
 )
+from speedrun.errors import UserError
 
 GENERATOR_NAME = "hmm-topics"
 GENERATOR_VERSION = 2  # bump whenever the language or the sampling changes: ensure_synth then regenerates
@@ -287,18 +288,21 @@ def generate_synth(out_dir, seed: int = 0, train_tokens: int = DEFAULT_TRAIN_TOK
     """
     _check_sizes(seed, train_tokens, val_tokens, shard_tokens)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError("--out names a file; give a folder for the synthetic data", out)
     out.mkdir(parents=True, exist_ok=True)
     # Never mix with (or delete) other data: refuse a folder that holds any other shards.
     foreign = [p.name for p in out.glob("*.bin") if not p.name.startswith("synth_")]
     if foreign:
-        raise ValueError(f"out_dir {out} holds other shards ({', '.join(sorted(foreign)[:3])}, ...): "
-                         f"choose another folder for the synthetic data")
+        raise UserError(f"the folder holds other shards ({', '.join(sorted(foreign)[:3])}, ...): choose another "
+                        "folder for the synthetic data", out)
     try:
         kind = (read_manifest(out) or {}).get("kind", "synth")
     except ValueError:
         kind = "synth"  # a broken manifest next to synth shards only: it is replaced below
     if kind != "synth":
-        raise ValueError(f"out_dir {out} has a manifest of {kind!r} data: choose another folder for the synthetic data")
+        raise UserError(f"the folder has a manifest of {kind!r} data: choose another folder for the synthetic data",
+                        out)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for old in out.glob("synth_*.bin"):
         old.unlink()
@@ -352,6 +356,8 @@ def ensure_synth(out_dir, seed: int = 0, train_tokens: int = DEFAULT_TRAIN_TOKEN
     """
     _check_sizes(seed, train_tokens, val_tokens, shard_tokens)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError("--out names a file; give a folder for the synthetic data", out)
     out.mkdir(parents=True, exist_ok=True)
     params = _generator_params(seed, train_tokens, val_tokens, shard_tokens)
     with open(out / ".synth.lock", "w") as lock:

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 from collections import deque
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speedrun.data.shards import GPT2_EOT, GPT2_VOCAB_SIZE, MANIFEST_NAME, manifest_entry, write_manifest, write_shard
+from speedrun.errors import UserError
 
 TXT_MODES = ("lines", "file")
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -38,7 +40,7 @@ PARQUET_BATCH_ROWS = 1024
 SHARD_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class TokenizeError(ValueError):
+class TokenizeError(UserError):
     """Bad input or output folder; the message names the file (and line) and the problem."""
 
 
@@ -157,6 +159,12 @@ def tokenize_documents(documents: list[str]) -> np.ndarray:
     return np.array(tokens, dtype=np.uint16)  # GPT-2 ids are < 50257, so they fit
 
 
+def _ignore_interrupts() -> None:
+    """In each worker: Ctrl-C is the parent's to handle (which cleans up and stops the pool); a worker that
+    took it too would print its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _token_batches(batches, workers: int):
     """Tokenized batches, in input order, from ``workers`` processes (1: in this process)."""
     if workers == 1:
@@ -166,7 +174,7 @@ def _token_batches(batches, workers: int):
     # Pool.imap would feed tasks from a thread that reads the whole input ahead into memory; a
     # bounded window of apply_async results keeps memory small, keeps the order, and lets reading
     # errors surface here at once. "spawn" gives workers the current environment (TIKTOKEN_CACHE_DIR).
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
         in_flight = deque()
         for batch in batches:
             in_flight.append(pool.apply_async(tokenize_documents, (batch,)))
@@ -312,7 +320,12 @@ def tokenize_to_shards(inputs, out_dir, shard_tokens: int = 100_000_000, txt_mod
 
 def tokenize_command(inputs: list[str], out_dir: str, shard_tokens: int, txt_mode: str, name: str,
                      workers: int | None) -> int:
-    """``speedrun data tokenize``: 0 on success; 1 (and nothing written) on any error."""
+    """``speedrun data tokenize``: 0 on success; 1 (and nothing written) on any error; SIGTERM and Ctrl-C
+    clean up (the staging folder is removed) and exit 130."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         manifest = tokenize_to_shards(inputs, out_dir, shard_tokens, txt_mode, name, workers)
     except (TokenizeError, OSError) as e:
@@ -321,6 +334,8 @@ def tokenize_command(inputs: list[str], out_dir: str, shard_tokens: int, txt_mod
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {out_dir}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{manifest['documents']:,} documents, {manifest['tokens']:,} tokens -> "
           f"{len(manifest['files'])} shards in {out_dir} (check them with `speedrun data verify {out_dir}`)")
     return 0

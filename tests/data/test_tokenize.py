@@ -211,3 +211,29 @@ def test_failed_move_into_existing_folder_rolls_back(tmp_path, sample, monkeypat
     monkeypatch.undo()
     assert len(calls) == 3
     assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_run_cleans_up(signum, tmp_path, tiktoken_cache, monkeypatch, capsys):
+    """SIGTERM (a job scheduler's stop) and Ctrl-C in the middle: exit 130, no staging folder and no shards left."""
+    import os
+    import signal
+
+    (tmp_path / "in.txt").write_text("".join(f"document {i} about the speedrun\n" for i in range(3000)))
+    real_read = tokenize_text.read_documents
+
+    def read_then_signal(path, txt_mode):
+        for i, document in enumerate(real_read(path, txt_mode)):
+            if i == 2000:  # shards are being written into the staging folder by now
+                assert [p for p in tmp_path.iterdir() if "tokenizing" in p.name]
+                os.kill(os.getpid(), getattr(signal, signum))
+            yield document
+
+    monkeypatch.setattr(tokenize_text, "read_documents", read_then_signal)
+    monkeypatch.setattr(tokenize_text, "BATCH_CHARS", 2000)
+    before = signal.getsignal(signal.SIGTERM)
+    code = tokenize_command([str(tmp_path / "in.txt")], str(tmp_path / "out"), shard_tokens=1000, txt_mode="lines",
+                            name="fineweb", workers=1)
+    assert code == 130 and "interrupted; nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
