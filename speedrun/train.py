@@ -27,6 +27,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -41,7 +42,7 @@ from speedrun import REPO_ROOT, dist, schedule
 from speedrun.config import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, FOLLOWS, RunConfig, get_preset, window_blocks
 from speedrun.data.loader import TrainLoader, steps_in_shards, val_batches
 from speedrun.data.shards import data_vocab, list_shards, read_header, read_manifest, the_val_shard, val_shard_sha256
-from speedrun.errors import UserError
+from speedrun.errors import UserError, describe_os_error
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers, set_schedules
 from speedrun.runlog import RunLog, code_snapshot, environment, relative_to_repo, repo_or_absolute_path
@@ -287,7 +288,10 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
     except BaseException as error:  # the run ends with a complete log that says why; then the error goes on
         race.close()
         message = " ".join(f"{type(error).__name__}: {error}".split())[:2000]
-        finish_log(log, progress, env, "failed", None, None, message)
+        try:
+            finish_log(log, progress, env, "failed", None, None, message)
+        except OSError as log_error:  # e.g. the log folder went away: say so, and report the run's own error
+            print(f"speedrun: the run's log could not be finished ({describe_os_error(log_error)})", file=sys.stderr)
         raise
 
     # ---- after the clock: the result first, then the optional work ----

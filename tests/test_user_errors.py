@@ -348,3 +348,12 @@ def test_submit_with_a_readme_that_is_not_utf8(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in err
     assert "notes.md: not UTF-8 text" in out + err and not records.exists()
+
+
+def test_record89_data_shortfall_is_found_before_the_run(tmp_path, capsys):
+    """Record #89's packed stream: the planned steps' tokens (a lower bound: packing skips document tails)."""
+    generate_synth(tmp_path / "s", seed=1, train_tokens=30_000, val_tokens=140_000)
+    assert_user_error(["train", "--preset", "record89-tiny", "--data", str(tmp_path / "s"), "--steps", "200",
+                       "--log-dir", str(tmp_path / "logs")], capsys,
+                      "the train shards hold 30,000 tokens in 1 shard(s); the run's 200 steps need at least 628,288")
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").iterdir())
