@@ -455,6 +455,11 @@ def check_train_data(cfg: RunConfig, world_size: int, data_dir: Path) -> None:
     saying how many tokens the run needs and how many there are otherwise. Sub3Min's stream is counted by
     its own rule; record #89's packing cuts and skips document tails, so for it this is a lower bound (a
     shortfall found later fails the run with a complete log)."""
+    listed = ((read_manifest(data_dir) or {}).get("files") or {})
+    missing = sorted(name for name in listed if not (data_dir / name).exists())
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) listed in the manifest are missing ({', '.join(missing[:3])}): "
+                        "the data is incomplete (an interrupted download?)", data_dir)
     counts = [read_header(p) for p in list_shards(data_dir, "train")]
     n, have = cfg.train.num_steps, sum(counts)
     if cfg.schedule is None:

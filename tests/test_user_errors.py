@@ -131,6 +131,8 @@ BAD_DATA = {  # name: (how the data is broken, fragments of the message)
                                                                              "synth_val_000000.bin"]),
     "broken symbolic link": (_broken_link, ["a broken or looping symbolic link", "synth_train_000099.bin"]),
     "symbolic link loop": (_link_loop, ["a broken or looping symbolic link", "synth_train_000098.bin"]),
+    "a listed shard missing": (lambda d: train_shards(d)[1].unlink(), ["1 shard(s) listed in the manifest are "
+                                                                       "missing (synth_train_000002.bin)"]),
     "two val shards": (_second_val, ["expected exactly one val shard", "synth_val_000000.bin, synth_val_000001.bin"]),
     "manifest not JSON": (lambda d: (d / MANIFEST_NAME).write_text("{nope"), ["the manifest is not valid JSON"]),
     "manifest not UTF-8": (lambda d: (d / MANIFEST_NAME).write_bytes(b'{"a": "\xff"}'), ["not UTF-8 text"]),
