@@ -384,12 +384,16 @@ def report_png(record: Record, new_runs: list[Run], path: Path) -> None:
 
 def reproduce(record_spec: str, runs: int = 3, out: Path | None = None, records_dir: Path = RECORDS_DIR,
               data_root: Path = REPO_ROOT / "data", processes: int | None = None, python: str = sys.executable,
-              echo: bool = True) -> tuple[Path, bool]:
-    """Reproduce a record; returns (report folder, whether every run wrote a valid log)."""
+              echo: bool = True, confirm=None) -> tuple[Path, bool]:
+    """Reproduce a record; returns (report folder, whether every run wrote a valid log). ``confirm(text)``,
+    when given, is asked before the record's code runs (it executes with this user's permissions) and
+    refuses the reproduction by returning False."""
     if runs < 1:
         raise ReproduceError(f"--runs must be at least 1, got {runs}")
     record = find_record(record_spec, records_dir)
     reference = reference_run(record)
+    if confirm is not None and not confirm(execution_notice(record, reference, runs)):
+        raise ReproduceError(f"{record.label}: not reproduced (its code was not run)")
     if out is None:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         out = REPRODUCE_DIR / f"{record.path.replace('/', '__')}__{stamp}"
@@ -420,6 +424,22 @@ def reproduce(record_spec: str, runs: int = 3, out: Path | None = None, records_
     return out, len(new_runs) == len(attempts)
 
 
+def execution_notice(record: Record, reference: Run, runs: int) -> str:
+    files = reference.text.code_files
+    return (f"reproduce runs the code logged in {record.label}'s run logs ({len(files)} files, code sha256 "
+            f"{reference.facts['code']['code_sha256'][:12]}…), {runs} time(s), as you and with your permissions: "
+            "only reproduce records whose code you trust.")
+
+
+def ask_on_terminal(text: str) -> bool:
+    """Print ``text`` and ask to go on; without a terminal to ask on, refuse (pass --yes to run anyway)."""
+    print(text)
+    if not sys.stdin.isatty():
+        print("reproduce: no terminal to confirm on; pass --yes to run it", file=sys.stderr)
+        return False
+    return input("Run it? [y/N] ").strip().lower() in ("y", "yes")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("record", metavar="RECORD", help="a record folder, or <track>/<folder> inside records/")
     parser.add_argument("--runs", type=_positive_int, default=3, help="how many times to run it (default 3)")
@@ -429,13 +449,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the records folder (default: records/ of this repository)")
     parser.add_argument("--nproc", type=_positive_int, default=None,
                         help="processes (GPUs) per run (default: the record's, capped to the visible GPUs)")
+    parser.add_argument("--yes", action="store_true",
+                        help="run the record's logged code without asking (it runs with your permissions)")
 
 
 def reproduce_command(args: argparse.Namespace) -> int:
     """Run ``speedrun reproduce`` from parsed arguments (see add_arguments); returns the exit code."""
     try:
         out, all_valid = reproduce(args.record, runs=args.runs, out=args.out, records_dir=args.records,
-                                   processes=args.nproc)
+                                   processes=args.nproc, confirm=None if args.yes else ask_on_terminal)
     except ReproduceError as e:
         for line in str(e).split("\n"):
             print(line)

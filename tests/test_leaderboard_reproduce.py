@@ -118,3 +118,20 @@ def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_
     report = (out / "report.md").read_text()
     assert all_valid, report
     assert "Every reproduced run's code hash equals the record's" in report
+
+
+def test_reproduce_says_it_runs_the_logged_code_and_asks_first(tmp_path, capsys, monkeypatch):
+    from speedrun.reproduce import reproduce_main
+
+    folder = stand_in_record(tmp_path / "records")
+    argv = [str(folder), "--runs", "1", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records")]
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)  # no terminal (CI, a pipe): refused without --yes
+    assert reproduce_main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "reproduce runs the code logged in records/tiny-cpu/2025-01-01_stand-in's run logs" in out
+    assert "with your permissions" in out and "pass --yes to run it" in err
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert reproduce_main(argv) == 1
+    assert "not reproduced (its code was not run)" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
