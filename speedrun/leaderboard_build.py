@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import datetime
+import html
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +89,9 @@ def track_target_text(track: Track) -> str:
 
 
 def escape_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text from a record as literal text in a Markdown table cell: no HTML, links, emphasis or code."""
+    text = html.escape(" ".join(text.split()), quote=False)  # one line; <, > and & shown as themselves
+    return re.sub(r"([\\`*_\[\]|#!~])", r"\\\1", text)
 
 
 def markdown(result: CheckResult, link_prefix: str, plot_link: str, csv_link: str) -> str:

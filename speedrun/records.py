@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import re
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,12 @@ def check_meta(meta: dict, record_path: str, today: datetime.date) -> list[str]:
             problems.append(f"{where}: date {meta['date']} is in the future (today is {today.isoformat()} UTC)")
     if meta["kind"] not in KINDS:
         problems.append(f"{where}: kind {meta['kind']!r} must be one of {', '.join(KINDS)}")
+    for name in ("title", "description"):
+        if bad := unprintable(meta[name], allow_newlines=name == "description"):
+            problems.append(f"{where}: {name} holds {bad} (text from a record reaches terminals and web pages)")
+    for author in meta["authors"]:
+        if isinstance(author, str) and (bad := unprintable(author)):
+            problems.append(f"{where}: author {author!r} holds {bad}")
     if not meta["title"].strip():
         problems.append(f"{where}: title is empty")
     if not meta["description"].strip():
@@ -194,6 +201,21 @@ def check_meta(meta: dict, record_path: str, today: datetime.date) -> list[str]:
         problems.append(f"{where}: beats {meta['beats']!r} is not a record path like "
                         "'<track>/<YYYY-MM-DD>_<slug>' inside records/")
     return problems
+
+
+# bidirectional overrides and isolates: they reorder what a terminal or a browser shows
+BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+
+
+def unprintable(text: str, allow_newlines: bool = False) -> str | None:
+    """A description of the first control character in ``text`` (escape sequences, CR, bidi overrides...),
+    or None when it has none (a newline is allowed where ``allow_newlines``)."""
+    for i, ch in enumerate(text):
+        if ch == "\n" and allow_newlines:
+            continue
+        if unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS:
+            return f"the control character U+{ord(ch):04X} at position {i}"
+    return None
 
 
 def valid_record_path(text: str) -> bool:
@@ -208,18 +230,30 @@ def list_entries(folder: Path) -> list[os.DirEntry]:
 
 
 def _run_files(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
-    """Run ids with a .txt or .json in runs/, and problems with its entries."""
-    problems, stems = [], set()
+    """Run ids with both a .txt and a .json regular file in runs/ (nothing else is ever opened: a FIFO would
+    block), and problems with its entries."""
+    problems, regular, stems, present = [], set(), set(), set()
     for entry in list_entries(runs_dir):
+        present.add(entry.name)
         where = f"{label}/runs/{entry.name}"
         stem, dot, suffix = entry.name.rpartition(".")
+        if dot and suffix in ("txt", "json"):
+            stems.add(stem)
         if entry.is_symlink():
             problems.append(f"{where}: is a symbolic link (a record holds plain files only)")
-        elif not entry.is_file() or not dot or suffix not in ("txt", "json"):
+        elif not entry.is_file(follow_symlinks=False) or not dot or suffix not in ("txt", "json"):
             problems.append(f"{where}: unexpected entry (runs/ holds <run_id>.txt and <run_id>.json files only)")
         else:
-            stems.add(stem)
-    return sorted(stems), problems
+            regular.add(entry.name)
+    complete = []
+    for stem in sorted(stems):
+        pair = [f"{stem}.txt", f"{stem}.json"]
+        if all(name in regular for name in pair):
+            complete.append(stem)
+        for name in pair:
+            if name not in present:  # (one present but not regular is reported above)
+                problems.append(f"{label}/runs/{name}: missing (every run needs its .txt and .json log)")
+    return complete, problems
 
 
 def load_record(folder: Path, record_path: str, today: datetime.date) -> Record:
@@ -230,17 +264,25 @@ def load_record(folder: Path, record_path: str, today: datetime.date) -> Record:
     for name, entry in entries.items():
         if entry.is_symlink():
             record.problems.append(f"{label}/{name}: is a symbolic link (a record holds plain files only)")
-    try:
-        meta = json.loads((folder / "record.json").read_text(encoding="utf-8"))
-        if isinstance(meta, dict):
-            record.meta = meta
-            record.problems += check_meta(meta, record_path, today)
-        else:
-            record.problems.append(f"{label}/record.json: must hold a JSON object")
-    except FileNotFoundError:
+    meta_entry = entries.get("record.json")
+    if meta_entry is None:
         record.problems.append(f"{label}/record.json: missing")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        record.problems.append(f"{label}/record.json: malformed JSON: {e}")
+    elif not meta_entry.is_file(follow_symlinks=False):  # a folder, a FIFO (which would block a read), ...
+        record.problems.append(f"{label}/record.json: not a regular file")
+    else:
+        try:
+            meta = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+            if isinstance(meta, dict):
+                record.meta = meta
+                record.problems += check_meta(meta, record_path, today)
+            else:
+                record.problems.append(f"{label}/record.json: must hold a JSON object")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            record.problems.append(f"{label}/record.json: malformed JSON: {e}")
+        except RecursionError:
+            record.problems.append(f"{label}/record.json: malformed JSON: nested too deeply")
+        except OSError as e:
+            record.problems.append(f"{label}/record.json: cannot be read ({e.strerror or e})")
     if "README.md" not in entries or not entries["README.md"].is_file():
         record.problems.append(f"{label}/README.md: missing (the author's write-up)")
     if "runs" not in entries or entries["runs"].is_symlink() or not entries["runs"].is_dir():
@@ -382,23 +424,37 @@ def find_record_folders(root: Path) -> tuple[list[tuple[str, Path]], list[str], 
     return found, problems, warnings
 
 
+DUPLICATE_TIME_TOLERANCE = 0.005  # relative: two runs timed this close at every validation are one run
+
+
 def cross_record_problems(records: list[Record]) -> list[str]:
-    """Duplicate runs or logs across records, and claims to beat another record."""
+    """Duplicate runs (by id, or by content) across records, and claims to beat another record."""
     problems = []
-    seen_ids, seen_logs = {}, {}
+    seen_ids, by_losses = {}, defaultdict(list)
     for record in records:
         for run in record.runs:
-            for key, seen, what in ((run.run_id, seen_ids, "run id"),
-                                    (run.step_fingerprint, seen_logs, "log (identical step lines)")):
-                if key in seen:
-                    problems.append(f"{run.label}: duplicate {what}: also {seen[key]}")
-                else:
-                    seen[key] = run.label
+            if run.run_id in seen_ids:
+                problems.append(f"{run.label}: duplicate run id: also {seen_ids[run.run_id]}")
+            else:
+                seen_ids[run.run_id] = run.label
+            # the same validation losses (as logged) at the same steps, and times that agree at every one
+            key = tuple((step, loss) for step, loss, _ in run.val_points)
+            for other in by_losses[key]:
+                if same_times(run.val_points, other.val_points):
+                    problems.append(f"{run.label}: duplicate run (the same validation losses and times within "
+                                    f"{DUPLICATE_TIME_TOLERANCE:.1%} at every step): also {other.label}")
+                    break
+            by_losses[key].append(run)
     by_path = {r.path: r for r in records}
     for record in records:
         if record.meta is not None and record.stats is not None:
             problems += _check_beats(record, by_path)
     return problems
+
+
+def same_times(a: tuple, b: tuple) -> bool:
+    return all(abs(ta - tb) <= DUPLICATE_TIME_TOLERANCE * max(ta, tb) + 2
+               for (_, _, ta), (_, _, tb) in zip(a, b, strict=True))
 
 
 def _check_beats(record: Record, by_path: dict[str, Record]) -> list[str]:
@@ -439,8 +495,14 @@ PARALLEL_MIN_RECORDS = 256  # below this, starting worker processes costs more t
 
 
 def load_summarized_record(folder: Path, record_path: str, today: datetime.date) -> Record:
-    """load_record, keeping only each run's RunSummary (the leaderboard needs numbers, not code)."""
-    record = load_record(folder, record_path, today)
+    """load_record, keeping only each run's RunSummary (the leaderboard needs numbers, not code). A record
+    whose files cannot be read is reported as a problem of its own; the other records are still checked."""
+    try:
+        record = load_record(folder, record_path, today)
+    except (OSError, RecursionError, UnicodeError) as e:
+        what = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        return Record(path=record_path, folder=folder, meta=None,
+                      problems=[f"records/{record_path}: cannot be read ({what})"])
     record.runs = [run.summary() for run in record.runs]
     return record
 

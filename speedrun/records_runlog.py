@@ -107,7 +107,6 @@ class TextLog:
     train_lines: list[TrainLine]
     summary_text: str | None  # None: the run never ended (killed), so no summary was written
     summary_start: int
-    step_fingerprint: str  # sha256 of the step lines: two different runs never share it
 
     def source(self, path: str) -> str | None:
         """The exact source of a snapshot file, or None when the snapshot does not match its hash."""
@@ -125,7 +124,7 @@ class RunSummary:
     finished: bool
     final_val_loss: float | None  # from the text log's last-step validation line
     train_time_ms: int | None  # idem
-    step_fingerprint: str
+    val_points: tuple  # ((step, val_loss, train_time_ms), ...) of the text log: what duplicates are judged by
     seed: int
     num_steps: int
     target_val_loss: float | None
@@ -152,7 +151,8 @@ class Run:
         facts, env = self.facts, self.facts["env"]
         return RunSummary(run_id=self.run_id, label=self.label, status=self.status, finished=self.finished,
                           final_val_loss=self.final_val_loss, train_time_ms=self.train_time_ms,
-                          step_fingerprint=self.text.step_fingerprint, seed=facts["seed"],
+                          val_points=tuple((v.step, v.val_loss, v.train_time_ms) for v in self.text.val_lines),
+                          seed=facts["seed"],
                           num_steps=facts["config"]["train"]["num_steps"], target_val_loss=facts["target_val_loss"],
                           device=env["device"], gpu_name=env["gpu_name"], gpu_count=env["gpu_count"],
                           torch=env["torch"], code_sha256=facts["code"]["code_sha256"])
@@ -294,12 +294,10 @@ def parse_text_log(text: str) -> TextLog:
     step_start = i - len(step_section) + 1
     val_lines, train_lines = _parse_step_lines(step_section, step_start)
     summary_text = "\n".join(lines[i + 1:]) if i < len(lines) else None
-    step_text = "\n".join(line for line in step_section if line.startswith("step:"))
     return TextLog(run_id=run_id, code_files=code_files, code_sources=code_sources,
                    code_header_lines=header_lines, code_sha256=code_sha256, env_text="\n".join(env_lines),
                    config_text="\n".join(config_lines), env_start=env_start, config_start=config_start,
-                   val_lines=val_lines, train_lines=train_lines, summary_text=summary_text, summary_start=i + 2,
-                   step_fingerprint=hashlib.sha256(step_text.encode()).hexdigest())
+                   val_lines=val_lines, train_lines=train_lines, summary_text=summary_text, summary_start=i + 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +318,8 @@ def load_run(txt_path: Path, json_path: Path, label: str | None = None) -> tuple
         problems.append(f"{label}: not UTF-8 text ({e.reason} at byte {e.start})")
     except LogFormatError as e:
         problems.append(f"{label}:{e.lineno}: {e}")
+    except RecursionError:
+        problems.append(f"{label}: a JSON section is nested too deeply")
     try:
         json_text = json_path.read_text(encoding="utf-8")
         facts = json.loads(json_text)
@@ -333,6 +333,8 @@ def load_run(txt_path: Path, json_path: Path, label: str | None = None) -> tuple
         problems.append(f"{json_label}: not UTF-8 text ({e.reason} at byte {e.start})")
     except json.JSONDecodeError as e:
         problems.append(f"{json_label}:{e.lineno}: malformed JSON: {e.msg}")
+    except RecursionError:
+        problems.append(f"{json_label}: malformed JSON: nested too deeply")
     if problems:
         return None, problems
     return Run(run_id=txt_path.stem, txt_path=txt_path, json_path=json_path, label=label, text=text,
@@ -686,7 +688,16 @@ def _check_outcome(run: Run) -> list[str]:
     facts, text, jlabel = run.facts, run.text, json_label(run)
     problems = []
     status, num_steps = facts["status"], facts["config"]["train"]["num_steps"]
-    if not run.finished or not text.val_lines or text.val_lines[-1].step != num_steps:
+    validated_at_end = bool(text.val_lines) and text.val_lines[-1].step == num_steps
+    unfinished = status in ("running", "aborted", "diverged", "failed")
+    if unfinished and validated_at_end and math.isfinite(text.val_lines[-1].val_loss):
+        # the trainer validates at the last step only when every step ran and no loss was NaN: a run that did
+        # so was not aborted, diverged or failed (relabelling it would drop a slow run from the statistics)
+        last = text.val_lines[-1]
+        problems.append(f"{jlabel}: status {status}, but the text log validated at its last step "
+                        f"{num_steps} (line {last.lineno}: val_loss {last.val_loss:.4f}): the run finished")
+        return problems
+    if not run.finished or not validated_at_end:
         if status == "diverged" and facts["diverged_at_step"] is None:
             problems.append(f"{jlabel}: status diverged without diverged_at_step")
         return problems

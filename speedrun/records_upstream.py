@@ -221,6 +221,8 @@ def load_upstream_json(json_path: Path, label: str | None = None) -> tuple[dict 
         return None, [f"{label}: missing"]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, [f"{label}: malformed JSON: {e}"]
+    except RecursionError:
+        return None, [f"{label}: malformed JSON: nested too deeply"]
     if not txt_path.is_file():
         return None, [f"{txt_label}: missing (an imported run keeps its original log)"]
     facts, problem = read_upstream_log(txt_path)

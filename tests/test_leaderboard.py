@@ -4,6 +4,8 @@ and the pieces of reproduce. Every fixture is written here, through the trainer'
 import datetime
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -292,7 +294,82 @@ def test_rejects_a_copied_log_under_a_new_run_id(records):
         shutil.copy(folder / f"runs/f0{suffix}", folder / f"runs/copy{suffix}")
     edit(folder / "runs/copy.txt", "run_id: f0", "run_id: copy")
     edit_run_facts(folder / "runs/copy.txt", lambda f: f.update(run_id="copy"))
-    assert_one_problem_like(records, "runs/f0.txt: duplicate log (identical step lines): also", "runs/copy.txt")
+    assert_one_problem_like(records, "runs/f0.txt: duplicate run (the same validation losses and times", "copy.txt")
+
+
+def test_rejects_a_disguised_copy_in_another_record(records):
+    """A record copied under fresh run ids with a step time moved by 1 ms is still the same runs."""
+    first = make(records)
+    copy = records / "tiny-cpu/2025-01-02_copy"
+    shutil.copytree(first, copy)
+    edit(copy / "record.json", '"2025-01-01"', '"2025-01-02"')
+    edit(copy / "record.json", '"beats": null', '"beats": "tiny-cpu/2025-01-01_first"')
+    for i in range(3):
+        for suffix in (".txt", ".json"):
+            (copy / f"runs/f{i}{suffix}").rename(copy / f"runs/c{i}{suffix}")
+        edit(copy / f"runs/c{i}.txt", f"run_id: f{i}", f"run_id: c{i}")
+        edit_run_facts(copy / f"runs/c{i}.txt", lambda f, i=i: f.update(run_id=f"c{i}"))
+    text = (copy / "runs/c0.txt").read_text()
+    line = re.search(r"^step:3/20 train_time:(\d+)ms step_avg:[\d.]+ms$", text, re.M)
+    ms = int(line[1]) + 1
+    edit(copy / "runs/c0.txt", line[0], f"step:3/20 train_time:{ms}ms step_avg:{ms / 3:.2f}ms")
+    problems = problems_of(records)
+    duplicates = [p for p in problems if "duplicate run (the same validation losses" in p]
+    assert len(duplicates) == 3 and all("_copy/runs/c" in p and "_first/runs/f" in p for p in duplicates), problems
+
+
+def test_same_losses_at_other_speeds_are_not_duplicates(records):
+    """A systems record: the same math (the same seeds give the same losses on a CPU), another speed."""
+    make(records)
+    make(records, "faster", date="2025-01-02", runs=good_runs("g", time_ms=40_000), beats="tiny-cpu/2025-01-01_first")
+    assert not [p for p in problems_of(records) if "duplicate" in p]
+
+
+def test_rejects_a_finished_run_relabelled_aborted(records):
+    """Relabelling a slow finished run "aborted" would drop it from the record's time; its log says otherwise."""
+    folder = make(records)
+    edit_run_facts(folder / "runs/f2.txt", lambda f: f.update(status="aborted", final_val_loss=None))
+    assert_one_problem_like(records, "runs/f2.json: status aborted, but the text log validated at its last step 20")
+
+
+def test_non_regular_and_deeply_nested_files_are_problems_not_crashes(records):
+    bad_json = make(records, "nested", date="2025-01-03")
+    (bad_json / "record.json").write_text("[" * 100_000 + "]" * 100_000)
+    folder_meta = make(records, "folder", date="2025-01-04")
+    (folder_meta / "record.json").unlink()
+    (folder_meta / "record.json").mkdir()
+    fifo = make(records, "fifo", date="2025-01-05")
+    (fifo / "record.json").unlink()
+    os.mkfifo(fifo / "record.json")  # opening it would block forever
+    (fifo / "runs/f0.json").unlink()
+    os.mkfifo(fifo / "runs/f0.json")
+    deep_run = make(records, "deep", date="2025-01-06")
+    (deep_run / "runs/d0.json").write_text("[" * 100_000 + "]" * 100_000)
+    problems = problems_of(records)
+    for fragment in ("_nested/record.json: malformed JSON: nested too deeply",
+                     "_folder/record.json: not a regular file", "_fifo/record.json: not a regular file",
+                     "_fifo/runs/f0.json: unexpected entry", "_deep/runs/d0.json: malformed JSON: nested too deeply"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("title", "Fast \x1b[2J\x1b[31mred", "title holds the control character U+001B"),
+    ("title", "over\rwrite", "title holds the control character U+000D"),
+    ("description", "looks \u202eresrever", "description holds the control character U+202E"),
+    ("authors", ["Ada\x07"], "author 'Ada\\x07' holds the control character U+0007"),
+])
+def test_rejects_control_characters_in_record_text(records, field, value, fragment):
+    folder = make(records)
+    edit_json(folder / "record.json", lambda meta: meta.update({field: value}))
+    assert_one_problem_like(records, fragment)
+
+
+def test_record_text_is_shown_escaped(records, tmp_path):
+    make(records, title="<img src=x onerror=alert(1)> | [click](http://evil) *x*")
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    board = (tmp_path / "LEADERBOARD.md").read_text()
+    assert "&lt;img src=x onerror=alert(1)&gt; \\| \\[click\\](http://evil) \\*x\\*" in board
+    assert "<img" not in board
 
 
 def test_rejects_missing_final_step_validation(records):
