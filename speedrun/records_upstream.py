@@ -35,8 +35,9 @@ UPSTREAM_TRACK = TRACKS["8xH100-3.28"]
 SEPARATOR = re.compile(r"^={20,}$")
 VAL_PATTERN = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+(?:\.\d+)?)ms step_avg:\S*ms$")
 TRAIN_PATTERN = re.compile(r"^step:(\d+)/(\d+)(?: train_loss:\S+)? train_time:(\d+(?:\.\d+)?)ms step_avg:\S*ms$")
-PYTHON_PATTERN = re.compile(r"^Running Python (\S+)")
-TORCH_PATTERN = re.compile(r"^Running PyTorch (\S+)(?: compiled for CUDA (\S+))?")
+PYTHON_PATTERN = re.compile(r"^Running Python (\S+)", re.IGNORECASE)
+TORCH_PATTERN = re.compile(r"^Running PyTorch (\S+)(?: compiled for CUDA (\S+))?", re.IGNORECASE)
+CUDA_SUFFIX = re.compile(r"\+cu(\d+)(\d)$")  # a torch build's "+cu124": CUDA 12.4
 GPU_ROW_PATTERN = re.compile(r"^\|\s+(\d+)\s+(\S.*?)\s{2,}(?:On|Off)\s+\|")
 
 
@@ -61,14 +62,15 @@ class ParsedUpstream:
 def parse_upstream_log(text: str) -> ParsedUpstream:
     """Parse a modded-nanogpt log; raises UpstreamLogError with the 1-based line number of the problem."""
     lines = [line.rstrip("\r") for line in text.split("\n")]
-    separator = next((i for i, line in enumerate(lines) if SEPARATOR.match(line)), None)
-    if separator is None:
+    separators = [i for i, line in enumerate(lines) if SEPARATOR.match(line)]
+    if not separators:
         raise UpstreamLogError(len(lines), "no line of '=' characters after the code header")
-    if separator == 0 or not any(line.strip() for line in lines[:separator]):
-        raise UpstreamLogError(1, "no code header before the line of '=' characters")
-    first_step = next((i for i in range(separator + 1, len(lines)) if lines[i].startswith("step:")), None)
+    first_step = next((i for i in range(separators[0] + 1, len(lines)) if lines[i].startswith("step:")), None)
     if first_step is None:
         raise UpstreamLogError(len(lines), "no step lines after the header")
+    separator = _code_end(lines, [s for s in separators if s < first_step], first_step)
+    if separator == 0 or not any(line.strip() for line in lines[:separator]):
+        raise UpstreamLogError(1, "no code header before the line of '=' characters")
     header = lines[separator + 1:first_step]
     python = torch = cuda = None
     gpu_names = []
@@ -77,6 +79,8 @@ def parse_upstream_log(text: str) -> ParsedUpstream:
             python = m[1]
         elif m := TORCH_PATTERN.match(line):
             torch, cuda = m[1], m[2]
+            if cuda is None and (suffix := CUDA_SUFFIX.search(torch)):
+                cuda = f"{suffix[1]}.{suffix[2]}"
         elif m := GPU_ROW_PATTERN.match(line):
             gpu_names.append(m[2])
     smi = [line for line in header if line.startswith(("|", "+"))]
@@ -84,6 +88,17 @@ def parse_upstream_log(text: str) -> ParsedUpstream:
     return ParsedUpstream(code="\n".join(lines[:separator]) + "\n", python=python, torch=torch, cuda=cuda,
                           gpu_names=gpu_names, nvidia_smi="\n".join(smi) if smi else None,
                           val_points=val_points, num_steps=num_steps)
+
+
+def _code_end(lines: list[str], separators: list[int], first_step: int) -> int:
+    """The line of '=' that ends the code: the last one before the version header (the code may hold such
+    lines itself); without a recognisable header, the first."""
+    for s in reversed(separators):
+        end = min([t for t in separators if t > s] + [first_step])
+        if any(PYTHON_PATTERN.match(line) or TORCH_PATTERN.match(line) or GPU_ROW_PATTERN.match(line)
+               for line in lines[s + 1:end]):
+            return s
+    return separators[0]
 
 
 def _parse_steps(lines: list[str], first: int) -> tuple[list[tuple[int, int, float, float]], int]:

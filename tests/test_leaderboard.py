@@ -715,3 +715,13 @@ def test_a_time_interval_reaching_below_zero_is_shown_from_zero(records, tmp_pat
     assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
     board = (tmp_path / "LEADERBOARD.md").read_text()
     assert f"| 0.00 – {high / 1000:.2f} |" in board and "-" + f"{abs(low) / 1000:.2f}" not in board
+
+
+def test_import_upstream_reads_lowercase_versions_and_a_line_of_equals_in_the_code():
+    text = upstream_log().replace("Running PyTorch 2.7.0.dev20250110+cu126 compiled for CUDA 12.6",
+                                  "Running pytorch 2.6.0.dev20241203+cu124")
+    text = text.replace("import os\n", "import os\n" + "=" * 80 + "\n# a banner in the script\n", 1)
+    parsed = parse_upstream_log(text)
+    assert parsed.torch == "2.6.0.dev20241203+cu124" and parsed.cuda == "12.4"
+    assert parsed.code.startswith("import os\n" + "=" * 80 + "\n# a banner") and "code = f.read()" in parsed.code
+    assert parsed.python == "3.12.7" and len(parsed.gpu_names) == 8
