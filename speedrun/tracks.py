@@ -1,10 +1,13 @@
 """Tracks: the one table that fixes what a record on each track means.
 
-A track fixes the target validation loss, the number of validation tokens, the data and the hardware
-class. The trainer stamps the track into every run log; the leaderboard validates runs against this
-same table. A target is either a fixed number (the real speedrun's 3.28) or a fixed margin above the
-data's Bayes-optimal loss, which the synthetic data generator computes exactly and writes into its
-manifest (the CPU track): either way no target is ever typed into a log or a record by hand.
+A track fixes the target validation loss, the number of validation tokens, the validation data and the
+hardware class. The trainer stamps the track into every run log; the leaderboard validates runs against
+this same table. A target is either a fixed number (the real speedrun's 3.28) or a fixed margin above the
+Bayes-optimal loss of the track's own validation data (the CPU track: the synthetic language of
+``speedrun data synth``'s default seed, whose generator computes that loss exactly). The validation data
+is identified by the sha256 of its val shard. Both belong here, not to a data folder's manifest that
+anyone can edit: a run on other validation data is not on the track, and a log claiming another target
+is rejected. ``tests/test_leaderboard_reproduce.py`` regenerates the CPU track's data and checks both.
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ class Track:
     gpu_count: int  # processes/GPUs a record run must use (0 = CPU only)
     gpu_model: str | None  # substring the GPU name must contain (None = any / CPU)
     target_val_loss: float | None = None  # a fixed target ...
-    target_margin_over_floor: float | None = None  # ... or a margin above the data's optimal loss
+    target_margin_over_floor: float | None = None  # ... or a margin above the track's data's optimal loss
+    data_floor: float | None = None  # the optimal loss of the track's first val_tokens validation targets
+    val_data_sha256: str | None = None  # the track's val shard (None: not yet known; runs must then agree)
 
     def target(self, data_floor: float | None = None) -> float:
-        """The target validation loss; ``data_floor`` is the data's Bayes-optimal loss (synthetic data)."""
+        """The target validation loss. ``data_floor``: a margin track's target over other data (a run off the
+        track, e.g. a test's small synthetic data); the track's own data by default."""
         if self.target_val_loss is not None:
             return self.target_val_loss
-        if data_floor is None:
+        floor = self.data_floor if data_floor is None else data_floor
+        if floor is None:
             raise ValueError(f"track {self.name!r} sets its target above the data's optimal loss, "
                              "but the data's manifest gives none (generate it with `speedrun data synth`)")
-        return round(data_floor + self.target_margin_over_floor, 4)
+        return round(floor + self.target_margin_over_floor, 4)
 
 
 TRACKS: dict[str, Track] = {
@@ -56,6 +63,10 @@ TRACKS: dict[str, Track] = {
             gpu_count=0,
             gpu_model=None,
             target_margin_over_floor=0.15,
+            # `speedrun data synth` (seed 0, generator version 1): its manifest's val_optimal_loss_prefix for
+            # 131,072 tokens and the sha256 of synth_val_000000.bin (both recomputed by the test named above)
+            data_floor=4.461653401648635,
+            val_data_sha256="866d84c8fffccc9cf4ee81e15953879a4c45d380e6b44d238018f4a4ad1fa156",
         ),
     )
 }

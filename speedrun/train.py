@@ -559,6 +559,22 @@ def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, di
     return cfg, data_dir, manifest
 
 
+def track_of_run(cfg: RunConfig, data_dir: Path, manifest: dict):
+    """(the preset's track, whether this run is on it, its target). On the track: the track's kind of data
+    with the track's own val shard (by sha256, when the track names it) and the track's target. Other
+    synthetic data with a known floor still gets a target over its own floor (for experiments), off the
+    track; any other data none."""
+    track = get_track(cfg.track)
+    same_kind = (track.data == "synth") == (manifest.get("kind") == "synth")
+    sha = val_shard_sha256(the_val_shard(data_dir), manifest) if track.val_data_sha256 is not None else None
+    if same_kind and sha == track.val_data_sha256 and cfg.data.val_tokens == track.val_tokens:
+        return track, True, track.target()
+    floor = data_floor(manifest, cfg.data.val_tokens)
+    own_target = track.target(floor) if same_kind and (track.target_val_loss is not None or floor is not None) \
+        else None
+    return track, False, own_target
+
+
 def data_floor(manifest: dict, val_tokens: int) -> float | None:
     """The exact optimal loss of the first ``val_tokens`` val targets, where the data's generator knows it."""
     prefixes = manifest.get("val_optimal_loss_prefix") or {}  # the synthetic generator writes these
@@ -586,12 +602,7 @@ def train_command(args) -> int:
         if env.is_main:  # before the data is prepared (synthetic data takes a while)
             check_writable_outputs(log_dir, checkpoint)
         cfg, data_dir, manifest = prepare_data(cfg, env)
-        track = get_track(cfg.track)
-        floor = data_floor(manifest, cfg.data.val_tokens)
-        on_track = (track.data == "synth") == (manifest.get("kind") == "synth")
-        if track.target_val_loss is None and floor is None:
-            on_track = False  # a target above the data's floor needs the floor of exactly these val tokens
-        target = track.target(floor) if on_track else None
+        track, on_track, target = track_of_run(cfg, data_dir, manifest)
         if env.is_main:
             print(f"speedrun: preset {cfg.preset}, track {track.name if on_track else 'none (off-track data)'}, "
                   f"target {target if target is not None else 'none'}, kernels {cfg.train.kernels}, "

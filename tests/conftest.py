@@ -6,6 +6,7 @@ import shutil
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -72,3 +73,14 @@ def tiny_track_run(tmp_path_factory):
                            capture_output=True, text=True)
     assert train.returncode == 0, train.stdout + train.stderr
     return data, logs
+
+
+@pytest.fixture
+def synthetic_track_data(monkeypatch):
+    """The tiny-cpu track's validation data as the synthetic run logs (speedrun/records_synthetic.py) claim it,
+    in place of the real track's (speedrun/tracks.py), for tests of the leaderboard on those logs."""
+    from speedrun.records_synthetic import SYNTH_FLOOR, SYNTH_VAL_SHA256
+    from speedrun.tracks import TRACKS
+
+    monkeypatch.setitem(TRACKS, "tiny-cpu", dataclasses.replace(TRACKS["tiny-cpu"], data_floor=SYNTH_FLOOR,
+                                                                 val_data_sha256=SYNTH_VAL_SHA256))

@@ -23,6 +23,8 @@ from speedrun.records_synthetic import synthetic_env, write_synthetic_record, wr
 from speedrun.records_upstream import parse_upstream_log
 from speedrun.tracks import TRACKS
 
+REAL_TINY_CPU = TRACKS["tiny-cpu"]
+pytestmark = pytest.mark.usefixtures("synthetic_track_data")  # the synthetic logs' val data is the track's
 TARGET = TRACKS["tiny-cpu"].target(5.0619)  # the synthetic runs' data floor + the track's margin
 
 
@@ -150,17 +152,21 @@ def test_the_fast_config_key_equals_the_json_one(tmp_path):
     assert '"seed"' not in run.config_key
 
 
-def test_the_committed_records_pass_check():
+def test_the_committed_records_pass_check(monkeypatch):
+    monkeypatch.setitem(TRACKS, "tiny-cpu", REAL_TINY_CPU)  # the real track, not the synthetic logs' stand-in
     result = check_tree()  # the repository's own records/
     assert result.problems == [], "\n".join(result.problems)
 
 
 def test_the_cli_entry_point_runs_from_the_repository_root(records):
-    make(records)
-    out = subprocess.run([sys.executable, "leaderboard.py", "check", "--records", str(records)], cwd=REPO_ROOT,
+    out = subprocess.run([sys.executable, "leaderboard.py", "check"], cwd=REPO_ROOT,  # the committed records
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "check: ok: 1 record(s), 3 run(s)" in out.stdout
+    assert "check: ok: 2 record(s), 5 run(s)" in out.stdout
+    make(records)  # synthetic logs claim other val data than the real track's: rejected, one line each
+    out = subprocess.run([sys.executable, "leaderboard.py", "check", "--records", str(records)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "not track tiny-cpu's (866d84c8fffc…)" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,3 +731,18 @@ def test_import_upstream_reads_lowercase_versions_and_a_line_of_equals_in_the_co
     assert parsed.torch == "2.6.0.dev20241203+cu124" and parsed.cuda == "12.4"
     assert parsed.code.startswith("import os\n" + "=" * 80 + "\n# a banner") and "code = f.read()" in parsed.code
     assert parsed.python == "3.12.7" and len(parsed.gpu_names) == 8
+
+
+def test_the_target_and_val_data_are_the_tracks_not_the_logs(records):
+    """A data folder's manifest is anyone's to edit: a log whose data floor (and so target) was raised, or
+    that validated on other data, is rejected; the track (speedrun/tracks.py) says what both must be."""
+    folder = make(records)
+
+    def raise_the_floor(facts):
+        facts["data"]["val_optimal_loss"], facts["target_val_loss"] = 9.0, 9.15
+
+    edit_run_facts(folder / "runs/f0.txt", raise_the_floor)
+    assert_one_problem_like(records, "runs/f0.json: target_val_loss 9.15 is not track tiny-cpu's 5.2119")
+    edit_run_facts(folder / "runs/f1.txt", lambda f: f["data"].update(val_shard_sha256="6" * 64))
+    assert_one_problem_like(records, "runs/f1.json: validated on val data with sha256 666666666666…, not track "
+                                     "tiny-cpu's (555555555555…)")

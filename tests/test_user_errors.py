@@ -326,10 +326,12 @@ def test_data_verify_reports_broken_links(data, capsys):
     assert "synth_train_000099.bin: a broken or looping symbolic link" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("synthetic_track_data")  # the synthetic logs' val data stands for the track's
 def test_leaderboard_outputs_into_unwritable_places(tmp_path, capsys):
     records = tmp_path / "records"
     write_synthetic_record(records, "tiny-cpu", "2025-01-01", "first",
-                           [dict(run_id=f"r{i}", seed=i, final_val_loss=5.1, train_time_ms=6e4 + i) for i in range(3)])
+                           [dict(run_id=f"r{i}", seed=i, final_val_loss=5.1 + 0.001 * i, train_time_ms=6e4 + 50 * i)
+                            for i in range(3)])
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert_user_error(["compare", "tiny-cpu/2025-01-01_first", "tiny-cpu/2025-01-01_first", "--records",
@@ -340,6 +342,7 @@ def test_leaderboard_outputs_into_unwritable_places(tmp_path, capsys):
     assert sorted(p.name for p in records.iterdir()) == before  # nothing of the build written: all or none
 
 
+@pytest.mark.usefixtures("synthetic_track_data")  # the synthetic logs' val data stands for the track's
 def test_submit_with_a_readme_that_is_not_utf8(tmp_path, capsys):
     logs = [write_synthetic_run(tmp_path / "logs", f"r{i}", seed=i)[0] for i in range(3)]
     readme = tmp_path / "notes.md"

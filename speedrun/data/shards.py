@@ -269,7 +269,8 @@ def the_val_shard(folder) -> Path:
 
 def val_shard_sha256(path, manifest: dict | None) -> str:
     """The sha256 of the val shard's bytes, read now (what the run validates on; the manifest's value is not
-    copied); a manifest that lists another hash for it is an error."""
+    copied); a manifest that lists another hash for it is an error (a malformed shard is reported as such)."""
+    read_header(path)
     digest = file_sha256(path)
     listed = ((manifest or {}).get("files") or {}).get(Path(path).name)
     if isinstance(listed, dict) and listed.get("sha256") not in (None, digest):
