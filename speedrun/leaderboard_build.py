@@ -10,7 +10,6 @@ matplotlib version, so building twice gives byte-identical files.
 from __future__ import annotations
 
 import csv
-import datetime
 import html
 import io
 import os
@@ -70,15 +69,26 @@ def ranked_rows(records: list[Record]) -> list[Row]:
     return rows
 
 
+def speedup_interval(record: Record, previous: Record) -> str:
+    """ " (95% CI a–b%)": the speed-up's interval from the two records' runs (ratio of geometric means)."""
+    from speedrun.leaderboard_compare import ratio_ci95
+
+    _, ci = ratio_ci95(previous.stats.times_ms, record.stats.times_ms)
+    return "" if ci is None else f" (95% CI {100 * (1 - ci[1]):.1f}–{100 * (1 - ci[0]):.1f}%)"
+
+
 def progression(records: list[Record]) -> list[tuple[Record, float | None]]:
-    """The records that were the fastest on their track when they were set, in date order, each with
-    its improvement over the previous one (None for the first)."""
-    chain, best = [], None
+    """The chain of records that beat the one before them (``beats``, checked by a significance test), from
+    the track's first record, in date order, each with its improvement over the previous one (None for the
+    first). A record that beats no record of the chain (a re-measurement, a side branch) is not in it."""
+    chain = []
     for record in sorted(records, key=lambda r: (r.date, r.path)):
-        time = record.stats.mean_time_ms
-        if best is None or time < best:
-            chain.append((record, None if best is None else (best - time) / best))
-            best = time
+        beats = record.meta.get("beats")
+        if not chain and beats is None:
+            chain.append((record, None))
+        elif chain and beats == chain[-1][0].path:
+            best = chain[-1][0].stats.mean_time_ms
+            chain.append((record, (best - record.stats.mean_time_ms) / best))
     return chain
 
 
@@ -131,8 +141,11 @@ def _track_markdown(track: Track, records: list[Record], link_prefix: str) -> li
                    f"[{row.record.path.split('/')[1]}]({link_prefix}/{row.record.path}) |")
     out += ["", f"### Progression ({track.name})", "",
             "| date | time (s) | improvement | title | record |", "|---|---:|---:|---|---|"]
+    previous = None
     for record, gain in progression(records):
-        improvement = "first record" if gain is None else f"{100 * gain:.1f}% faster"
+        improvement = ("first record" if gain is None
+                       else f"{100 * gain:.1f}% faster{speedup_interval(record, previous)}")
+        previous = record
         link = f"[{record.path.split('/')[1]}]({link_prefix}/{record.path})"
         out.append(f"| {record.date} | {seconds(record.stats.mean_time_ms)} | {improvement} | "
                    f"{escape_cell(record.meta['title'])} | {link} |")
@@ -194,30 +207,31 @@ def png_bytes(figure) -> bytes:
 
 
 def progression_png(result: CheckResult) -> bytes:
-    figure, (ax,) = new_figure()
+    """One panel per track with records: every record's time in record order (records of one day would
+    stack on a date axis), labelled with its date, and the progression chain as a step line."""
     by_track = result.by_track()
-    plotted = False
-    for name in TRACKS:
-        records = by_track[name]
-        if not records:
-            continue
-        plotted = True
-        dates = [datetime.date.fromisoformat(r.date) for r in records]
-        ax.scatter(dates, [r.stats.mean_time_ms / 1000 for r in records], s=12, alpha=0.35)
-        chain = progression(records)
-        ax.step([datetime.date.fromisoformat(r.date) for r, _ in chain],
-                [r.stats.mean_time_ms / 1000 for r, _ in chain], where="post", marker="o", label=name)
-    if plotted:
+    tracks = [name for name in TRACKS if by_track[name]]
+    figure, axes = new_figure(height=4.5 * max(1, len(tracks)), rows=max(1, len(tracks)))
+    if not tracks:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no records yet", ha="center", va="center", fontsize=14)
+    for ax, name in zip(axes, tracks, strict=False):
+        ordered = sorted(by_track[name], key=lambda r: (r.date, r.path))
+        position = {r.path: i for i, r in enumerate(ordered)}
+        ax.scatter(range(len(ordered)), [r.stats.mean_time_ms / 1000 for r in ordered], s=12, alpha=0.35,
+                   label="records")
+        chain = progression(ordered)
+        ax.step([position[r.path] for r, _ in chain], [r.stats.mean_time_ms / 1000 for r, _ in chain],
+                where="post", marker="o", label="progression")
+        ax.set_xticks(range(len(ordered)), [r.date for r in ordered], rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(ordered) - 0.5)
         ax.set_yscale("log")
-        ax.set_xlabel("record date")
+        ax.set_xlabel("record (in date order)")
         ax.set_ylabel("record time (s, log scale)")
+        ax.set_title(f"{name}: time of each record")
         ax.legend(loc="upper right")
         ax.grid(True, which="both", alpha=0.3)
-        figure.autofmt_xdate()
-    else:
-        ax.set_axis_off()
-        ax.text(0.5, 0.5, "no records yet", ha="center", va="center", fontsize=14)
-    ax.set_title("Speedrun records: time of the record over its date")
+    figure.tight_layout()
     return png_bytes(figure)
 
 

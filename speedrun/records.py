@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scipy import special
+from scipy import special, stats
 
 from speedrun import REPO_ROOT
 from speedrun.records_runlog import (
@@ -45,6 +45,8 @@ RECORD_FIELDS = {"schema_version": (int,), "title": (str,), "authors": (list,), 
 KINDS = ("ml", "systems")
 SIGNIFICANCE_LEVEL = 0.01  # an ml record's mean final loss must be below the target at p < this
 MIN_ML_RUNS = 3
+BEATS_SIGNIFICANCE_LEVEL = 0.05  # a record that beats another is faster at p < this (one-sided Welch t-test)
+MIN_BEATS_RUNS = 3
 RECORD_FOLDER_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9][a-z0-9-]{0,63})$")
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 UPSTREAM_DIR_NAME = "upstream"
@@ -480,11 +482,23 @@ def _check_beats(record: Record, by_path: dict[str, Record]) -> list[str]:
         return [f"{label}/record.json: beats {beats!r}, which is dated later ({other.date})"]
     if other.stats is None or other.stats.mean_time_ms is None:
         return [f"{label}/record.json: beats {beats!r}, whose time cannot be computed (see its problems)"]
-    mine, theirs = record.stats.mean_time_ms, other.stats.mean_time_ms
-    if mine is None or mine >= theirs:
+    mine, theirs = record.stats.times_ms, other.stats.times_ms
+    if len(mine) < MIN_BEATS_RUNS or len(theirs) < MIN_BEATS_RUNS:
+        return [f"{label}: claims to beat {beats}, but a speed-up is tested on at least {MIN_BEATS_RUNS} finished "
+                f"runs of each record; they have {len(mine)} and {len(theirs)}"]
+    p = speedup_p_value(mine, theirs)
+    if not p < BEATS_SIGNIFICANCE_LEVEL:
         return [f"{label}: claims to beat {beats} but its runs do not support it: mean train time "
-                f"{_seconds(mine)} is not below {_seconds(theirs)}"]
+                f"{_seconds(record.stats.mean_time_ms)} against {_seconds(other.stats.mean_time_ms)} is not faster "
+                f"at p < {BEATS_SIGNIFICANCE_LEVEL} (one-sided Welch t-test p = {p:.3g})"]
     return []
+
+
+def speedup_p_value(times: list[float], baseline_times: list[float]) -> float:
+    """One-sided Welch t-test that ``times`` are faster (smaller) than ``baseline_times``."""
+    if len(set(times)) == 1 and len(set(baseline_times)) == 1:  # no spread: scipy would return nan
+        return 0.0 if times[0] < baseline_times[0] else 1.0
+    return float(stats.ttest_ind(times, baseline_times, equal_var=False, alternative="less").pvalue)
 
 
 def _seconds(ms: float | None) -> str:

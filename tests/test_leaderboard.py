@@ -512,7 +512,7 @@ def test_warns_about_leftover_temp_folders_without_failing(records):
 
 def test_build_writes_the_leaderboard_deterministically(records, tmp_path, capsys):
     make(records)
-    make(records, "faster", date="2025-02-01", runs=good_runs("s", n=1, time_ms=45_000), kind="systems",
+    make(records, "faster", date="2025-02-01", runs=good_runs("s", time_ms=45_000), kind="systems",
          beats="tiny-cpu/2025-01-01_first")
     out = tmp_path / "site"
     out.mkdir()
@@ -528,15 +528,17 @@ def test_build_writes_the_leaderboard_deterministically(records, tmp_path, capsy
     first_record = next(r for r in result.records if r.path.endswith("_first"))
     mean_s = f"{first_record.stats.mean_time_ms / 1000:.2f}"
     assert f"| 2 | {mean_s} ± " in board  # the slower record ranks second, its time from its logs
-    assert "| 1 | 45.00 |" in board and "exempt (systems)" in board
+    assert "| 1 | 45.05 ± " in board and "exempt (systems)" in board
     assert "## 8xH100-3.28" in board and "No records yet" in board
     assert "[2025-01-01_first](../records/tiny-cpu/2025-01-01_first)" in board
     faster_record = next(r for r in result.records if r.path.endswith("_faster"))
     gain = 100 * (1 - faster_record.stats.mean_time_ms / first_record.stats.mean_time_ms)
-    assert f"| 2025-02-01 | 45.00 | {gain:.1f}% faster |" in board
+    ratio, (low, high) = ratio_ci95(first_record.stats.times_ms, faster_record.stats.times_ms)
+    assert f"| 2025-02-01 | 45.05 | {gain:.1f}% faster (95% CI {100 * (1 - high):.1f}–{100 * (1 - low):.1f}%) |" \
+        in board
     csv_lines = (records / "runs.csv").read_text().splitlines()
     assert csv_lines[0].startswith("track,record,run_id,status,counted")
-    assert len(csv_lines) == 1 + 4
+    assert len(csv_lines) == 1 + 6
     assert (records / "progression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"Software" not in (records / "progression.png").read_bytes()
 
@@ -746,3 +748,20 @@ def test_the_target_and_val_data_are_the_tracks_not_the_logs(records):
     edit_run_facts(folder / "runs/f1.txt", lambda f: f["data"].update(val_shard_sha256="6" * 64))
     assert_one_problem_like(records, "runs/f1.json: validated on val data with sha256 666666666666…, not track "
                                      "tiny-cpu's (555555555555…)")
+
+
+def test_beating_a_record_takes_a_significant_speed_up_on_three_runs_each(records):
+    """The same code re-run is not a record: faster on average because of one slow run of the baseline is
+    not enough (one-sided Welch t-test, p < 0.05), nor is a comparison with fewer than 3 runs a side."""
+    make(records, runs=[dict(run_id=f"f{i}", seed=i, final_val_loss=5.10 + 0.001 * i, train_time_ms=t)
+                        for i, t in enumerate([113_000, 636_000, 110_000])])  # one noisy run
+    make(records, "again", date="2025-02-01", runs=good_runs("a", time_ms=108_000), beats="tiny-cpu/2025-01-01_first")
+    problem = assert_one_problem_like(records, "_again: claims to beat tiny-cpu/2025-01-01_first but its runs do "
+                                               "not support it", "one-sided Welch t-test p = ")
+    p = scipy.stats.ttest_ind([108_000, 108_050, 108_100], [113_000, 636_000, 110_000], equal_var=False,
+                              alternative="less").pvalue
+    assert f"p = {p:.3g}" in problem and p > 0.05
+    make(records, "two", date="2025-03-01", runs=good_runs("t", n=2, time_ms=50_000), kind="systems",
+         beats="tiny-cpu/2025-01-01_first")
+    assert_one_problem_like(records, "_two: claims to beat", "at least 3 finished runs of each record; they have "
+                                                             "2 and 3")
