@@ -10,44 +10,8 @@ import argparse
 import os
 import sys
 
+from speedrun.args import non_negative_int, positive_float, positive_int, seed
 from speedrun.config import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, preset_names
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = _non_negative_int(text)
-    if value >= 2**63:  # what torch.manual_seed takes
-        raise argparse.ArgumentTypeError(f"expected a seed below 2**63, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,14 +23,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="folder of token shards, relative to the current folder (default: the preset's, in the "
                         "repository; synthetic data is generated on first use)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="override the number of optimizer steps")
-    p.add_argument("--val-every", type=_positive_int, default=None, help="validate every N steps (and at the last)")
-    p.add_argument("--val-tokens", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, help="override the number of optimizer steps")
+    p.add_argument("--val-every", type=positive_int, default=None, help="validate every N steps (and at the last)")
+    p.add_argument("--val-tokens", type=positive_int, default=None,
                    help="override the validation token count (a record run must use the track's)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="override the tokens per micro-batch sequence")
-    p.add_argument("--seqs-per-forward", type=_positive_int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None, help="override the tokens per micro-batch sequence")
+    p.add_argument("--seqs-per-forward", type=positive_int, default=None,
                    help="sequences per forward pass (default: the preset's; the math does not change)")
-    p.add_argument("--seed", type=_seed, default=None, help="random seed (default: the preset's)")
+    p.add_argument("--seed", type=seed, default=None, help="random seed (default: the preset's)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile")
@@ -93,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("paths", nargs="+", metavar="PATH", help="shard files or folders of shards")
 
     download = dsub.add_parser("download", help="fetch the published FineWeb GPT-2 shards from the Hugging Face hub")
-    download.add_argument("--train-shards", type=_non_negative_int, default=None,
+    download.add_argument("--train-shards", type=non_negative_int, default=None,
                           help="number of train shards (default: what sub3min and record89 need plus a margin)")
     download.add_argument("--dir", default="data/fineweb10B", help="destination folder (default: data/fineweb10B)")
     download.add_argument("--repo-id", default="kjj0/fineweb10B-gpt2", help="Hugging Face dataset repository")
@@ -101,18 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     tok = dsub.add_parser("tokenize", help="turn raw text (.txt/.jsonl/.parquet) into shards like the published ones")
     tok.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl or .parquet files")
     tok.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    tok.add_argument("--shard-tokens", type=_positive_int, default=100_000_000,
+    tok.add_argument("--shard-tokens", type=positive_int, default=100_000_000,
                      help="tokens per shard (default: 100,000,000, as published)")
     tok.add_argument("--txt-mode", choices=["lines", "file"], default="lines",
                      help=".txt inputs: one document per line, or the whole file as one document")
     tok.add_argument("--name", default="fineweb", help="shard name prefix (default: fineweb)")
-    tok.add_argument("--workers", type=_positive_int, default=None, help="tokenizer processes (default: CPU count)")
+    tok.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: CPU count)")
 
     synth = dsub.add_parser("synth", help="generate the synthetic language (and its exact optimal loss)")
     synth.add_argument("--out", default="data/synth", metavar="DIR", help="output folder (default: data/synth)")
-    synth.add_argument("--seed", type=_non_negative_int, default=0, help="generator seed (default: 0)")
-    synth.add_argument("--train-tokens", type=_positive_int, default=20_000_000, help="train tokens (default: 20M)")
-    synth.add_argument("--val-tokens", type=_positive_int, default=1_048_576, help="val tokens (default: 1,048,576)")
+    synth.add_argument("--seed", type=non_negative_int, default=0, help="generator seed (default: 0)")
+    synth.add_argument("--train-tokens", type=positive_int, default=20_000_000, help="train tokens (default: 20M)")
+    synth.add_argument("--val-tokens", type=positive_int, default=1_048_576, help="val tokens (default: 1,048,576)")
 
     # --- train ----------------------------------------------------------------------------------
     train = sub.add_parser("train", help="run the race: train to the target validation loss, write a run log")
@@ -122,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched = sub.add_parser("schedule", help="print a preset's plan: every step-indexed value of its run")
     sched.add_argument("--preset", choices=preset_names(), default="record89",
                        help="the recipe whose plan to print (default: record89)")
-    sched.add_argument("--every", type=_positive_int, default=None, metavar="N",
+    sched.add_argument("--every", type=positive_int, default=None, metavar="N",
                        help="also a row every N steps (default: only where something changes)")
     sched.add_argument("--json", action="store_true",
                        help="every step's plan as one JSON object per line, for programs")
@@ -139,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("--checkpoint", required=True, metavar="PATH")
     sample.add_argument("--prompt", default="", help="text to continue (GPT-2 tokenizer)")
-    sample.add_argument("--max-new-tokens", type=_positive_int, default=100)
-    sample.add_argument("--temperature", type=_positive_float, default=0.8)
-    sample.add_argument("--top-k", type=_positive_int, default=50)
-    sample.add_argument("--seed", type=_seed, default=0)
+    sample.add_argument("--max-new-tokens", type=positive_int, default=100)
+    sample.add_argument("--temperature", type=positive_float, default=0.8)
+    sample.add_argument("--top-k", type=positive_int, default=50)
+    sample.add_argument("--seed", type=seed, default=0)
     return parser
 
 

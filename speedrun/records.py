@@ -18,7 +18,6 @@ import datetime
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import re
 import unicodedata
@@ -26,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scipy import special, stats
+from scipy import stats
 
 from speedrun import REPO_ROOT
 from speedrun.records_runlog import (
@@ -70,31 +69,24 @@ def mean_and_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def loss_p_value(losses: list[float], target: float) -> float | None:
-    """One-sided one-sample t-test that the mean loss is below ``target``.
-
-    The same p-value as ``scipy.stats.ttest_1samp(losses, target, alternative="less").pvalue``
-    (checked in the tests), computed with the t distribution's CDF directly so that ``build`` stays
-    fast on thousands of records. When every loss is equal the test degenerates: p is 0 if that loss
-    is below the target, else 1. None with fewer than 2 losses.
-    """
-    n = len(losses)
-    if n < 2:
+    """One-sided one-sample t-test that the mean loss is below ``target`` (scipy.stats.ttest_1samp). When every
+    loss is equal the test degenerates: p is 0 if that loss is below the target, else 1. None with fewer than 2."""
+    if len(losses) < 2:
         return None
-    mean, sd = mean_and_sd(losses)
-    if sd == 0:
-        return 0.0 if mean < target else 1.0
-    t = (mean - target) / (sd / math.sqrt(n))
-    return float(special.stdtr(n - 1, t))
+    if len(set(losses)) == 1:
+        return 0.0 if losses[0] < target else 1.0
+    return float(stats.ttest_1samp(losses, target, alternative="less").pvalue)
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float] | None:
     """The two-sided 95% t-interval of the mean; None with fewer than 2 values."""
-    n = len(values)
-    if n < 2:
+    if len(values) < 2:
         return None
-    mean, sd = mean_and_sd(values)
-    half = float(special.stdtrit(n - 1, 0.975)) * sd / math.sqrt(n)
-    return mean - half, mean + half
+    mean = math.fsum(values) / len(values)
+    if len(set(values)) == 1:
+        return mean, mean
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    return float(low), float(high)
 
 
 @dataclass
@@ -505,9 +497,6 @@ def _seconds(ms: float | None) -> str:
     return "unknown" if ms is None else f"{ms / 1000:.3f} s"
 
 
-PARALLEL_MIN_RECORDS = 256  # below this, starting worker processes costs more than it saves
-
-
 def load_summarized_record(folder: Path, record_path: str, today: datetime.date) -> Record:
     """load_record, keeping only each run's RunSummary (the leaderboard needs numbers, not code). A record
     whose files cannot be read is reported as a problem of its own; the other records are still checked."""
@@ -519,17 +508,6 @@ def load_summarized_record(folder: Path, record_path: str, today: datetime.date)
                       problems=[f"records/{record_path}: cannot be read ({what})"])
     record.runs = [run.summary() for run in record.runs]
     return record
-
-
-def load_records(folders: list[tuple[str, Path]], today: datetime.date) -> list[Record]:
-    """Summarized records for every (record path, folder), in order; in forked worker processes when
-    there are many (the checks are pure Python, so processes, not threads)."""
-    workers = min(os.cpu_count() or 1, 8)
-    if len(folders) < PARALLEL_MIN_RECORDS or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [load_summarized_record(folder, path, today) for path, folder in folders]
-    jobs = [(folder, path, today) for path, folder in folders]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.starmap(load_summarized_record, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
 def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
@@ -544,7 +522,7 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     if replace is not None:
         folders = [(p, f) for p, f in folders if p != replace[0]] + [replace]
         folders.sort()
-    records = load_records(folders, today)
+    records = [load_summarized_record(folder, path, today) for path, folder in folders]
     for record in records:
         problems += record.problems
     problems += cross_record_problems(records)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from speedrun import REPO_ROOT
-from speedrun.cli import _positive_int
+from speedrun.args import positive_int
 from speedrun.config import get_preset
 from speedrun.data.shards import atomic_write_text
 from speedrun.records import MIN_ML_RUNS, RECORDS_DIR, SIGNIFICANCE_LEVEL, Record, load_record, loss_p_value, today_utc
@@ -442,12 +442,12 @@ def ask_on_terminal(text: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("record", metavar="RECORD", help="a record folder, or <track>/<folder> inside records/")
-    parser.add_argument("--runs", type=_positive_int, default=3, help="how many times to run it (default 3)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="how many times to run it (default 3)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="report folder (default: logs/reproduce/<track>__<record>__<UTC time>)")
     parser.add_argument("--records", type=Path, default=RECORDS_DIR, metavar="DIR",
                         help="the records folder (default: records/ of this repository)")
-    parser.add_argument("--nproc", type=_positive_int, default=None,
+    parser.add_argument("--nproc", type=positive_int, default=None,
                         help="processes (GPUs) per run (default: the record's, capped to the visible GPUs)")
     parser.add_argument("--yes", action="store_true",
                         help="run the record's logged code without asking (it runs with your permissions)")

@@ -77,9 +77,10 @@ def tiny_track_run(tmp_path_factory):
 
 @pytest.fixture
 def synthetic_track_data(monkeypatch):
-    """The tiny-cpu track's validation data as the synthetic run logs (speedrun/records_synthetic.py) claim it,
+    """The tiny-cpu track's validation data as the synthetic run logs (tests/synthetic_records.py) claim it,
     in place of the real track's (speedrun/tracks.py), for tests of the leaderboard on those logs."""
-    from speedrun.records_synthetic import SYNTH_FLOOR, SYNTH_VAL_SHA256
+    from synthetic_records import SYNTH_FLOOR, SYNTH_VAL_SHA256
+
     from speedrun.tracks import TRACKS
 
     monkeypatch.setitem(TRACKS, "tiny-cpu", dataclasses.replace(TRACKS["tiny-cpu"], data_floor=SYNTH_FLOOR,

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
+from synthetic_records import synthetic_env, write_synthetic_record, write_synthetic_run
 
 from speedrun import REPO_ROOT
 from speedrun.leaderboard_cli import main as leaderboard_main
 from speedrun.leaderboard_compare import ratio_ci95, welch_test
 from speedrun.records import check_tree, loss_p_value, mean_ci95
-from speedrun.records_synthetic import synthetic_env, write_synthetic_record, write_synthetic_run
 from speedrun.records_upstream import parse_upstream_log
 from speedrun.tracks import TRACKS
 

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from synthetic_records import write_synthetic_record
 
 from speedrun import REPO_ROOT
-from speedrun.records_synthetic import write_synthetic_record
 from speedrun.reproduce import ReproduceError, find_record, reproduce, seeds_for, train_arguments
 
 STAND_IN_CLI = '''"""A stand-in for `speedrun train` (reproduce test): writes a run log like the trainer's."""
@@ -22,7 +22,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from speedrun.records_synthetic import write_synthetic_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the checkout's test fixtures
+from synthetic_records import write_synthetic_run
 
 
 def main():

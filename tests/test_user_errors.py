@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic_records import write_synthetic_record, write_synthetic_run
 
 import speedrun.train as train_mod
 from speedrun.cli import main
 from speedrun.data.shards import MANIFEST_NAME, write_shard
 from speedrun.data.synth import generate_synth
 from speedrun.leaderboard_cli import main as leaderboard_main
-from speedrun.records_synthetic import write_synthetic_record, write_synthetic_run
 
 SEQ_LEN, VAL_TOKENS = 64, 1024
 

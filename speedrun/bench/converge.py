@@ -103,14 +103,14 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from speedrun.cli import _positive_int
+    from speedrun.args import positive_int
 
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="default: sub3min on GPU, sub3min-tiny on CPU (presets with Triton kernels for every op)")
-    p.add_argument("--steps", type=_positive_int, default=200, help="training steps per run (default: 200)")
-    p.add_argument("--val-every", type=_positive_int, default=25, help="validate every N steps (default: 25)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="override the preset's sequence length")
-    p.add_argument("--val-tokens", type=_positive_int, default=None, help="override the validation token count")
+    p.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default: 200)")
+    p.add_argument("--val-every", type=positive_int, default=25, help="validate every N steps (default: 25)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="override the preset's sequence length")
+    p.add_argument("--val-tokens", type=positive_int, default=None, help="override the validation token count")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="token shards (default: data/fineweb10B when present, else the synthetic language)")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest allowed val-loss difference (0.05)")

@@ -236,15 +236,15 @@ def report(results: list[dict], cfg: RunConfig, device: torch.device) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from speedrun.cli import _non_negative_int, _positive_int
+    from speedrun.args import non_negative_int, positive_int
 
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="default: sub3min on GPU, sub3min-tiny on CPU (presets with Triton kernels for every op)")
     p.add_argument("--kernels", default="torch,triton", help="kernel sets, comma-separated (default: torch,triton)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="timed steps (default: 10 on GPU, 3 on CPU)")
-    p.add_argument("--warmup", type=_non_negative_int, default=None, help="untimed steps first (default: 3 / 1)")
-    p.add_argument("--profile-steps", type=_non_negative_int, default=2, help="profiled steps (0: no profile)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="override the preset's sequence length")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps (default: 10 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps first (default: 3 / 1)")
+    p.add_argument("--profile-steps", type=non_negative_int, default=2, help="profiled steps (0: no profile)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="override the preset's sequence length")
     add_common_arguments(p, with_compile=True)
 
 

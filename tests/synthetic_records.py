@@ -1,4 +1,4 @@
-"""Synthetic run logs and records, for the leaderboard's tests and its 10,000-record benchmark.
+"""Synthetic run logs and records, for the leaderboard's tests.
 
 The logs are written by the trainer's own writer (``speedrun.runlog.RunLog``) with the trainer's line
 formats, so a change to the log format shows up here as failing tests, not as a silent mismatch.
