@@ -1,8 +1,9 @@
 """``build`` and ``show``: the leaderboard, generated from checked records.
 
 ``build`` writes ``LEADERBOARD.md`` (per track: the ranked table and the progression of records),
-``records/progression.png`` (record time over date, log scale) and ``records/runs.csv`` (every run of
-every record). Every number comes from ``speedrun.records``, i.e. from the runs' text logs. The output
+``records/progression.png`` (record times in record order, log scale), ``records/runs.csv`` (every run of
+every record) and ``records/index.html`` (the same as one self-contained web page:
+speedrun/leaderboard_page.py). Every number comes from ``speedrun.records``, i.e. from the runs' text logs. The output
 is a pure function of the records: no timestamps, fixed ordering, and PNG metadata without the
 matplotlib version, so building twice gives byte-identical files.
 """
@@ -24,6 +25,7 @@ from speedrun.tracks import TRACKS, Track
 LEADERBOARD_NAME = "LEADERBOARD.md"
 PROGRESSION_NAME = "progression.png"
 RUNS_CSV_NAME = "runs.csv"
+PAGE_NAME = "index.html"
 CSV_COLUMNS = ("track", "record", "run_id", "status", "counted", "seed", "final_val_loss", "train_time_ms",
                "num_steps", "target_val_loss", "device", "gpu_name", "gpu_count", "torch", "code_sha256")
 
@@ -241,14 +243,16 @@ def progression_png(result: CheckResult) -> bytes:
 
 
 def build(result: CheckResult, records_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the three outputs of a valid check result, all or none; returns their paths."""
+    """Write the four outputs of a valid check result, all or none; returns their paths."""
+    from speedrun.leaderboard_page import page  # the page is built from this module's tables
+
     markdown_path = out_dir / LEADERBOARD_NAME
-    plot_path, csv_path = records_dir / PROGRESSION_NAME, records_dir / RUNS_CSV_NAME
+    plot_path, csv_path, page_path = (records_dir / name for name in (PROGRESSION_NAME, RUNS_CSV_NAME, PAGE_NAME))
     link_prefix = Path(os.path.relpath(records_dir, out_dir)).as_posix()
     text = markdown(result, link_prefix, f"{link_prefix}/{PROGRESSION_NAME}", f"{link_prefix}/{RUNS_CSV_NAME}")
     atomic_write_files({csv_path: runs_csv(result).encode(), plot_path: progression_png(result),
-                        markdown_path: text.encode()})
-    return [markdown_path, plot_path, csv_path]
+                        page_path: page(result, ".").encode(), markdown_path: text.encode()})
+    return [markdown_path, plot_path, csv_path, page_path]
 
 
 def terminal_table(result: CheckResult, track_name: str | None = None) -> str:

@@ -50,7 +50,7 @@ RECORD_FOLDER_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9][a-z0-9-]{0,6
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 UPSTREAM_DIR_NAME = "upstream"
 # Files `build` writes into records/ (everything else at the top level must be a track folder).
-GENERATED_FILES = ("README.md", "progression.png", "runs.csv")
+GENERATED_FILES = ("README.md", "progression.png", "runs.csv", "index.html")
 TEMP_PREFIX = "."  # submit builds a record in a hidden temp folder, then renames it into place
 
 

@@ -2,6 +2,7 @@
 and the pieces of reproduce. Every fixture is written here, through the trainer's own log writer."""
 
 import datetime
+import html.parser
 import json
 import math
 import os
@@ -517,7 +518,7 @@ def test_build_writes_the_leaderboard_deterministically(records, tmp_path, capsy
     out = tmp_path / "site"
     out.mkdir()
     assert leaderboard_main(["build", "--records", str(records), "--out", str(out)]) == 0
-    paths = [out / "LEADERBOARD.md", records / "progression.png", records / "runs.csv"]
+    paths = [out / "LEADERBOARD.md", records / "progression.png", records / "runs.csv", records / "index.html"]
     first = [p.read_bytes() for p in paths]
     assert leaderboard_main(["build", "--records", str(records), "--out", str(out)]) == 0
     assert [p.read_bytes() for p in paths] == first  # the PNG too: byte-identical
@@ -765,3 +766,60 @@ def test_beating_a_record_takes_a_significant_speed_up_on_three_runs_each(record
          beats="tiny-cpu/2025-01-01_first")
     assert_one_problem_like(records, "_two: claims to beat", "at least 3 finished runs of each record; they have "
                                                              "2 and 3")
+
+
+class PageStructure(html.parser.HTMLParser):
+    """What the checks below need of records/index.html: tables, rows, plot elements, every URL."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.rows, self.polylines, self.targets, self.urls, self.scripts = 0, 0, 0, 0, [], []
+        self.in_body = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tables += tag == "table" and "sortable" in (attrs.get("class") or "")
+        self.in_body = self.in_body or tag == "tbody"
+        self.rows += tag == "tr" and self.in_body
+        self.polylines += tag == "polyline"
+        self.targets += tag == "line" and attrs.get("class") == "target"
+        self.urls += [v for k, v in attrs.items() if k in ("src", "href") and v]
+        if tag == "script":
+            self.scripts.append(attrs)
+
+    def handle_endtag(self, tag):
+        self.in_body = self.in_body and tag != "tbody"
+
+
+def test_build_writes_a_self_contained_page(records, tmp_path):
+    make(records)
+    make(records, "faster", date="2025-02-01", runs=good_runs("s", time_ms=45_000), kind="systems",
+         beats="tiny-cpu/2025-01-01_first", title="<b>bold</b> & co")
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    text = (records / "index.html").read_text()
+    structure = PageStructure()
+    structure.feed(text)
+    assert structure.tables == 1 and structure.rows == 2  # tiny-cpu's table; the empty track has none
+    # per record: a curve per run and the target; the progression: the records' points and its step line
+    assert structure.polylines == 3 + 3 + 1 and structure.targets == 2 and text.count("<circle") == 2
+    assert structure.urls == ["./tiny-cpu/2025-02-01_faster", "./tiny-cpu/2025-01-01_first"]  # fastest first
+    assert structure.scripts == [{}]  # inline only: no network
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; co" in text and "<b>bold" not in text
+    assert 'data-value="45050.000"' in text  # the sort key of the time column: milliseconds, from the logs
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary on PATH to render the page")
+def test_the_page_sorts_and_draws_in_a_browser(records, tmp_path):
+    make(records)
+    make(records, "faster", date="2025-02-01", runs=good_runs("s", time_ms=45_000), kind="systems",
+         beats="tiny-cpu/2025-01-01_first")
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    page = (records / "index.html").read_text()
+    clicks = "<script>const th = document.querySelectorAll('th')[1]; th.click(); th.click();</script></body>"
+    (tmp_path / "page.html").write_text(page.replace("</body>", clicks))  # time: ascending, then descending
+    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (tmp_path / "page.html").as_uri()], capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    assert 'aria-sort="descending"' in dom
+    assert dom.index("2025-01-01_first</a>") < dom.index("2025-02-01_faster</a>")  # slower first now
+    assert dom.count("<polyline") == 7
