@@ -82,11 +82,9 @@ def mean_ci95(values: list[float]) -> tuple[float, float] | None:
     """The two-sided 95% t-interval of the mean; None with fewer than 2 values."""
     if len(values) < 2:
         return None
-    mean = math.fsum(values) / len(values)
-    if len(set(values)) == 1:
-        return mean, mean
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
-    return float(low), float(high)
+    mean, sd = mean_and_sd(values)
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * sd / math.sqrt(len(values))
+    return mean - half, mean + half
 
 
 @dataclass
