@@ -13,10 +13,15 @@ from __future__ import annotations
 import csv
 import html
 import io
+import math
 import os
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from scipy import stats
 
 from speedrun.data.shards import atomic_write_bytes, atomic_write_files
 from speedrun.records import CheckResult, Record
@@ -71,12 +76,24 @@ def ranked_rows(records: list[Record]) -> list[Row]:
     return rows
 
 
-def speedup_interval(record: Record, previous: Record) -> str:
-    """ " (95% CI a–b%)": the speed-up's interval from the two records' runs (ratio of geometric means)."""
-    from speedrun.leaderboard_compare import ratio_ci95
-
-    _, ci = ratio_ci95(previous.stats.times_ms, record.stats.times_ms)
-    return "" if ci is None else f" (95% CI {100 * (1 - ci[1]):.1f}–{100 * (1 - ci[0]):.1f}%)"
+def speedup_intervals(pairs: list[tuple[Record, Record]]) -> list[str]:
+    """For each (record, the one it beats): " (95% CI a–b%)", the interval of the speed-up 1 - ratio of the
+    geometric mean times (Welch's interval on log times, as leaderboard_compare.ratio_ci95), scipy's
+    ttest_ind called once per pair of run counts; "" where a side has fewer than 2 runs."""
+    out, groups = [""] * len(pairs), defaultdict(list)
+    logs = [(np.log(r.stats.times_ms), np.log(p.stats.times_ms)) for r, p in pairs]
+    for i, (mine, theirs) in enumerate(logs):
+        if len(mine) >= 2 and len(theirs) >= 2:
+            groups[(len(mine), len(theirs))].append(i)
+    for index in groups.values():
+        mine, theirs = np.array([logs[i][0] for i in index]), np.array([logs[i][1] for i in index])
+        with np.errstate(invalid="ignore", divide="ignore"):  # runs without spread: the interval is the point
+            ci = stats.ttest_ind(mine, theirs, axis=1, equal_var=False).confidence_interval(0.95)
+        point = mine.mean(axis=1) - theirs.mean(axis=1)
+        for k, i in enumerate(index):
+            low, high = (ci.low[k], ci.high[k]) if np.isfinite(ci.low[k]) else (point[k], point[k])
+            out[i] = f" (95% CI {100 * (1 - math.exp(high)):.1f}–{100 * (1 - math.exp(low)):.1f}%)"
+    return out
 
 
 def progression(records: list[Record]) -> list[tuple[Record, float | None]]:
@@ -143,11 +160,10 @@ def _track_markdown(track: Track, records: list[Record], link_prefix: str) -> li
                    f"[{row.record.path.split('/')[1]}]({link_prefix}/{row.record.path}) |")
     out += ["", f"### Progression ({track.name})", "",
             "| date | time (s) | improvement | title | record |", "|---|---:|---:|---|---|"]
-    previous = None
-    for record, gain in progression(records):
-        improvement = ("first record" if gain is None
-                       else f"{100 * gain:.1f}% faster{speedup_interval(record, previous)}")
-        previous = record
+    chain = progression(records)
+    intervals = [""] + speedup_intervals([(record, chain[k][0]) for k, (record, _) in enumerate(chain[1:])])
+    for (record, gain), interval in zip(chain, intervals, strict=True):
+        improvement = "first record" if gain is None else f"{100 * gain:.1f}% faster{interval}"
         link = f"[{record.path.split('/')[1]}]({link_prefix}/{record.path})"
         out.append(f"| {record.date} | {seconds(record.stats.mean_time_ms)} | {improvement} | "
                    f"{escape_cell(record.meta['title'])} | {link} |")

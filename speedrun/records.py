@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from scipy import stats
 
 from speedrun import REPO_ROOT
@@ -69,13 +70,46 @@ def mean_and_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def loss_p_value(losses: list[float], target: float) -> float | None:
-    """One-sided one-sample t-test that the mean loss is below ``target`` (scipy.stats.ttest_1samp). When every
-    loss is equal the test degenerates: p is 0 if that loss is below the target, else 1. None with fewer than 2."""
-    if len(losses) < 2:
-        return None
-    if len(set(losses)) == 1:
-        return 0.0 if losses[0] < target else 1.0
-    return float(stats.ttest_1samp(losses, target, alternative="less").pvalue)
+    """One-sided one-sample t-test that the mean loss is below ``target`` (see loss_p_values)."""
+    return loss_p_values([losses], [target])[0]
+
+
+def loss_p_values(samples: list[list[float]], targets: list[float]) -> list[float | None]:
+    """For each sample, the p of scipy.stats.ttest_1samp(sample, target, alternative="less"): one call per
+    sample size for all of them (scipy's per-call cost would dominate a build of thousands of records). A
+    sample without spread gives 0 below the target, else 1 (the statistic is undefined); None below 2 values."""
+    out: list[float | None] = [None] * len(samples)
+    groups = defaultdict(list)
+    for i, sample in enumerate(samples):
+        if len(sample) >= 2 and len(set(sample)) == 1:
+            out[i] = 0.0 if sample[0] < targets[i] else 1.0
+        elif len(sample) >= 2:
+            groups[len(sample)].append(i)
+    for index in groups.values():
+        result = stats.ttest_1samp(np.array([samples[i] for i in index]), np.array([[targets[i]] for i in index]),
+                                   axis=1, alternative="less")
+        for i, p in zip(index, result.pvalue, strict=True):
+            out[i] = float(p)
+    return out
+
+
+def speedup_p_values(pairs: list[tuple[list[float], list[float]]]) -> list[float]:
+    """For each (times, baseline times) with 2+ values each, the p of the one-sided Welch t-test that the times
+    are smaller: scipy.stats.ttest_ind(times, baseline, equal_var=False, alternative="less"), one call per
+    pair of sample sizes. Samples without spread: 0 if faster, else 1."""
+    out = [1.0] * len(pairs)
+    groups = defaultdict(list)
+    for i, (times, baseline) in enumerate(pairs):
+        if len(set(times)) == 1 and len(set(baseline)) == 1:
+            out[i] = 0.0 if times[0] < baseline[0] else 1.0
+        else:
+            groups[(len(times), len(baseline))].append(i)
+    for index in groups.values():
+        result = stats.ttest_ind(np.array([pairs[i][0] for i in index]), np.array([pairs[i][1] for i in index]),
+                                 axis=1, equal_var=False, alternative="less")
+        for i, p in zip(index, result.pvalue, strict=True):
+            out[i] = float(p)
+    return out
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float] | None:
@@ -103,7 +137,9 @@ class RecordStats:
     p_value: float | None
 
 
-def record_stats(runs: list[Run]) -> RecordStats:
+def record_stats(runs: list[Run], p_value: bool = True) -> RecordStats:
+    """A record's numbers from its runs; ``p_value=False`` leaves the loss test to the caller (check_tree
+    runs it for every record at once: loss_p_values)."""
     finished = [r for r in runs if r.finished]
     times = [r.train_time_ms for r in finished]
     losses = [r.final_val_loss for r in finished]
@@ -114,7 +150,7 @@ def record_stats(runs: list[Run]) -> RecordStats:
         runs_total=len(runs), runs_finished=len(finished), times_ms=times, losses=losses, target=target,
         mean_time_ms=mean_time, time_sd_ms=sd_time, time_ci95_ms=mean_ci95(times),
         mean_loss=mean_and_sd(losses)[0] if finished else None,
-        p_value=loss_p_value(losses, target) if target is not None else None)
+        p_value=loss_p_value(losses, target) if target is not None and p_value else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +284,9 @@ def _run_files(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
     return complete, problems
 
 
-def load_record(folder: Path, record_path: str, today: datetime.date) -> Record:
-    """Read a record folder and run every check that needs only this record."""
+def load_record(folder: Path, record_path: str, today: datetime.date, outcome: bool = True) -> Record:
+    """Read a record folder and run every check that needs only this record (``outcome=False``: all but the
+    loss test, which check_tree runs for every record at once)."""
     record = Record(path=record_path, folder=folder, meta=None)
     label = record.label
     entries = {e.name: e for e in list_entries(folder)}
@@ -300,8 +337,8 @@ def load_record(folder: Path, record_path: str, today: datetime.date) -> Record:
     if len(record.runs) == len(run_ids) and record.runs:
         if len(record.runs) > 1:
             record.problems += check_runs_agree(record)
-        record.stats = record_stats(record.runs)
-        if record.meta is not None and not record.problems:
+        record.stats = record_stats(record.runs, p_value=outcome)
+        if outcome and record.meta is not None and not record.problems:
             record.problems += check_outcome(record)
     return record
 
@@ -438,10 +475,11 @@ def cross_record_problems(records: list[Record]) -> list[str]:
                     break
             by_losses[key].append(run)
     by_path = {r.path: r for r in records}
+    tests = []
     for record in records:
         if record.meta is not None and record.stats is not None:
-            problems += _check_beats(record, by_path)
-    return problems
+            problems += _check_beats(record, by_path, tests)
+    return problems + _speedup_problems(tests)
 
 
 def same_times(a: tuple, b: tuple) -> bool:
@@ -449,7 +487,7 @@ def same_times(a: tuple, b: tuple) -> bool:
                for (_, _, ta), (_, _, tb) in zip(a, b, strict=True))
 
 
-def _check_beats(record: Record, by_path: dict[str, Record]) -> list[str]:
+def _check_beats(record: Record, by_path: dict[str, Record], tests: list) -> list[str]:
     """A record beats the one it names (same track, not later, faster), or, naming none, is its track's first."""
     beats, label = record.meta.get("beats"), record.label
     track = record.path.split("/")[0]
@@ -476,30 +514,27 @@ def _check_beats(record: Record, by_path: dict[str, Record]) -> list[str]:
     if len(mine) < MIN_BEATS_RUNS or len(theirs) < MIN_BEATS_RUNS:
         return [f"{label}: claims to beat {beats}, but a speed-up is tested on at least {MIN_BEATS_RUNS} finished "
                 f"runs of each record; they have {len(mine)} and {len(theirs)}"]
-    p = speedup_p_value(mine, theirs)
-    if not p < BEATS_SIGNIFICANCE_LEVEL:
-        return [f"{label}: claims to beat {beats} but its runs do not support it: mean train time "
-                f"{_seconds(record.stats.mean_time_ms)} against {_seconds(other.stats.mean_time_ms)} is not faster "
-                f"at p < {BEATS_SIGNIFICANCE_LEVEL} (one-sided Welch t-test p = {p:.3g})"]
+    tests.append((record, other))  # the speed-up test, for all records at once (cross_record_problems)
     return []
 
 
-def speedup_p_value(times: list[float], baseline_times: list[float]) -> float:
-    """One-sided Welch t-test that ``times`` are faster (smaller) than ``baseline_times``."""
-    if len(set(times)) == 1 and len(set(baseline_times)) == 1:  # no spread: scipy would return nan
-        return 0.0 if times[0] < baseline_times[0] else 1.0
-    return float(stats.ttest_ind(times, baseline_times, equal_var=False, alternative="less").pvalue)
+def _speedup_problems(tests: list[tuple[Record, Record]]) -> list[str]:
+    p_values = speedup_p_values([(record.stats.times_ms, other.stats.times_ms) for record, other in tests])
+    return [f"{record.label}: claims to beat {other.path} but its runs do not support it: mean train time "
+            f"{_seconds(record.stats.mean_time_ms)} against {_seconds(other.stats.mean_time_ms)} is not faster at "
+            f"p < {BEATS_SIGNIFICANCE_LEVEL} (one-sided Welch t-test p = {p:.3g})"
+            for (record, other), p in zip(tests, p_values, strict=True) if not p < BEATS_SIGNIFICANCE_LEVEL]
 
 
 def _seconds(ms: float | None) -> str:
     return "unknown" if ms is None else f"{ms / 1000:.3f} s"
 
 
-def load_summarized_record(folder: Path, record_path: str, today: datetime.date) -> Record:
+def load_summarized_record(folder: Path, record_path: str, today: datetime.date, outcome: bool = True) -> Record:
     """load_record, keeping only each run's RunSummary (the leaderboard needs numbers, not code). A record
     whose files cannot be read is reported as a problem of its own; the other records are still checked."""
     try:
-        record = load_record(folder, record_path, today)
+        record = load_record(folder, record_path, today, outcome)
     except (OSError, RecursionError, UnicodeError) as e:
         what = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
         return Record(path=record_path, folder=folder, meta=None,
@@ -520,7 +555,14 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     if replace is not None:
         folders = [(p, f) for p, f in folders if p != replace[0]] + [replace]
         folders.sort()
-    records = [load_summarized_record(folder, path, today) for path, folder in folders]
+    records = [load_summarized_record(folder, path, today, outcome=False) for path, folder in folders]
+    tested = [r for r in records if r.stats is not None and r.stats.target is not None]
+    for record, p in zip(tested, loss_p_values([r.stats.losses for r in tested], [r.stats.target for r in tested]),
+                         strict=True):
+        record.stats.p_value = p
+    for record in records:  # the loss test, now that every record has its p-value
+        if record.stats is not None and record.meta is not None and not record.problems:
+            record.problems += check_outcome(record)
     for record in records:
         problems += record.problems
     problems += cross_record_problems(records)
