@@ -13,15 +13,10 @@ from __future__ import annotations
 import csv
 import html
 import io
-import math
 import os
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-from scipy import stats
 
 from speedrun.data.shards import atomic_write_bytes, atomic_write_files
 from speedrun.records import CheckResult, Record
@@ -78,22 +73,12 @@ def ranked_rows(records: list[Record]) -> list[Row]:
 
 def speedup_intervals(pairs: list[tuple[Record, Record]]) -> list[str]:
     """For each (record, the one it beats): " (95% CI a–b%)", the interval of the speed-up 1 - ratio of the
-    geometric mean times (Welch's interval on log times, as leaderboard_compare.ratio_ci95), scipy's
-    ttest_ind called once per pair of run counts; "" where a side has fewer than 2 runs."""
-    out, groups = [""] * len(pairs), defaultdict(list)
-    logs = [(np.log(r.stats.times_ms), np.log(p.stats.times_ms)) for r, p in pairs]
-    for i, (mine, theirs) in enumerate(logs):
-        if len(mine) >= 2 and len(theirs) >= 2:
-            groups[(len(mine), len(theirs))].append(i)
-    for index in groups.values():
-        mine, theirs = np.array([logs[i][0] for i in index]), np.array([logs[i][1] for i in index])
-        with np.errstate(invalid="ignore", divide="ignore"):  # runs without spread: the interval is the point
-            ci = stats.ttest_ind(mine, theirs, axis=1, equal_var=False).confidence_interval(0.95)
-        point = mine.mean(axis=1) - theirs.mean(axis=1)
-        for k, i in enumerate(index):
-            low, high = (ci.low[k], ci.high[k]) if np.isfinite(ci.low[k]) else (point[k], point[k])
-            out[i] = f" (95% CI {100 * (1 - math.exp(high)):.1f}–{100 * (1 - math.exp(low)):.1f}%)"
-    return out
+    geometric mean times (leaderboard_compare.ratio_ci95); "" where a side has fewer than 2 runs."""
+    from speedrun.leaderboard_compare import ratio_ci95s
+
+    intervals = ratio_ci95s([(previous.stats.times_ms, record.stats.times_ms) for record, previous in pairs])
+    return ["" if ci is None else f" (95% CI {100 * (1 - ci[1]):.1f}–{100 * (1 - ci[0]):.1f}%)"
+            for _, ci in intervals]
 
 
 def progression(records: list[Record]) -> list[tuple[Record, float | None]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,12 +156,27 @@ def welch_test(a: list[float], b: list[float]) -> Welch | None:
 def ratio_ci95(a: list[float], b: list[float]) -> tuple[float, tuple[float, float] | None]:
     """Ratio of the geometric mean times b / a, with Welch's 95% interval on the log scale (None
     unless both sides have 2+ runs)."""
-    log_a, log_b = np.log(np.asarray(a, dtype=np.float64)), np.log(np.asarray(b, dtype=np.float64))
-    ratio = float(np.exp(log_b.mean() - log_a.mean()))
-    test = welch_test(list(log_a), list(log_b))
-    if test is None:
-        return ratio, None
-    return ratio, (math.exp(test.ci95[0]), math.exp(test.ci95[1]))
+    return ratio_ci95s([(a, b)])[0]
+
+
+def ratio_ci95s(pairs: list[tuple[list[float], list[float]]]) -> list[tuple[float, tuple[float, float] | None]]:
+    """ratio_ci95 of each (a, b), with scipy's ttest_ind called once per pair of sample sizes (a leaderboard
+    build asks for thousands). Samples without spread on both sides: the interval is the point."""
+    logs = [(np.log(np.asarray(a, dtype=np.float64)), np.log(np.asarray(b, dtype=np.float64))) for a, b in pairs]
+    out = [(float(np.exp(lb.mean() - la.mean())), None) for la, lb in logs]
+    groups = defaultdict(list)
+    for i, (la, lb) in enumerate(logs):
+        if len(la) >= 2 and len(lb) >= 2:
+            groups[(len(la), len(lb))].append(i)
+    for index in groups.values():
+        la, lb = np.array([logs[i][0] for i in index]), np.array([logs[i][1] for i in index])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ci = stats.ttest_ind(lb, la, axis=1, equal_var=False).confidence_interval(0.95)
+        point = lb.mean(axis=1) - la.mean(axis=1)
+        for k, i in enumerate(index):
+            low, high = (ci.low[k], ci.high[k]) if np.isfinite(ci.low[k]) else (point[k], point[k])
+            out[i] = (out[i][0], (math.exp(low), math.exp(high)))
+    return out
 
 
 def environment_differences(env_a: dict, env_b: dict) -> list[tuple[str, object, object]]:
