@@ -3,12 +3,12 @@
 
     python leaderboard.py check | build | submit | show | compare | import-upstream  (--help for each)
 
-The logic lives in speedrun/records*.py and speedrun/leaderboard_*.py; this file only runs it.
+The logic lives in the package speedrun/records/; this file only runs it.
 """
 
 import sys
 
-from speedrun.leaderboard_cli import main
+from speedrun.records.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -144,10 +144,10 @@ def _dispatch(argv: list[str]) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     # These own their whole command line (their own --help and options): dispatch before argparse.
     if argv[:1] == ["leaderboard"]:
-        from speedrun.leaderboard_cli import main as leaderboard_main
+        from speedrun.records.cli import main as leaderboard_main
         return leaderboard_main(argv[1:], prog="speedrun leaderboard")
     if argv[:1] == ["reproduce"]:
-        from speedrun.reproduce import reproduce_main
+        from speedrun.records.reproduce import reproduce_main
         return reproduce_main(argv[1:])
     if argv[:1] == ["bench"]:
         from speedrun.bench.cli import main as bench_main

@@ -1,6 +1,7 @@
-"""Run logs: ``logs/<run_id>.txt`` (for people, in the public speedrun's line format) and
-``logs/<run_id>.json`` (the same facts for programs). They are the only output of a run and the
-contract with everything downstream (leaderboard, reproduce, compare), so their layout is versioned.
+"""Writing run logs: ``logs/<run_id>.txt`` (for people, in the public speedrun's line format; the one truth) and
+``logs/<run_id>.json`` (its facts for programs: once the run ends, a copy of the text log's summary section). They
+are the only output of a run and the contract with everything downstream (leaderboard, reproduce, compare), so
+their layout is versioned; its markers and line formats, and its one reading, are in speedrun/records/runlog.py.
 
 The text log::
 
@@ -19,7 +20,7 @@ The text log::
     step:1/300 train_time:512ms step_avg:512.00ms
     ...
     ====== summary ======
-    <json>                  (the JSON file's contents)
+    <json>                  (the facts: the JSON file's contents, byte for byte)
 
 The code hash is the sha256 of the lines "<path> <sha256 of file>\\n" over the sorted snapshot paths,
 so it can be recomputed from the snapshot sections alone. Paths are relative to the repository.
@@ -33,7 +34,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -41,13 +41,7 @@ from pathlib import Path
 
 from speedrun import REPO_ROOT
 from speedrun.data.shards import atomic_write_text
-
-SCHEMA_VERSION = 1
-# failed: an error ended the run (its message is in "message"); the log is complete all the same
-STATUSES = ("running", "success", "not_converged", "completed", "aborted", "diverged", "failed")
-CODE_MARK = "====== code: "
-SECTION = "====== {} ======"
-
+from speedrun.records.runlog import FIRST_LINE, SCHEMA_VERSION, SECTION, code_hash, snapshot_section
 
 # ---------------------------------------------------------------------------------------------
 # What the run is made of
@@ -71,55 +65,9 @@ def imported_source_files(root: Path = REPO_ROOT) -> list[Path]:
     return sorted(files)
 
 
-def code_hash(file_hashes: dict[str, str]) -> str:
-    lines = "".join(f"{path} {sha}\n" for path, sha in sorted(file_hashes.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
 def code_snapshot(root: Path = REPO_ROOT) -> dict[str, str]:
     """{relative path: source text} of every imported project file."""
     return {rel.as_posix(): (root / rel).read_text() for rel in imported_source_files(root)}
-
-
-def snapshot_section(path: str, source: str, sha256: str) -> str:
-    """One file of the code snapshot: a header giving its line count, then its exact text.
-
-    A file that does not end in a newline gets one in the log, and its header says ``eol=no``
-    so the exact bytes (and so the hash) can be restored.
-    """
-    eol = source.endswith("\n") or source == ""
-    body = source if eol else source + "\n"
-    n_lines = body.count("\n")
-    return f"{CODE_MARK}{path} sha256={sha256} lines={n_lines} eol={'yes' if eol else 'no'} ======\n{body}"
-
-
-SNAPSHOT_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(\d+) eol=(yes|no) ======$")
-
-
-def parse_code_snapshot(text: str) -> dict[str, tuple[str, str]]:
-    """{path: (source, sha256 written in the header)} from a text log. Raises ValueError if malformed."""
-    lines = text.split("\n")  # only "\n" ends a line here: the writer counts nothing else
-    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-    files: dict[str, tuple[str, str]] = {}
-    i = 0
-    while i < len(lines):
-        if not lines[i].startswith(CODE_MARK):
-            i += 1
-            continue
-        m = SNAPSHOT_HEADER.match(lines[i].rstrip("\n"))
-        if not m:
-            raise ValueError(f"line {i + 1}: malformed code snapshot header: {lines[i].strip()[:120]}")
-        path, sha, n, eol = m.group(1), m.group(2), int(m.group(3)), m.group(4)
-        if i + 1 + n > len(lines):
-            raise ValueError(f"line {i + 1}: code snapshot of {path} is cut short ({n} lines announced)")
-        source = "".join(lines[i + 1:i + 1 + n])
-        if eol == "no":
-            source = source[:-1]
-        if path in files:
-            raise ValueError(f"line {i + 1}: {path} appears twice in the code snapshot")
-        files[path] = (source, sha)
-        i += 1 + n
-    return files
 
 
 def _run(cmd: list[str], cwd: Path = REPO_ROOT) -> str | None:
@@ -220,7 +168,7 @@ class RunLog:
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
-        parts = ["speedrun run log", f"run_id: {run_id}"]
+        parts = [FIRST_LINE, f"run_id: {run_id}"]
         for path in sorted(snapshot):
             parts.append(snapshot_section(path, snapshot[path], file_hashes[path])[:-1])  # "\n".join adds it back
         parts.append(SECTION.format(f"code_sha256: {self.facts['code']['code_sha256']}"))

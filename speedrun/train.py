@@ -45,6 +45,7 @@ from speedrun.data.shards import data_vocab, list_shards, read_header, read_mani
 from speedrun.errors import UserError, describe_os_error
 from speedrun.model import GPT, TRAINING_OPS, flops_per_token
 from speedrun.optim import build_optimizers, set_schedules
+from speedrun.records.runlog import train_line, val_line
 from speedrun.runlog import RunLog, code_snapshot, environment, relative_to_repo, repo_or_absolute_path
 from speedrun.tracks import get_track
 
@@ -351,9 +352,7 @@ def timed_loop(cfg: RunConfig, race, device: torch.device, log: RunLog, clock, t
                 progress.train_time += clock() - t0
                 final_val = race.evaluate(step)
                 train_time = progress.train_time
-                avg = f"{1000 * train_time / step:.2f}" if step else "nan"
-                log.line(f"step:{step}/{n} val_loss:{final_val:.4f} train_time:{1000 * train_time:.0f}ms "
-                         f"step_avg:{avg}ms")
+                log.line(val_line(step, n, final_val, train_time))
                 log.facts["val_curve"].append({"step": step, "val_loss": final_val,
                                                "train_time_ms": round(1000 * train_time, 3)})
                 log.write_json()
@@ -372,8 +371,7 @@ def timed_loop(cfg: RunConfig, race, device: torch.device, log: RunLog, clock, t
             progress.step = step = step + 1
             elapsed = progress.train_time + clock() - t0  # host time, no sync: the public format's per-step line
             if step % cfg.train.log_every == 0:
-                log.line(f"step:{step}/{n} train_time:{1000 * elapsed:.0f}ms step_avg:{1000 * elapsed / step:.2f}ms",
-                         important=False)
+                log.line(train_line(step, n, elapsed), important=False)
         if status is None:
             status = "completed" if target is None else ("success" if final_val <= target else "not_converged")
         if status in ("aborted", "diverged"):

@@ -27,7 +27,7 @@ import dataclasses  # noqa: E402
 
 from synthetic_records import SYNTH_FLOOR, SYNTH_VAL_SHA256, write_synthetic_record  # noqa: E402
 
-from speedrun.leaderboard_cli import main as leaderboard_main  # noqa: E402
+from speedrun.records.cli import main as leaderboard_main  # noqa: E402
 from speedrun.tracks import TRACKS  # noqa: E402
 
 # the synthetic logs' validation data in place of the CPU track's (as tests/conftest.py: synthetic_track_data)

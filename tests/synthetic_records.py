@@ -14,7 +14,7 @@ from pathlib import Path
 
 from speedrun.config import get_preset
 from speedrun.data.shards import atomic_write_text
-from speedrun.records import RECORD_SCHEMA_VERSION
+from speedrun.records.check import RECORD_SCHEMA_VERSION
 from speedrun.runlog import RunLog
 from speedrun.tracks import get_track
 

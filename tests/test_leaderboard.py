@@ -2,6 +2,7 @@
 and the pieces of reproduce. Every fixture is written here, through the trainer's own log writer."""
 
 import datetime
+import hashlib
 import html.parser
 import json
 import math
@@ -18,10 +19,10 @@ import scipy.stats
 from synthetic_records import synthetic_env, write_synthetic_record, write_synthetic_run
 
 from speedrun import REPO_ROOT
-from speedrun.leaderboard_cli import main as leaderboard_main
-from speedrun.leaderboard_compare import ratio_ci95, welch_test
-from speedrun.records import check_tree, loss_p_value, mean_ci95
-from speedrun.records_upstream import parse_upstream_log
+from speedrun.records.check import check_tree
+from speedrun.records.cli import main as leaderboard_main
+from speedrun.records.stats import loss_p_value, mean_ci95, ratio_ci95, welch_test
+from speedrun.records.upstream import upstream_facts
 from speedrun.tracks import TRACKS
 
 REAL_TINY_CPU = TRACKS["tiny-cpu"]
@@ -142,15 +143,6 @@ def test_valid_records_pass_and_numbers_come_from_the_text_log(records):
     assert first.stats.mean_time_ms == pytest.approx(np.mean(times))
     assert first.stats.p_value == pytest.approx(
         scipy.stats.ttest_1samp(first.stats.losses, TARGET, alternative="less").pvalue)
-
-
-def test_the_fast_config_key_equals_the_json_one(tmp_path):
-    from speedrun.records_runlog import config_key, load_run
-
-    txt, js = write_synthetic_run(tmp_path, "r0", seed=3)
-    run, problems = load_run(txt, js)
-    assert problems == [] and run.config_key == config_key(run.facts["config"])
-    assert '"seed"' not in run.config_key
 
 
 def test_the_committed_records_pass_check(monkeypatch):
@@ -473,11 +465,14 @@ def test_rejects_text_and_json_that_disagree(records):
     folder = make(records)
     edit_run_facts(folder / "runs/f0.txt", lambda f: f.update(final_val_loss=4.0))
     edit_run_facts(folder / "runs/f1.txt", lambda f: f.update(train_time_ms=1000.0))
-    edit_json(folder / "runs/f2.json", lambda f: f["env"].update(torch="9.9.9"))
+    edit_json(folder / "runs/f2.json", lambda f: f["env"].update(torch="9.9.9"))  # the JSON alone
+    second = make(records, "second", date="2025-01-02", runs=good_runs("s", time_ms=40_000),
+                  beats="tiny-cpu/2025-01-01_first")
+    edit_run_facts(second / "runs/s0.txt", lambda f: f["env"].update(torch="9.9.9"))  # the summary too
     assert_one_problem_like(records, "runs/f0.json: final_val_loss 4.0 is not the text log's last-step val_loss")
     assert_one_problem_like(records, "runs/f1.json: train_time_ms 1000.0 is not the text log's last-step train_time")
-    assert_one_problem_like(records, "runs/f2.json: env differs from the text log's environment section")
     assert_one_problem_like(records, "runs/f2.json: differs from the text log's summary section in env")
+    assert_one_problem_like(records, "runs/s0.json: env differs from the text log's environment section")
 
 
 def test_rejects_a_status_the_losses_do_not_support(records):
@@ -603,7 +598,7 @@ def test_submit_refuses_a_failing_record_and_leaves_nothing(records, tmp_path, c
 
 
 def test_submit_interrupted_leaves_nothing(records, tmp_path, monkeypatch):
-    import speedrun.records_submit as records_submit
+    import speedrun.records.submit as submit_module
 
     make(records, runs=good_runs("f"))
     logs = write_logs(tmp_path / "logs", good_runs("r", time_ms=30_000))
@@ -611,7 +606,7 @@ def test_submit_interrupted_leaves_nothing(records, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(records_submit, "check_tree", interrupted)
+    monkeypatch.setattr(submit_module, "check_tree", interrupted)
     assert leaderboard_main(submit_args(records, logs, "--beats", "tiny-cpu/2025-01-01_first")) == 130
     assert sorted(p.name for p in (records / "tiny-cpu").iterdir()) == ["2025-01-01_first"]
 
@@ -685,7 +680,7 @@ def test_import_upstream_rejects_malformed_logs_with_the_line(tmp_path, capsys):
     assert "nosep.txt:" in out and "no line of '=' characters" in out
     assert not out_dir.exists()
     with pytest.raises(ValueError, match="validation step 10 does not increase"):
-        parse_upstream_log(text.replace("step:20/20 val_loss", "step:10/20 val_loss"))
+        upstream_facts(text.replace("step:20/20 val_loss", "step:10/20 val_loss"), "x.txt", b"")
 
 
 def test_compare_two_records_and_an_upstream_log(records, tmp_path, capsys):
@@ -730,10 +725,13 @@ def test_import_upstream_reads_lowercase_versions_and_a_line_of_equals_in_the_co
     text = upstream_log().replace("Running PyTorch 2.7.0.dev20250110+cu126 compiled for CUDA 12.6",
                                   "Running pytorch 2.6.0.dev20241203+cu124")
     text = text.replace("import os\n", "import os\n" + "=" * 80 + "\n# a banner in the script\n", 1)
-    parsed = parse_upstream_log(text)
-    assert parsed.torch == "2.6.0.dev20241203+cu124" and parsed.cuda == "12.4"
-    assert parsed.code.startswith("import os\n" + "=" * 80 + "\n# a banner") and "code = f.read()" in parsed.code
-    assert parsed.python == "3.12.7" and len(parsed.gpu_names) == 8
+    facts = upstream_facts(text, "x.txt", text.encode())
+    env = facts["env"]
+    assert env["torch"] == "2.6.0.dev20241203+cu124" and env["cuda"] == "12.4"
+    code = text.split("=" * 100 + "\n")[0]  # the script, its own line of '=' included
+    assert code.startswith("import os\n" + "=" * 80 + "\n# a banner") and code.endswith("code = f.read()\n")
+    assert facts["code"]["files"]["train_gpt.py"] == hashlib.sha256(code.encode()).hexdigest()
+    assert env["python"] == "3.12.7" and env["gpu_count"] == 8
 
 
 def test_the_target_and_val_data_are_the_tracks_not_the_logs(records):

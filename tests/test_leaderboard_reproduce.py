@@ -14,7 +14,9 @@ import pytest
 from synthetic_records import write_synthetic_record
 
 from speedrun import REPO_ROOT
-from speedrun.reproduce import ReproduceError, find_record, reproduce, seeds_for, train_arguments
+from speedrun.errors import UserError
+from speedrun.records.check import find_record
+from speedrun.records.reproduce import reproduce, seeds_for, train_arguments
 
 STAND_IN_CLI = '''"""A stand-in for `speedrun train` (reproduce test): writes a run log like the trainer's."""
 import argparse
@@ -74,7 +76,7 @@ def test_reproduce_refuses_a_record_that_does_not_check(tmp_path):
     folder = stand_in_record(tmp_path / "records")
     text = (folder / "runs/r0.txt").read_text()
     (folder / "runs/r0.txt").write_text(text.replace("import argparse\n", "import argparse  # edited\n", 1))
-    with pytest.raises(ReproduceError, match="the code snapshot of speedrun/cli.py does not match"):
+    with pytest.raises(UserError, match="the code snapshot of speedrun/cli.py does not match"):
         reproduce(str(folder), runs=1, out=tmp_path / "out", records_dir=tmp_path / "records",
                   data_root=tmp_path / "data", echo=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -96,7 +98,7 @@ def test_reproduce_runs_the_snapshot_and_writes_the_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "a copy of the current working tree (this repository does not have commit 0000" in report
     assert "Every reproduced run's code hash equals the record's" in report
-    assert "ratio reproduction / record (geometric means): 0.9" in report  # 55 s vs 60 s
+    assert "ratio B / A (geometric means) 0.9" in report  # 55 s vs 60 s
     assert "| reproduction |" in report and "| record | r0 | 0 | success | 60.00 | 5.1000 |" in report
     assert "None: same GPU, counts, versions, config (apart from the seed) and validation data" in report
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
@@ -107,7 +109,7 @@ def test_reproduce_runs_the_snapshot_and_writes_the_report(tmp_path):
 @pytest.mark.slow
 def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_run):
     """End to end on tiny-cpu with real training (the shared real run, then one reproduction): minutes."""
-    from speedrun.leaderboard_cli import main as leaderboard_main
+    from speedrun.records.cli import main as leaderboard_main
 
     data, logs = tiny_track_run
     records = tmp_path / "records"
@@ -126,7 +128,7 @@ def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_
 
 @pytest.mark.usefixtures("synthetic_track_data")  # the stand-in logs claim the synthetic val data
 def test_reproduce_says_it_runs_the_logged_code_and_asks_first(tmp_path, capsys, monkeypatch):
-    from speedrun.reproduce import reproduce_main
+    from speedrun.records.reproduce import reproduce_main
 
     folder = stand_in_record(tmp_path / "records")
     argv = [str(folder), "--runs", "1", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records")]

@@ -15,7 +15,7 @@ import speedrun.train as train_mod
 from speedrun import REPO_ROOT, dist
 from speedrun.cli import build_parser
 from speedrun.data.synth import generate_synth
-from speedrun.runlog import code_hash, parse_code_snapshot
+from speedrun.records.runlog import code_hash, parse_text_log
 
 SEQ_LEN = 64
 VAL_TOKENS = 1024
@@ -97,12 +97,12 @@ def test_run_log_is_complete_and_code_hash_matches(synth_dir, tmp_path):
         assert key in facts["env"]
     assert facts["config"]["preset"] == "sub3min-tiny" and facts["tokens_seen"] == 2 * 8 * SEQ_LEN
     # The snapshot sections hold the exact files; their hashes and the code hash recompute.
-    snapshot = parse_code_snapshot(text)
-    hashes = {}
-    for path, (source, sha) in snapshot.items():
-        assert hashlib.sha256(source.encode()).hexdigest() == sha
+    log = parse_text_log(text, keep_sources=True)
+    hashes = log.code_files
+    for path, source in log.sources.items():
+        assert hashlib.sha256(source.encode()).hexdigest() == hashes[path]
         assert (REPO_ROOT / path).read_text() == source
-        hashes[path] = sha
+    assert log.code_mismatches == []
     assert {"speedrun/train.py", "speedrun/model.py", "kernels/attention.py"} <= set(hashes)
     assert hashes == facts["code"]["files"]
     assert code_hash(hashes) == facts["code"]["code_sha256"]

@@ -18,7 +18,7 @@ import speedrun.train as train_mod
 from speedrun.cli import main
 from speedrun.data.shards import MANIFEST_NAME, write_shard
 from speedrun.data.synth import generate_synth
-from speedrun.leaderboard_cli import main as leaderboard_main
+from speedrun.records.cli import main as leaderboard_main
 
 SEQ_LEN, VAL_TOKENS = 64, 1024
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import html
 import math
 
-from speedrun.leaderboard_build import progression, ranked_rows, track_target_text
-from speedrun.records import CheckResult, Record
+from speedrun.records.board import progression, ranked_rows, track_text
+from speedrun.records.check import CheckResult, Record
 from speedrun.tracks import TRACKS
 
 WIDTH, HEIGHT, MARGIN = 560, 260, 48
@@ -69,8 +69,7 @@ def page(result: CheckResult, link_prefix: str) -> str:
     for name, track in TRACKS.items():
         records = by_track[name]
         parts.append(f'<section id="{name}"><h2>{_text(name)}</h2>')
-        parts.append(f"<p>{_text(track.description)}. {_text(track_target_text(track))}, "
-                     f"{track.val_tokens:,} validation tokens, hardware: {_text(track.hardware)}.</p>")
+        parts.append(f"<p>{_text(track_text(track))}</p>")
         if not records:
             parts.append('<p class="note">No records yet.</p></section>')
             continue
@@ -116,10 +115,8 @@ def _progression_svg(records: list[Record]) -> str:
     ordered = sorted(records, key=lambda r: (r.date, r.path))
     position = {r.path: i for i, r in enumerate(ordered)}
     times = [math.log10(r.stats.mean_time_ms / 1000) for r in ordered]
-    chain = progression(ordered)
-    series = [("records", [(i, t) for i, t in enumerate(times)], "points"),
-              ("progression", [(position[r.path], math.log10(r.stats.mean_time_ms / 1000)) for r, _ in chain],
-               "steps")]
+    series = [("records", list(enumerate(times)), "points"),
+              ("progression", [(position[r.path], times[position[r.path]]) for r, _ in progression(ordered)], "steps")]
     return _svg(series, x_label="record (in date order)", y_label="time (s, log scale)", log_y=True,
                 x_ticks=[(i, r.date) for i, r in enumerate(ordered)])
 

@@ -1,9 +1,8 @@
 """``submit``: make a record folder from run logs, check it, and move it into place only if it passes.
 
-The record is assembled in a hidden temp folder beside its final place (same file system), checked
-together with every other record as if it were already in place, and renamed into place in one step.
-A refusal or an interruption (Ctrl-C included) removes the temp folder: either the whole record
-appears or nothing does.
+The record is assembled in a hidden temp folder beside its final place (same file system), checked together with
+every other record as if it were already in place, and renamed into place in one step. A refusal or an
+interruption (Ctrl-C included) removes the temp folder: either the whole record appears or nothing does.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speedrun.data.shards import atomic_write_bytes, atomic_write_text
-from speedrun.records import (
+from speedrun.errors import UserError
+from speedrun.records.check import (
     KINDS,
     RECORD_SCHEMA_VERSION,
     SLUG_PATTERN,
@@ -31,10 +31,6 @@ from speedrun.records import (
 from speedrun.tracks import TRACKS
 
 
-class SubmitError(ValueError):
-    """The submission is refused; the message lists every reason, one per line."""
-
-
 @dataclass
 class Submission:
     logs: list[Path]
@@ -42,49 +38,19 @@ class Submission:
     title: str
     authors: list[str]
     kind: str = "ml"
-    beats: str | None = None
+    beats: str | None = None  # 'track/folder', 'records/track/folder' or a path ending in them
     date: str | None = None  # YYYY-MM-DD, default today (UTC)
     description: str = ""
     readme: Path | None = None  # the author's write-up; default: a page made from title and description
     slug: str | None = None  # default: made from the title
 
-
-def slugify(title: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-    return slug[:48].rstrip("-")
-
-
-def normalize_beats(beats: str | None) -> str | None:
-    """Accept 'track/folder', 'records/track/folder' or a path ending in them."""
-    if beats is None:
-        return None
-    parts = [p for p in Path(beats).as_posix().split("/") if p]
-    return "/".join(parts[-2:]) if len(parts) >= 2 else beats
+    @property
+    def beats_path(self) -> str | None:
+        parts = [p for p in Path(self.beats).as_posix().split("/") if p] if self.beats else []
+        return "/".join(parts[-2:]) if len(parts) >= 2 else self.beats
 
 
-def run_log_pairs(logs: list[Path]) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
-    """{run id: (.txt, .json)} from the given files (either file of a pair names the run)."""
-    pairs, problems = {}, []
-    for log in logs:
-        if log.suffix not in (".txt", ".json"):
-            problems.append(f"{log}: a run log is <run_id>.txt or <run_id>.json")
-            continue
-        txt, js = log.with_suffix(".txt"), log.with_suffix(".json")
-        missing = [str(p) for p in (txt, js) if not p.is_file()]
-        if missing:
-            problems.append(f"{log}: missing {' and '.join(missing)} (a run is its .txt and .json log)")
-            continue
-        previous = pairs.get(log.stem)
-        if previous is not None and previous[0].resolve() != txt.resolve():
-            problems.append(f"{log}: run id {log.stem} given twice ({previous[0]} and {txt})")
-            continue
-        pairs[log.stem] = (txt, js)
-    if not logs:
-        problems.append("no run logs given")
-    return pairs, problems
-
-
-def validate(sub: Submission, records_dir: Path, today: datetime.date) -> tuple[str, list[str]]:
+def request_problems(sub: Submission, records_dir: Path, today: datetime.date) -> tuple[str, list[str]]:
     """The record's path ('track/date_slug') and every problem with the request itself."""
     problems = []
     if sub.track not in TRACKS:
@@ -102,25 +68,40 @@ def validate(sub: Submission, records_dir: Path, today: datetime.date) -> tuple[
         problems.append("--author: give at least one non-empty name")
     if not sub.description.strip():
         problems.append("--description: empty (one or two sentences on what changed)")
-    slug = sub.slug if sub.slug is not None else slugify(sub.title)
+    slug = sub.slug if sub.slug is not None else (
+        re.sub(r"[^a-z0-9]+", "-", sub.title.lower()).strip("-")[:48].rstrip("-"))
     if not SLUG_PATTERN.match(slug):
         problems.append(f"slug {slug!r}: a record folder's slug is a-z, 0-9 and '-' (pass --slug)")
-    beats = normalize_beats(sub.beats)
-    if beats is not None and not valid_record_path(beats):
+    if sub.beats is not None and not valid_record_path(sub.beats_path):
         problems.append(f"--beats {sub.beats!r}: not a record path like '<track>/<YYYY-MM-DD>_<slug>'")
-    if sub.readme is not None and not sub.readme.is_file():
-        problems.append(f"--readme {sub.readme}: no such file")
-    elif sub.readme is not None:
+    if sub.readme is not None:
         try:
             sub.readme.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             problems.append(f"--readme {sub.readme}: not UTF-8 text ({e.reason} at byte {e.start})")
         except OSError as e:
-            problems.append(f"--readme {sub.readme}: cannot be read ({e.strerror or e})")
+            problems.append(f"--readme {sub.readme}: " + ("no such file" if isinstance(e, FileNotFoundError)
+                                                          else f"cannot be read ({e.strerror or e})"))
     record_path = f"{sub.track}/{(date or today).isoformat()}_{slug}"
     if not problems and (records_dir / record_path).exists():
         problems.append(f"records/{record_path}: already exists (choose another --slug)")
     return record_path, problems
+
+
+def run_log_pairs(logs: list[Path]) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
+    """{run id: (.txt, .json)} from the given files (either file of a pair names the run)."""
+    pairs, problems = {}, [] if logs else ["no run logs given"]
+    for log in logs:
+        txt, js = log.with_suffix(".txt"), log.with_suffix(".json")
+        if log.suffix not in (".txt", ".json"):
+            problems.append(f"{log}: a run log is <run_id>.txt or <run_id>.json")
+        elif missing := [str(p) for p in (txt, js) if not p.is_file()]:
+            problems.append(f"{log}: missing {' and '.join(missing)} (a run is its .txt and .json log)")
+        elif log.stem in pairs and pairs[log.stem][0].resolve() != txt.resolve():
+            problems.append(f"{log}: run id {log.stem} given twice ({pairs[log.stem][0]} and {txt})")
+        else:
+            pairs[log.stem] = (txt, js)
+    return pairs, problems
 
 
 def readme_text(sub: Submission, meta: dict) -> str:
@@ -134,36 +115,29 @@ def readme_text(sub: Submission, meta: dict) -> str:
             "LEADERBOARD.md); no number is written here by hand.\n")
 
 
-def assemble(folder: Path, sub: Submission, meta: dict, pairs: dict[str, tuple[Path, Path]]) -> None:
-    atomic_write_text(folder / "record.json", json.dumps(meta, indent=2) + "\n")
-    atomic_write_text(folder / "README.md", readme_text(sub, meta))
-    for run_id, (txt, js) in sorted(pairs.items()):
-        atomic_write_bytes(folder / "runs" / f"{run_id}.txt", txt.read_bytes())
-        atomic_write_bytes(folder / "runs" / f"{run_id}.json", js.read_bytes())
-
-
 def submit(sub: Submission, records_dir: Path, today: datetime.date | None = None) -> Path:
-    """Create the record; returns its folder. Raises SubmitError (and leaves nothing behind)."""
+    """Create the record; returns its folder. Raises UserError, one problem per line, leaving nothing behind."""
     today = today or today_utc()
-    record_path, problems = validate(sub, records_dir, today)
+    record_path, problems = request_problems(sub, records_dir, today)
     pairs, log_problems = run_log_pairs(sub.logs)
-    problems += log_problems
-    if problems:
-        raise SubmitError("\n".join(problems))
+    if problems + log_problems:
+        raise UserError("\n".join(problems + log_problems))
     meta = {"schema_version": RECORD_SCHEMA_VERSION, "title": sub.title.strip(),
             "authors": [a.strip() for a in sub.authors], "date": record_path.split("/")[1][:10],
-            "track": sub.track, "beats": normalize_beats(sub.beats), "kind": sub.kind,
-            "description": sub.description.strip()}
+            "track": sub.track, "beats": sub.beats_path, "kind": sub.kind, "description": sub.description.strip()}
     final = records_dir / record_path
-    track_dir = final.parent
-    created = [d for d in (records_dir, track_dir) if not d.exists()]  # removed again on refusal
-    temp = track_dir / f"{TEMP_PREFIX}submit-{final.name}-{secrets.token_hex(4)}"
+    created = [d for d in (records_dir, final.parent) if not d.exists()]  # removed again on refusal
+    temp = final.parent / f"{TEMP_PREFIX}submit-{final.name}-{secrets.token_hex(4)}"
     try:
         (temp / "runs").mkdir(parents=True)
-        assemble(temp, sub, meta, pairs)
+        atomic_write_text(temp / "record.json", json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(temp / "README.md", readme_text(sub, meta))
+        for run_id, (txt, js) in sorted(pairs.items()):
+            atomic_write_bytes(temp / "runs" / f"{run_id}.txt", txt.read_bytes())
+            atomic_write_bytes(temp / "runs" / f"{run_id}.json", js.read_bytes())
         result = check_tree(records_dir, today, replace=(record_path, temp))
         if result.problems:
-            raise SubmitError("\n".join(result.problems))
+            raise UserError("\n".join(result.problems))
         os.rename(temp, final)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,439 @@
+"""``check``: every record folder, its ``record.json`` and its runs, and the claims records make about each other.
+
+Nothing in ``record.json`` is a number about the runs: a record's time is the mean train time of its finished runs
+and its loss the mean final validation loss, both recomputed from the text logs every time. ``check_tree`` returns
+one line per problem; an empty list means the records are valid. One bad entry never stops the others' checks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speedrun import REPO_ROOT
+from speedrun.records import stats
+from speedrun.records.runlog import Run, check_fields, check_run, load_run
+from speedrun.tracks import TRACKS, Track
+
+RECORDS_DIR = REPO_ROOT / "records"
+RECORD_SCHEMA_VERSION = 1
+RECORD_FIELDS = {"schema_version": (int,), "title": (str,), "authors": (list,), "date": (str,),
+                 "track": (str,), "beats": (str, None), "kind": (str,), "description": (str,)}
+KINDS = ("ml", "systems")
+RECORD_FOLDER_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9][a-z0-9-]{0,63})$")
+SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+UPSTREAM_DIR_NAME = "upstream"
+GENERATED_FILES = ("README.md", "progression.png", "runs.csv", "index.html")  # build's outputs in records/
+TEMP_PREFIX = "."  # submit builds a record in a hidden temp folder, then renames it into place
+DUPLICATE_TIME_TOLERANCE = 0.005  # relative: two runs timed this close at every validation are one run
+# bidirectional overrides and isolates: they reorder what a terminal or a browser shows
+BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+# What every run of one record shares: one recipe, one machine class, one data set.
+AGREEMENT = (
+    ("code hash", lambda run: run.facts["code"]["code_sha256"]),
+    ("GPU model", lambda run: run.facts["env"]["gpu_name"]),
+    ("GPU count", lambda run: run.facts["env"]["gpu_count"]),
+    ("torch version", lambda run: run.facts["env"]["torch"]),
+    ("config (apart from the seed)", lambda run: run.config_key),
+    ("target", lambda run: run.facts["target_val_loss"]),
+    ("validation data (val shard sha256)", lambda run: run.facts["data"]["val_shard_sha256"]),
+)
+
+
+@dataclass
+class RecordStats:
+    """What the leaderboard shows for a record, from its runs' text logs."""
+
+    runs_total: int
+    times_ms: list[float]  # of finished runs, in run-id order
+    losses: list[float]
+    target: float | None
+    p_value: float | None = None  # the loss test (check_tree runs it for every record at once)
+
+    def __post_init__(self):
+        self.runs_finished = len(self.times_ms)
+        self.mean_time_ms, self.time_sd_ms = stats.mean_and_sd(self.times_ms) if self.times_ms else (None, None)
+        self.time_ci95_ms = stats.mean_ci95(self.times_ms)
+        self.mean_loss = stats.mean_and_sd(self.losses)[0] if self.losses else None
+
+
+@dataclass
+class Record:
+    path: str  # relative to the records folder, e.g. "tiny-cpu/2025-01-01_first"
+    folder: Path  # where its files are (a temp folder while `submit` checks it)
+    meta: dict | None = None  # record.json, None when unreadable
+    runs: list[Run] = field(default_factory=list)  # its checked runs
+    problems: list[str] = field(default_factory=list)
+    stats: RecordStats | None = None  # None unless every run checked
+
+    @property
+    def label(self) -> str:
+        return f"records/{self.path}"
+
+    @property
+    def track(self) -> Track | None:
+        return TRACKS.get(self.path.split("/")[0])
+
+    @property
+    def date(self) -> str:
+        return self.path.split("/")[1][:10]
+
+
+@dataclass
+class CheckResult:
+    records: list[Record]
+    problems: list[str]
+    warnings: list[str]
+    upstream: list[Run] = field(default_factory=list)  # imported modded-nanogpt runs (records/upstream)
+
+    @property
+    def valid_records(self) -> list[Record]:
+        return [r for r in self.records if r.stats is not None and not r.problems]
+
+    def by_track(self) -> dict[str, list[Record]]:
+        """The valid records of each track, every track present."""
+        grouped = {name: [] for name in TRACKS}
+        for record in self.valid_records:
+            grouped[record.path.split("/")[0]].append(record)
+        return grouped
+
+
+def parse_date(text: str) -> datetime.date | None:
+    try:
+        return datetime.date.fromisoformat(text) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) else None
+    except ValueError:
+        return None
+
+
+def today_utc() -> datetime.date:
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def unprintable(text: str, allow_newlines: bool = False) -> str | None:
+    """The first control character in ``text`` (escape sequences, CR, bidi overrides...), described; or None."""
+    for i, ch in enumerate(text):
+        if (unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS) and not (ch == "\n" and allow_newlines):
+            return f"the control character U+{ord(ch):04X} at position {i}"
+    return None
+
+
+def valid_record_path(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and parts[0] in TRACKS and RECORD_FOLDER_PATTERN.match(parts[1]) is not None
+
+
+def check_meta(meta: dict, record_path: str, today: datetime.date) -> list[str]:
+    """record.json on its own, and against its folder's name."""
+    where = f"records/{record_path}/record.json"
+    if meta.get("schema_version") != RECORD_SCHEMA_VERSION:
+        return [f"{where}: unknown schema_version {meta.get('schema_version')!r} (this leaderboard reads version "
+                f"{RECORD_SCHEMA_VERSION})"]
+    if problems := check_fields(meta, RECORD_FIELDS, where):
+        return problems
+    track_name, folder = record_path.split("/")
+    if meta["track"] != track_name:
+        problems.append(f"{where}: track {meta['track']!r} but the record is in records/{track_name}/")
+    if (date := parse_date(meta["date"])) is None:
+        problems.append(f"{where}: date {meta['date']!r} is not a YYYY-MM-DD date")
+    elif meta["date"] != folder[:10]:
+        problems.append(f"{where}: date {meta['date']} differs from the folder's {folder[:10]}")
+    elif date > today:
+        problems.append(f"{where}: date {meta['date']} is in the future (today is {today.isoformat()} UTC)")
+    if meta["kind"] not in KINDS:
+        problems.append(f"{where}: kind {meta['kind']!r} must be one of {', '.join(KINDS)}")
+    for name in ("title", "description"):
+        if bad := unprintable(meta[name], allow_newlines=name == "description"):
+            problems.append(f"{where}: {name} holds {bad} (text from a record reaches terminals and web pages)")
+        if not meta[name].strip():
+            problems.append(f"{where}: {name} is empty")
+    problems += [f"{where}: author {a!r} holds {bad}" for a in meta["authors"]
+                 if isinstance(a, str) and (bad := unprintable(a))]
+    if not meta["authors"] or not all(isinstance(a, str) and a.strip() for a in meta["authors"]):
+        problems.append(f"{where}: authors must be a non-empty list of names")
+    if meta["beats"] is not None and not valid_record_path(meta["beats"]):
+        problems.append(f"{where}: beats {meta['beats']!r} is not a record path like '<track>/<YYYY-MM-DD>_<slug>' "
+                        "inside records/")
+    return problems
+
+
+def list_entries(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries by name (``os.scandir``: type checks without a stat per file)."""
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _run_ids(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
+    """Run ids with a regular .txt and .json file in runs/ (nothing else is opened: a FIFO would block), and
+    problems with the entries."""
+    problems, regular, stems, present = [], set(), set(), set()
+    for entry in list_entries(runs_dir):
+        present.add(entry.name)
+        stem, dot, suffix = entry.name.rpartition(".")
+        if dot and suffix in ("txt", "json"):
+            stems.add(stem)
+        if entry.is_symlink():
+            problems.append(f"{label}/runs/{entry.name}: is a symbolic link (a record holds plain files only)")
+        elif not entry.is_file(follow_symlinks=False) or not dot or suffix not in ("txt", "json"):
+            problems.append(f"{label}/runs/{entry.name}: unexpected entry (runs/ holds <run_id>.txt and "
+                            "<run_id>.json files only)")
+        else:
+            regular.add(entry.name)
+    problems += [f"{label}/runs/{name}: missing (every run needs its .txt and .json log)"
+                 for stem in sorted(stems) for name in (f"{stem}.txt", f"{stem}.json") if name not in present]
+    return [s for s in sorted(stems) if f"{s}.txt" in regular and f"{s}.json" in regular], problems
+
+
+def _read_meta(record: Record, entries: dict, today: datetime.date) -> None:
+    where = f"{record.label}/record.json"
+    if "record.json" not in entries:
+        record.problems.append(f"{where}: missing")
+    elif not entries["record.json"].is_file(follow_symlinks=False):  # a folder, a FIFO (a read would block)...
+        record.problems.append(f"{where}: not a regular file")
+    else:
+        try:
+            meta = json.loads((record.folder / "record.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return record.problems.append(f"{where}: malformed JSON: {e}")
+        except RecursionError:
+            return record.problems.append(f"{where}: malformed JSON: nested too deeply")
+        if not isinstance(meta, dict):
+            return record.problems.append(f"{where}: must hold a JSON object")
+        record.meta = meta
+        record.problems += check_meta(meta, record.path, today)
+
+
+def load_record(folder: Path, record_path: str, today: datetime.date | None = None, keep_sources: bool = False,
+                loss_test: bool = True) -> Record:
+    """Read a record folder and run every check that needs only this record (``loss_test=False``: all but the
+    loss test, which check_tree runs for all records at once). Unreadable files are problems, not crashes."""
+    record = Record(path=record_path, folder=folder)
+    try:
+        _load_record(record, today or today_utc(), keep_sources)
+    except (OSError, RecursionError, UnicodeError) as e:
+        what = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        return Record(path=record_path, folder=folder, problems=[f"{record.label}: cannot be read ({what})"])
+    if loss_test and record.stats is not None:
+        record.stats.p_value = stats.loss_p_value(record.stats.losses, record.stats.target) if (
+            record.stats.target is not None) else None
+        check_outcome(record)
+    return record
+
+
+def _load_record(record: Record, today: datetime.date, keep_sources: bool) -> None:
+    label = record.label
+    entries = {e.name: e for e in list_entries(record.folder)}
+    record.problems += [f"{label}/{n}: is a symbolic link (a record holds plain files only)"
+                        for n, e in entries.items() if e.is_symlink()]
+    _read_meta(record, entries, today)
+    if "README.md" not in entries or not entries["README.md"].is_file():
+        record.problems.append(f"{label}/README.md: missing (the author's write-up)")
+    if "runs" not in entries or entries["runs"].is_symlink() or not entries["runs"].is_dir():
+        return record.problems.append(f"{label}/runs: missing (the folder of every run's logs)")
+    runs_dir = record.folder / "runs"
+    run_ids, problems = _run_ids(runs_dir, label)
+    record.problems += problems or ([] if run_ids else [f"{label}/runs: no run logs"])
+    for run_id in run_ids:
+        run, problems = load_run(runs_dir / f"{run_id}.txt", runs_dir / f"{run_id}.json",
+                                 f"{label}/runs/{run_id}.txt", keep_sources)
+        problems = problems or check_run(run, record.track)
+        record.problems += problems
+        if not problems:
+            record.runs.append(run)
+    if record.runs and len(record.runs) == len(run_ids):
+        record.problems += check_runs_agree(record)
+        finished = [r for r in record.runs if r.finished]
+        targets = {r.facts["target_val_loss"] for r in finished}
+        record.stats = RecordStats(len(record.runs), [r.train_time_ms for r in finished],
+                                   [r.final_val_loss for r in finished], targets.pop() if len(targets) == 1 else None)
+
+
+def check_runs_agree(record: Record) -> list[str]:
+    problems = []
+    for what, get in AGREEMENT:
+        groups = defaultdict(list)
+        for run in record.runs:
+            groups[get(run)].append(run.run_id)
+        if len(groups) > 1:
+            described = "; ".join(f"{_short(v)} in {', '.join(ids)}"
+                                  for v, ids in sorted(groups.items(), key=lambda kv: kv[1]))
+            problems.append(f"{record.label}: its runs differ in {what}: {described}")
+    return problems
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return value[:12] + "…"
+    return text if len(text) <= 60 else f"config sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}…"
+
+
+def check_outcome(record: Record) -> None:
+    """The record reached the target: the loss test for ml records, the mean for systems records."""
+    s, label = record.stats, record.label
+    if record.meta is None or record.problems:
+        return
+    if s.runs_finished == 0:
+        problem = f"{label}: no finished run (a run must validate at its last step to count)"
+    elif s.target is None:
+        problem = f"{label}: its runs have no single target loss"
+    elif record.meta["kind"] == "systems":
+        problem = (f"{label}: mean final val loss {s.mean_loss:.4f} over {s.runs_finished} runs is above the target "
+                   f"{s.target}") if s.mean_loss > s.target else None
+    elif s.runs_finished < stats.MIN_ML_RUNS:
+        problem = (f"{label}: an ml record needs at least {stats.MIN_ML_RUNS} finished runs for the loss test, it "
+                   f"has {s.runs_finished}")
+    elif not s.p_value < stats.SIGNIFICANCE_LEVEL:
+        problem = (f"{label}: fails the significance test: mean final val loss {s.mean_loss:.4f} over "
+                   f"{s.runs_finished} runs is not below the target {s.target} at p < {stats.SIGNIFICANCE_LEVEL} "
+                   f"(one-sided t-test p = {s.p_value:.4g})")
+    else:
+        problem = None
+    record.problems += [problem] if problem else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole tree
+# ---------------------------------------------------------------------------------------------
+
+
+def find_record_folders(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[str]]:
+    """(record path, folder) of every record under ``root``, problems with the layout, and warnings."""
+    found, problems, warnings = [], [], []
+    if not root.is_dir():
+        return found, [f"{root}: no records folder"], warnings
+    for track_dir in list_entries(root):
+        name = track_dir.name
+        if track_dir.is_symlink():
+            problems.append(f"records/{name}: is a symbolic link (records/ holds plain files and folders only)")
+        elif not track_dir.is_dir():
+            if name not in GENERATED_FILES:
+                problems.append(f"records/{name}: unexpected file (records/ holds one folder per track)")
+        elif name not in TRACKS and name != UPSTREAM_DIR_NAME and not name.startswith(TEMP_PREFIX):
+            problems.append(f"records/{name}: unknown track {name!r} (known: {', '.join(TRACKS)})")
+        elif name in TRACKS:
+            for folder in list_entries(Path(track_dir.path)):
+                where = f"records/{name}/{folder.name}"
+                if folder.name.startswith(TEMP_PREFIX):
+                    warnings.append(f"{where}: leftover temp folder of an interrupted submit; not a record, remove it")
+                elif folder.is_symlink() or not folder.is_dir():
+                    problems.append(f"{where}: unexpected entry (a track folder holds record folders only)")
+                elif not RECORD_FOLDER_PATTERN.match(folder.name):
+                    problems.append(f"{where}: a record folder is named <YYYY-MM-DD>_<slug> (slug: a-z 0-9 -)")
+                else:
+                    found.append((f"{name}/{folder.name}", Path(folder.path)))
+    return found, problems, warnings
+
+
+def duplicate_problems(records: list[Record]) -> list[str]:
+    """Runs that are one run: the same id, or the same logged losses with times within the tolerance everywhere."""
+    problems, seen_ids, by_losses = [], {}, defaultdict(list)
+    for run in (run for record in records for run in record.runs):
+        if run.run_id in seen_ids:
+            problems.append(f"{run.label}: duplicate run id: also {seen_ids[run.run_id]}")
+        seen_ids.setdefault(run.run_id, run.label)
+        key = tuple((step, loss) for step, loss, _ in run.val_points)
+        for other in by_losses[key]:
+            if all(abs(a - b) <= DUPLICATE_TIME_TOLERANCE * max(a, b) + 2
+                   for (_, _, a), (_, _, b) in zip(run.val_points, other.val_points, strict=True)):
+                problems.append(f"{run.label}: duplicate run (the same validation losses and times within "
+                                f"{DUPLICATE_TIME_TOLERANCE:.1%} at every step): also {other.label}")
+                break
+        by_losses[key].append(run)
+    return problems
+
+
+def beats_problems(records: list[Record]) -> list[str]:
+    """A record beats the one it names (same track, not later, faster by the speed-up test), or, naming none, is
+    its track's first."""
+    by_path, problems, tests = {r.path: r for r in records}, [], []
+    for record in (r for r in records if r.meta is not None and r.stats is not None):
+        beats, where, track = record.meta.get("beats"), f"{record.label}/record.json", record.path.split("/")[0]
+        other = by_path.get(beats)
+        if beats is None:
+            earlier = [r.path for r in records if r.path.startswith(track + "/") and r.date < record.date]
+            problems += [f"{where}: beats is null, but {track} has earlier records ({earlier[-1]}): name the record "
+                         "this one beats"] if earlier else []
+        elif not valid_record_path(beats):
+            pass  # reported by check_meta
+        elif other is None:
+            problems.append(f"{where}: beats {beats!r}, which is not a record")
+        elif other is record:
+            problems.append(f"{where}: a record cannot beat itself")
+        elif not beats.startswith(track + "/"):
+            problems.append(f"{where}: beats {beats!r}, a record on another track")
+        elif other.date > record.date:
+            problems.append(f"{where}: beats {beats!r}, which is dated later ({other.date})")
+        elif other.stats is None or not other.stats.times_ms:
+            problems.append(f"{where}: beats {beats!r}, whose time cannot be computed (see its problems)")
+        elif min(record.stats.runs_finished, other.stats.runs_finished) < stats.MIN_BEATS_RUNS:
+            problems.append(f"{record.label}: claims to beat {beats}, but a speed-up is tested on at least "
+                            f"{stats.MIN_BEATS_RUNS} finished runs of each record; they have "
+                            f"{record.stats.runs_finished} and {other.stats.runs_finished}")
+        else:
+            tests.append((record, other))
+    p_values = stats.speedup_p_values([(r.stats.times_ms, o.stats.times_ms) for r, o in tests])
+    return problems + [
+        f"{r.label}: claims to beat {o.path} but its runs do not support it: mean train time "
+        f"{r.stats.mean_time_ms / 1000:.3f} s against {o.stats.mean_time_ms / 1000:.3f} s is not faster at "
+        f"p < {stats.BEATS_SIGNIFICANCE_LEVEL} (one-sided Welch t-test p = {p:.3g})"
+        for (r, o), p in zip(tests, p_values, strict=True) if not p < stats.BEATS_SIGNIFICANCE_LEVEL]
+
+
+def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
+               replace: tuple[str, Path] | None = None) -> CheckResult:
+    """Load and check every record under ``root`` (and the imported upstream runs beside them).
+
+    ``replace`` = (record path, folder) checks the record in ``folder`` as if it were at ``record path`` (how
+    ``submit`` checks a record in its temp folder before moving it into place).
+    """
+    from speedrun.records.upstream import check_upstream_dir
+
+    today = today or today_utc()
+    folders, problems, warnings = find_record_folders(root)
+    if replace is not None:
+        folders = sorted([(p, f) for p, f in folders if p != replace[0]] + [replace])
+    records = [load_record(folder, path, today, loss_test=False) for path, folder in folders]
+    tested = [r for r in records if r.stats is not None and r.stats.target is not None]
+    p_values = stats.loss_p_values([r.stats.losses for r in tested], [r.stats.target for r in tested])
+    for record, p in zip(tested, p_values, strict=True):
+        record.stats.p_value = p
+    for record in records:
+        if record.stats is not None:
+            check_outcome(record)
+        problems += record.problems
+    problems += duplicate_problems(records) + beats_problems(records)
+    upstream_dir, upstream = root / UPSTREAM_DIR_NAME, []
+    if upstream_dir.is_symlink():
+        problems.append(f"records/{UPSTREAM_DIR_NAME}: is a symbolic link")
+    elif upstream_dir.is_dir():
+        upstream, upstream_problems = check_upstream_dir(upstream_dir)
+        problems += upstream_problems
+    return CheckResult(records=records, problems=problems, warnings=warnings, upstream=upstream)
+
+
+def find_record(spec: str, records_dir: Path = RECORDS_DIR, keep_sources: bool = False) -> Record:
+    """Load and check a record given as a folder or as '<track>/<folder>' inside ``records_dir``; raises
+    UserError naming its problems."""
+    from speedrun.errors import UserError
+
+    path = Path(spec)
+    if not path.is_dir() and (records_dir / spec).is_dir():
+        path = records_dir / spec
+    if not (path / "record.json").is_file():
+        raise UserError(f"{spec}: not a record folder (no record.json)")
+    path = path.resolve()
+    try:
+        record_path = path.relative_to(records_dir.resolve()).as_posix()
+    except ValueError:
+        record_path = f"{path.parent.name}/{path.name}"
+    record = load_record(path, record_path, keep_sources=keep_sources)
+    if record.problems:
+        raise UserError("\n".join(record.problems))
+    return record

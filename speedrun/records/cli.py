@@ -1,0 +1,176 @@
+"""The ``leaderboard.py`` command line (also ``speedrun leaderboard …``).
+
+    check [PATH…]                 validate records; one line per problem; exit 1 if any
+    build [--out DIR]             check, then write LEADERBOARD.md and records/{progression.png,runs.csv,index.html}
+    submit LOG… --track T --title … --author … --description … [--kind ml|systems] [--beats RECORD]
+                                  make a record from run logs; refused (nothing left behind) unless it checks
+    show [--track T]              the leaderboard in the terminal
+    compare A B [--plot PNG]      two records or runs: curves on one plot, time difference with Welch's t-test
+    import-upstream LOG… [--out DIR]
+                                  public modded-nanogpt logs into our run format (records/upstream/)
+
+Every subcommand takes ``--records DIR`` (default: the repository's records/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from speedrun import REPO_ROOT
+from speedrun.errors import UserError, run_command, wants_debug
+from speedrun.records.check import KINDS, RECORDS_DIR, UPSTREAM_DIR_NAME, check_tree
+from speedrun.tracks import TRACKS
+
+
+def report(problems: list[str], warnings: list[str], command: str, outcome: str = "") -> None:
+    """Problems on stdout, one per line; warnings and the count (and ``outcome``) on stderr."""
+    print("\n".join(problems)) if problems else None
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if problems:
+        print(f"{command}: {len(problems)} problem(s){outcome}", file=sys.stderr)
+
+
+def selected_problems(problems: list[str], paths: list[Path], records_dir: Path) -> tuple[list[str], list[str]]:
+    """Problems about the records under ``paths`` (all when none), and problems with the paths themselves."""
+    root, prefixes, bad = records_dir.resolve(), [], []
+    for path in paths:
+        resolved = path.resolve()
+        if not resolved.exists():
+            bad.append(f"{path}: no such file or folder")
+        elif resolved != root and root not in resolved.parents:
+            bad.append(f"{path}: outside the records folder {records_dir}")
+        else:
+            relative = resolved.relative_to(root).as_posix()
+            prefixes.append("records" if relative == "." else f"records/{relative}")
+    if not paths:
+        return problems, bad
+    return [p for p in problems if any(p == pre or p.startswith((pre + "/", pre + ":")) for pre in prefixes)], bad
+
+
+def cmd_check(args) -> int:
+    result = check_tree(args.records)
+    problems, bad_paths = selected_problems(result.problems, args.paths, args.records)
+    report(bad_paths + problems, result.warnings, "check")
+    if bad_paths or problems:
+        return 1
+    print(f"check: ok: {len(result.records)} record(s), {sum(len(r.runs) for r in result.records)} run(s), "
+          f"{len(result.upstream)} upstream run(s)")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from speedrun.records.board import build
+
+    result = check_tree(args.records)
+    report(result.problems, result.warnings, "build", ": refused, fix them (nothing was written)")
+    if result.problems:
+        return 1
+    print("\n".join(f"wrote {path}" for path in build(result, args.records, args.out)))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from speedrun.records.submit import Submission, submit
+
+    folder = submit(Submission(logs=args.logs, track=args.track, title=args.title, authors=args.authors,
+                               kind=args.kind, beats=args.beats, date=args.date, description=args.description,
+                               readme=args.readme, slug=args.slug), args.records)
+    print(f"submitted {folder}; run `python leaderboard.py build` to update the leaderboard")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from speedrun.records.board import terminal_table
+
+    result = check_tree(args.records)
+    print(terminal_table(result, args.track))
+    report(result.problems, result.warnings, "show", ": records with problems are left out of the table above")
+    return 1 if result.problems else 0
+
+
+def cmd_compare(args) -> int:
+    from speedrun.records.compare import compare
+
+    print("\n".join(compare(args.a, args.b, args.plot, args.records)))
+    return 0
+
+
+def cmd_import_upstream(args) -> int:
+    from speedrun.records.upstream import import_upstream
+
+    messages, problems = import_upstream(args.logs, args.out or args.records / UPSTREAM_DIR_NAME)
+    if problems:
+        raise UserError("\n".join(problems))
+    print("\n".join(messages))
+    return 0
+
+
+def build_parser(prog: str = "leaderboard.py") -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--records", type=Path, default=RECORDS_DIR, metavar="DIR",
+                        help="the records folder (default: records/ of this repository)")
+    parser = argparse.ArgumentParser(prog=prog, description="Records and the leaderboard, computed from the run logs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", parents=[common], help="validate records (all, or those under PATHs)")
+    check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="record or track folders to report on")
+    check.set_defaults(run=cmd_check)
+
+    build = sub.add_parser("build", parents=[common], help="check, then write the leaderboard, plot, CSV and page")
+    build.add_argument("--out", type=Path, default=REPO_ROOT, metavar="DIR",
+                       help="folder for LEADERBOARD.md (default: the repository root)")
+    build.set_defaults(run=cmd_build)
+
+    submit = sub.add_parser("submit", parents=[common], help="make a record folder from run logs")
+    submit.add_argument("logs", nargs="+", type=Path, metavar="LOG", help="run logs (.txt or .json; both are copied)")
+    submit.add_argument("--track", required=True, choices=sorted(TRACKS))
+    submit.add_argument("--title", required=True)
+    submit.add_argument("--author", dest="authors", action="append", required=True,
+                        help="an author's name (repeat for several)")
+    submit.add_argument("--description", required=True, help="one or two sentences on what changed")
+    submit.add_argument("--kind", choices=KINDS, default="ml",
+                        help="ml (must pass the loss test) or systems (same math, faster); default ml")
+    submit.add_argument("--beats", default=None, metavar="RECORD",
+                        help="the record this one beats, e.g. tiny-cpu/2025-01-01_first (none for a track's first)")
+    submit.add_argument("--date", default=None, metavar="YYYY-MM-DD", help="the record's date (default: today, UTC)")
+    submit.add_argument("--readme", type=Path, default=None, metavar="FILE",
+                        help="the write-up for README.md (default: made from the title and description)")
+    submit.add_argument("--slug", default=None, help="folder name after the date (default: from the title)")
+    submit.set_defaults(run=cmd_submit)
+
+    show = sub.add_parser("show", parents=[common], help="the leaderboard in the terminal")
+    show.add_argument("--track", choices=sorted(TRACKS), default=None)
+    show.set_defaults(run=cmd_show)
+
+    compare = sub.add_parser("compare", parents=[common], help="two records or runs side by side")
+    compare.add_argument("a", metavar="A", help="a record folder (or track/folder), a run log, or an upstream log")
+    compare.add_argument("b", metavar="B")
+    compare.add_argument("--plot", type=Path, default=REPO_ROOT / "logs" / "compare.png", metavar="PNG",
+                         help="where to write the curves (default: logs/compare.png)")
+    compare.set_defaults(run=cmd_compare)
+
+    upstream = sub.add_parser("import-upstream", parents=[common],
+                              help="import public modded-nanogpt log files for comparison")
+    upstream.add_argument("logs", nargs="+", type=Path, metavar="LOG")
+    upstream.add_argument("--out", type=Path, default=None, metavar="DIR",
+                          help=f"destination (default: records/{UPSTREAM_DIR_NAME}/)")
+    upstream.set_defaults(run=cmd_import_upstream)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "leaderboard.py") -> int:
+    """Run one subcommand (``[--debug] COMMAND …``) inside the error boundary (speedrun.errors); ``prog`` names
+    the command in help and errors (``speedrun leaderboard``)."""
+    debug, argv = wants_debug(sys.argv[1:] if argv is None else list(argv))
+
+    def command() -> int:
+        args = build_parser(prog).parse_args(argv)
+        try:
+            return args.run(args)
+        except UserError as e:  # a refusal: its problems, one per line, like check's
+            report(str(e).split("\n"), [], args.command, ": refused (nothing was written)")
+            return 1
+    return run_command(command, debug)

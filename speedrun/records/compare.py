@@ -1,0 +1,161 @@
+"""``compare A B``: two records or runs side by side (curves on one plot, times with Welch's t-test); also the
+comparison in ``reproduce``'s report.
+
+A side is a record folder, one of our run logs (``.txt`` or ``.json``), an imported upstream run
+(``records/upstream/<name>.json``) or a raw modded-nanogpt log. Every side is checked before it is compared:
+numbers come from the logs, never from a file that only claims them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from speedrun.data.shards import atomic_write_bytes
+from speedrun.errors import UserError
+from speedrun.records.check import RECORDS_DIR, find_record
+from speedrun.records.runlog import FIRST_LINE, Run, check_run, load_run
+from speedrun.records.stats import ratio_ci95, welch_test
+from speedrun.records.upstream import load_upstream_json, read_upstream_log
+
+# Environment facts shown when two sides differ in them.
+ENV_KEYS = ("gpu_name", "gpu_count", "device", "world_size", "torch", "triton", "cuda", "nccl", "python",
+            "cpu_count", "platform", "triton_interpret")
+
+
+def load_side(spec: str, records_dir: Path = RECORDS_DIR) -> tuple[str, list[Run]]:
+    """(label, checked runs) of a side given as a path, or as a record path inside the records folder."""
+    path = Path(spec)
+    if not path.exists() and (records_dir / spec).exists():
+        path = records_dir / spec
+    if path.is_dir():
+        record = find_record(str(path), records_dir)
+        return record.label, record.runs
+    if not path.is_file() or path.suffix not in (".txt", ".json"):
+        raise UserError(f"{spec}: not a record folder, a run log (.txt/.json) or an upstream log")
+    if path.suffix == ".json" and _is_upstream_json(path):
+        run, problems = load_upstream_json(path)
+    elif path.suffix == ".txt" and _first_line(path) != FIRST_LINE:  # not ours: a modded-nanogpt log
+        run, problem = read_upstream_log(path)
+        problems = [problem] if problem else []
+    else:
+        txt = path.with_suffix(".txt")
+        run, problems = load_run(txt, path.with_suffix(".json"), str(txt))
+        problems = problems or check_run(run)
+    if problems:
+        raise UserError("\n".join(problems))
+    return run.label, [run]
+
+
+def _is_upstream_json(path: Path) -> bool:
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: cannot read: {e}") from None
+    return isinstance(facts, dict) and facts.get("source") == "upstream"
+
+
+def _first_line(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline().rstrip("\n")
+
+
+def describe(name: str, label: str, runs: list[Run]) -> str:
+    finished = [r for r in runs if r.finished]
+    if not finished:
+        return f"{name}: {label}: no finished run ({len(runs)} run(s) listed)"
+    times = np.asarray([r.train_time_ms for r in finished]) / 1000
+    spread = f" ± {times.std(ddof=1):.2f}" if len(times) > 1 else ""
+    return (f"{name}: {label}: {len(finished)} finished run(s) of {len(runs)}, time {times.mean():.2f}{spread} s, "
+            f"mean final val loss {np.mean([r.final_val_loss for r in finished]):.4f}")
+
+
+def comparison_lines(a: list[Run], b: list[Run]) -> list[str]:
+    """Times (difference, Welch's test, ratio with its interval) and final losses of two sets of runs."""
+    a, b = [r for r in a if r.finished], [r for r in b if r.finished]
+    if not a or not b:
+        return ["no comparison: a side has no finished run"]
+    times_a, times_b = [r.train_time_ms for r in a], [r.train_time_ms for r in b]
+    ratio, interval = ratio_ci95(times_a, times_b)
+    lines = [f"time B - A: {(np.mean(times_b) - np.mean(times_a)) / 1000:+.2f} s; ratio B / A (geometric means) "
+             f"{ratio:.3f}" + (f", 95% interval {interval[0]:.3f} – {interval[1]:.3f}" if interval else "")]
+    test = welch_test(times_a, times_b)
+    lines.append("Welch t-test: needs at least 2 finished runs on each side" if test is None else
+                 f"Welch t-test on time (two-sided): p = {test.p_value:.3g}, 95% CI of B - A: "
+                 f"[{test.ci95[0] / 1000:+.2f}, {test.ci95[1] / 1000:+.2f}] s")
+    losses_a, losses_b = [r.final_val_loss for r in a], [r.final_val_loss for r in b]
+    loss_test = welch_test(losses_a, losses_b)
+    return lines + [f"final val loss B - A: {np.mean(losses_b) - np.mean(losses_a):+.4f}"
+                    + (f", Welch p = {loss_test.p_value:.3g}" if loss_test else "")]
+
+
+def flatten(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def differences(a: dict, b: dict, keys=None) -> list[tuple[str, object, object]]:
+    """(key, a's value, b's value) for every flattened key (of ``keys``, when given) that differs."""
+    a, b = flatten(a), flatten(b)
+    keys = sorted(set(a) | set(b)) if keys is None else keys
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
+
+
+def new_figure(width: float = 8.0, height: float = 4.5, rows: int = 1, cols: int = 1):
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure, list(figure.subplots(rows, cols, squeeze=False).flat)
+
+
+def png_bytes(figure) -> bytes:
+    """The PNG without the variable metadata (software version): same input, same bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def curves_png(sides: list[tuple[str, list[Run]]], path: Path, title: str) -> None:
+    """Each side's finished runs' times (bar: mean), and every run's validation curve over step and time."""
+    figure, (times_ax, by_step, by_time) = new_figure(width=15, height=4.5, cols=3)
+    for index, (name, runs) in enumerate(sides):
+        color, times = f"C{index}", [r.train_time_ms / 1000 for r in runs if r.finished]
+        times_ax.scatter([index] * len(times), times, color=color)
+        if times:
+            times_ax.hlines(np.mean(times), index - 0.2, index + 0.2, color=color)
+        for k, run in enumerate(r for r in runs if r.val_lines):
+            steps, losses, ms = zip(*run.val_points, strict=True)
+            label = f"{name} ({len(runs)} run{'s' if len(runs) > 1 else ''})" if k == 0 else None
+            by_step.plot(steps, losses, color=color, alpha=0.7, linewidth=1, label=label)
+            by_time.plot(np.asarray(ms) / 1000, losses, color=color, alpha=0.7, linewidth=1, label=label)
+    times_ax.set_xticks(range(len(sides)), [name for name, _ in sides])
+    times_ax.set_xlim(-0.6, len(sides) - 0.4)
+    times_ax.set(ylabel="train time (s)", title="times (bar: mean)")
+    targets = {r.facts["target_val_loss"] for _, runs in sides for r in runs} - {None}
+    for ax, xlabel in ((by_step, "step"), (by_time, "train time (s)")):
+        for target in sorted(targets):
+            ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
+        ax.set(xlabel=xlabel, ylabel="val loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right")
+    figure.suptitle(title)
+    atomic_write_bytes(path, png_bytes(figure))
+
+
+def compare(spec_a: str, spec_b: str, plot_path: Path, records_dir: Path = RECORDS_DIR) -> list[str]:
+    """Check both sides, write the plot, return the report lines; raises UserError."""
+    (label_a, a), (label_b, b) = load_side(spec_a, records_dir), load_side(spec_b, records_dir)
+    curves_png([("A", a), ("B", b)], plot_path, f"A: {label_a}  vs  B: {label_b}")
+    env_a, env_b = a[0].facts["env"], b[0].facts["env"]
+    diffs = differences(env_a, env_b, ENV_KEYS + ("git.commit",))
+    return [describe("A", label_a, a), describe("B", label_b, b), *comparison_lines(a, b),
+            *(["environment differences (A vs B):"] + [f"  {k}: {x!r} vs {y!r}" for k, x, y in diffs] if diffs
+              else ["environment: same GPU, counts and versions"]), f"plot: {plot_path}"]
+

@@ -1,0 +1,595 @@
+"""The run log format and its one reading: a run parsed once into ``Run``, then checked on its own.
+
+The text log (``<run_id>.txt``, layout in speedrun/runlog.py, which writes it with the markers and line formats
+defined here) is the one truth. Every number the leaderboard shows comes from its step lines: a run's final loss
+is the ``val_loss`` of its last-step validation line, its time that line's ``train_time``. The JSON file beside
+it is derived: an ended run's JSON is, byte for byte, the text log's summary section; a run that never ended
+(killed) has no summary and its JSON (status ``running``) stands in for it. Those facts repeat what the text's
+sections say (environment, config, code hashes, validation curve, final loss and time) and must say the same.
+
+Problems are plain strings, one per problem, prefixed with the file (and line) they are about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import NamedTuple
+
+from speedrun.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StagedSchedule, TrainConfig
+from speedrun.tracks import Track
+
+SCHEMA_VERSION = 1
+# failed: an error ended the run (its message is in "message"); the log is complete all the same
+STATUSES = ("running", "success", "not_converged", "completed", "aborted", "diverged", "failed")
+FINISHED_STATUSES = ("success", "not_converged")  # ran every step and validated at the last one
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# The layout's fixed lines, and the two kinds of step lines (the loss with 4 decimals, whole milliseconds).
+FIRST_LINE = "speedrun run log"
+SECTION = "====== {} ======"
+ENV_LINE, CONFIG_LINE, LOG_LINE, SUMMARY_LINE = (SECTION.format(s) for s in ("environment", "config", "log", "summary"))
+CODE_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(\d+) eol=(yes|no) ======$")
+CODE_HASH_LINE = re.compile(r"^====== code_sha256: ([0-9a-f]{64}) ======$")
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+)(?: val_loss:(-?\d+\.\d{4}|nan|-?inf))? train_time:(\d+)ms "
+                       r"step_avg:(nan|\d+\.\d{2})ms$")
+
+# The JSON facts: field -> allowed types (None: JSON null). Exactly these fields (and the optional ones).
+NUM = (int, float)
+FACT_TYPES = {
+    "schema_version": (int,), "run_id": (str,), "status": (str,), "track": (str, None), "preset": (str,),
+    "target_val_loss": (*NUM, None), "seed": (int,), "config": (dict,), "code": (dict,), "env": (dict,),
+    "data": (dict,), "val_curve": (list,), "train_losses": (list,), "final_val_loss": (*NUM, None),
+    "train_time_ms": (*NUM, None), "steps_done": (int,), "tokens_seen": (int,), "tokens_per_second": (*NUM, None),
+    "mfu": (*NUM, None), "peak_memory_mib": (*NUM, None), "diverged_at_step": (int, None), "message": (str, None),
+}
+OPTIONAL_FACT_TYPES = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
+                       "schedule_changes": (list,)}
+NESTED_TYPES = {
+    "code": {"files": (dict,), "code_sha256": (str,)},
+    "env": {"python": (str,), "torch": (str,), "triton": (str, None), "cuda": (str, None), "nccl": (str, int, None),
+            "device": (str,), "world_size": (int,), "gpu_name": (str, None), "gpu_count": (int,),
+            "cpu_count": (int, None), "platform": (str,), "triton_interpret": (bool,), "nvidia_smi": (str, None),
+            "git": (dict,)},
+    "data": {"dir": (str,), "val_shard": (str,), "kind": (str, None), "val_optimal_loss": (*NUM, None),
+             "val_shard_sha256": (str, None)},
+}
+GIT_TYPES = {"commit": (str, None), "dirty": (bool, None)}
+VAL_POINT_TYPES = {"step": (int,), "val_loss": NUM, "train_time_ms": NUM}
+TRACK_DATA_KIND = {"synth": "synth", "fineweb10B": "download"}  # a track's data -> its runs' manifest kind
+
+
+def code_hash(file_hashes: dict[str, str]) -> str:
+    """The sha256 of "<path> <sha256 of file>\\n" over the sorted paths: recomputable from the snapshot alone."""
+    return hashlib.sha256("".join(f"{p} {s}\n" for p, s in sorted(file_hashes.items())).encode()).hexdigest()
+
+
+def snapshot_section(path: str, source: str, sha256: str) -> str:
+    """One file of the code snapshot: its header (line count; ``eol=no``: the file lacks its last newline, which
+    the log adds) and its exact text."""
+    eol = source.endswith("\n") or source == ""
+    body = source if eol else source + "\n"
+    header = f"====== code: {path} sha256={sha256} lines={body.count(chr(10))} eol={'yes' if eol else 'no'} ======"
+    return f"{header}\n{body}"
+
+
+def val_line(step: int, num_steps: int, val_loss: float, train_time_s: float) -> str:
+    avg = f"{1000 * train_time_s / step:.2f}" if step else "nan"
+    return f"step:{step}/{num_steps} val_loss:{val_loss:.4f} train_time:{1000 * train_time_s:.0f}ms step_avg:{avg}ms"
+
+
+def train_line(step: int, num_steps: int, train_time_s: float) -> str:
+    return f"step:{step}/{num_steps} train_time:{1000 * train_time_s:.0f}ms step_avg:{1000 * train_time_s / step:.2f}ms"
+
+
+def canonical_json(value) -> str:
+    """How the writer lays out every JSON section and file."""
+    return json.dumps(value, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class LogFormatError(ValueError):
+    def __init__(self, lineno: int, message: str):
+        self.lineno = lineno
+        super().__init__(message)
+
+
+class StepLine(NamedTuple):
+    lineno: int
+    step: int
+    total: int
+    val_loss: float | None  # None on a training line
+    train_time_ms: int
+    step_avg_ms: float  # NaN at step 0
+
+
+@dataclass
+class TextLog:
+    """What a text log holds, as written (code sources are kept only when asked for: reproduce)."""
+
+    run_id: str
+    code_files: dict[str, str]  # path -> sha256 from its section header
+    code_lines: dict[str, int]  # path -> line number of that header
+    code_mismatches: list[str]  # paths whose snapshot does not hash to its header's sha256
+    code_sha256: str
+    env_text: str
+    env_start: int  # line number of the section's first line
+    config_text: str
+    config_start: int
+    steps: list[StepLine]
+    summary_text: str | None  # None: the run never ended (killed), so no summary was written
+    summary_start: int
+    sources: dict[str, str] | None = None
+
+
+@dataclass
+class Run:
+    """One run: its facts (the summary, or the JSON of a run that never ended) and its validation lines. An
+    imported upstream run (speedrun/records/upstream.py) is one too, without a ``text``."""
+
+    run_id: str
+    label: str  # how problems name it, e.g. records/tiny-cpu/2025-01-01_x/runs/<id>.txt
+    facts: dict
+    val_lines: list[StepLine]
+    text: TextLog | None = None
+    facts_text: str = ""  # the facts as written (the summary section, else the JSON file)
+
+    @property
+    def status(self) -> str:
+        return self.facts["status"]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_lines[-1].val_loss if self.finished else None
+
+    @property
+    def train_time_ms(self) -> float | None:
+        return self.val_lines[-1].train_time_ms if self.finished else None
+
+    @functools.cached_property
+    def val_points(self) -> tuple:
+        """((step, val_loss, train_time_ms), ...): the curve, and what duplicates are judged by."""
+        return tuple((v.step, v.val_loss, v.train_time_ms) for v in self.val_lines)
+
+    @functools.cached_property
+    def config_key(self) -> str:
+        """The config without the seed: equal for every run of one recipe."""
+        train = {k: v for k, v in self.facts["config"]["train"].items() if k != "seed"}
+        return json.dumps({**self.facts["config"], "train": train}, sort_keys=True)
+
+    @property
+    def json_label(self) -> str:
+        return self.label[:-4] + ".json" if self.label.endswith(".txt") else self.label
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_text_log(text: str, keep_sources: bool = False) -> TextLog:
+    """Parse a text log; raises LogFormatError (1-based line number) when it is malformed."""
+    lines = text.split("\n")  # only "\n" ends a line: the writer counts nothing else
+    if lines[-1] == "":
+        lines.pop()
+    if len(lines) < 2 or lines[0] != FIRST_LINE:
+        raise LogFormatError(1, f"not a speedrun run log (the first line must be {FIRST_LINE!r})")
+    if not lines[1].startswith("run_id: "):
+        raise LogFormatError(2, "the second line must be 'run_id: <id>'")
+    i, files, starts, mismatches, sources = 2, {}, {}, [], {}
+    while not (total := CODE_HASH_LINE.match(lines[i]) if i < len(lines) else None):
+        if i >= len(lines):
+            raise LogFormatError(i, "the log ends before its code_sha256 line")
+        if not (header := CODE_HEADER.match(lines[i])):
+            raise LogFormatError(i + 1, "expected a code section header or the code_sha256 line, got "
+                                        f"{lines[i][:80]!r}")
+        path, sha, n, eol = header[1], header[2], int(header[3]), header[4]
+        if path in files:
+            raise LogFormatError(i + 1, f"the code snapshot holds {path} twice")
+        if i + 1 + n > len(lines):
+            raise LogFormatError(i + 1, f"the code snapshot of {path} is cut short ({n} lines announced)")
+        source = "\n".join(lines[i + 1:i + 1 + n]) + ("\n" if n and eol == "yes" else "")
+        if hashlib.sha256(source.encode()).hexdigest() != sha:
+            mismatches.append(path)
+        files[path], starts[path] = sha, i + 1
+        if keep_sources:
+            sources[path] = source
+        i += 1 + n
+
+    def section(start: int, title: str, next_title: str) -> tuple[str, int, int]:
+        """(the text after ``title``'s line up to ``next_title``'s, its first line number, where that is)"""
+        if start >= len(lines) or lines[start] != title:
+            found = repr(lines[start][:80]) if start < len(lines) else "the end of the file"
+            raise LogFormatError(start + 1, f"expected {title!r}, got {found}")
+        try:
+            end = lines.index(next_title, start + 1)
+        except ValueError:
+            if title != LOG_LINE:  # only the step section may run to the end (a killed run)
+                raise LogFormatError(len(lines), f"the log ends before its {next_title!r} line") from None
+            end = len(lines)
+        return "\n".join(lines[start + 1:end]), start + 2, end
+
+    env_text, env_start, i = section(i + 1, ENV_LINE, CONFIG_LINE)
+    config_text, config_start, i = section(i, CONFIG_LINE, LOG_LINE)
+    _, step_start, end = section(i, LOG_LINE, SUMMARY_LINE)
+    steps = []
+    for lineno, line in enumerate(lines[step_start - 1:end], start=step_start):
+        if line.startswith("step:"):  # the other lines ("final val_loss ...", "schedule at ...") are free text
+            if not (m := STEP_LINE.match(line)) or (m[3] is None and m[5] == "nan"):
+                raise LogFormatError(lineno, f"malformed step line {line[:80]!r}")
+            steps.append(StepLine(lineno, int(m[1]), int(m[2]), None if m[3] is None else float(m[3]), int(m[4]),
+                                  float(m[5])))
+    return TextLog(run_id=lines[1][len("run_id: "):], code_files=files, code_lines=starts,
+                   code_mismatches=mismatches, code_sha256=total[1], env_text=env_text, env_start=env_start,
+                   config_text=config_text, config_start=config_start, steps=steps,
+                   summary_text="\n".join(lines[end + 1:]) if end < len(lines) else None, summary_start=end + 2,
+                   sources=sources if keep_sources else None)
+
+
+def parse_json_object(text: str, first_lineno: int = 1) -> dict:
+    """A JSON object; raises LogFormatError (line 0 when no line can be named)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LogFormatError(first_lineno + e.lineno - 1, e.msg) from None
+    except RecursionError:
+        raise LogFormatError(0, "nested too deeply") from None
+    if not isinstance(value, dict):
+        raise LogFormatError(first_lineno, "must hold a JSON object")
+    return nulls_at_divergence(value)
+
+
+def at_line(where: str, error: LogFormatError) -> str:
+    return f"{where}:{error.lineno}" if error.lineno else where
+
+
+def nulls_at_divergence(facts: dict) -> dict:
+    """A diverged run's facts hold null for the non-finite losses where it diverged (strict JSON): read as NaN."""
+    if facts.get("status") == "diverged":
+        for name, key in (("train_losses", None), ("val_curve", "val_loss")):
+            values = facts.get(name)
+            if isinstance(values, list) and values:
+                if key is None and values[-1] is None:
+                    values[-1] = math.nan
+                elif key and isinstance(values[-1], dict) and key in values[-1] and values[-1][key] is None:
+                    values[-1][key] = math.nan
+    return facts
+
+
+def read_text(path: Path, label: str) -> tuple[str | None, str | None]:
+    """(the file's text, None) or (None, the problem)."""
+    try:
+        return path.read_text(encoding="utf-8"), None
+    except FileNotFoundError:
+        return None, f"{label}: missing (every run needs its .txt and .json log)"
+    except UnicodeDecodeError as e:
+        return None, f"{label}: not UTF-8 text ({e.reason} at byte {e.start})"
+    except OSError as e:
+        return None, f"{label}: cannot be read ({e.strerror or e})"
+
+
+def load_run(txt_path: Path, json_path: Path, label: str | None = None,
+             keep_sources: bool = False) -> tuple[Run | None, list[str]]:
+    """Read and parse a run's two files. Returns (run, problems); run is None when they cannot be read."""
+    label = label or str(txt_path)
+    json_label = label[:-4] + ".json" if label.endswith(".txt") else str(json_path)
+    (text, problem), (json_text, json_problem) = read_text(txt_path, label), read_text(json_path, json_label)
+    problems = [p for p in (problem, json_problem) if p]
+    log = None
+    if text is not None:
+        try:
+            log = parse_text_log(text, keep_sources)
+        except LogFormatError as e:
+            problems.append(f"{label}:{e.lineno}: {e}")
+    if problems:
+        return None, problems
+    summary = log.summary_text
+    if summary is not None and json_text != summary + "\n":  # the JSON must be the summary: say how it is not
+        return None, [_summary_difference(json_text, summary, log.summary_start, label, json_label)]
+    facts_text, at, start = (summary, label, log.summary_start) if summary is not None else (json_text, json_label, 1)
+    try:
+        facts = parse_json_object(facts_text, start)
+    except LogFormatError as e:
+        return None, [f"{at_line(at, e)}: malformed JSON: {e}"]
+    return Run(run_id=txt_path.stem, label=label, facts=facts, text=log, facts_text=facts_text,
+               val_lines=[s for s in log.steps if s.val_loss is not None]), []
+
+
+def _summary_difference(json_text: str, summary: str, start: int, label: str, json_label: str) -> str:
+    try:
+        stored = parse_json_object(json_text)
+    except LogFormatError as e:
+        return f"{at_line(json_label, e)}: malformed JSON: {e}"
+    try:
+        written = parse_json_object(summary, start)
+    except LogFormatError as e:
+        return f"{at_line(label, e)}: malformed JSON in the summary section: {e}"
+    differing = sorted(k for k in set(stored) | set(written) if canonical_json(stored.get(k)) !=
+                       canonical_json(written.get(k))) or ["layout"]
+    return f"{json_label}: differs from the text log's summary section in {', '.join(differing)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a run on its own
+# ---------------------------------------------------------------------------------------------
+
+
+def check_fields(obj: dict, types: dict, where: str, optional: dict | None = None) -> list[str]:
+    """Missing, unexpected and mistyped fields of one JSON object (exact JSON types: true is no integer)."""
+    if obj.keys() == types.keys() and all((None if v is None else type(v)) in types[k] for k, v in obj.items()):
+        return []  # the common case, without building a message
+    optional = optional or {}
+    problems = [f"{where}: missing field {name!r}" for name in types if name not in obj]
+    problems += [f"{where}: unexpected field {name!r}" for name in obj if name not in types and name not in optional]
+    for name, value in obj.items():
+        allowed = types.get(name) or optional.get(name) or ()
+        if allowed and (None if value is None else type(value)) not in allowed:
+            names = " or ".join("null" if t is None else {dict: "object", list: "array", str: "string", int: "integer",
+                                                           float: "number", bool: "boolean"}[t] for t in allowed)
+            problems.append(f"{where}: field {name!r} must be {names}, got {json.dumps(value)[:40]}")
+    return problems
+
+
+def check_schema(facts: dict, where: str) -> list[str]:
+    """Fields and types of the facts and their nested objects; an unknown schema version stops the check."""
+    if facts.get("schema_version") != SCHEMA_VERSION:
+        return [f"{where}: unknown schema_version {facts.get('schema_version')!r} (this leaderboard reads version "
+                f"{SCHEMA_VERSION})"]
+    problems = check_fields(facts, FACT_TYPES, where, OPTIONAL_FACT_TYPES)
+    if problems:
+        return problems
+    for name, types in NESTED_TYPES.items():
+        problems += check_fields(facts[name], types, f"{where}: {name}")
+    if isinstance(facts["env"].get("git"), dict):
+        problems += check_fields(facts["env"]["git"], GIT_TYPES, f"{where}: env.git")
+    for i, point in enumerate(facts["val_curve"]):
+        problems += (check_fields(point, VAL_POINT_TYPES, f"{where}: val_curve[{i}]") if isinstance(point, dict)
+                     else [f"{where}: val_curve[{i}] must be an object"])
+    if not all(type(x) in NUM for x in facts["train_losses"]):
+        problems.append(f"{where}: train_losses must hold numbers only")
+    if facts["status"] not in STATUSES:
+        problems.append(f"{where}: unknown status {facts['status']!r} (one of {', '.join(STATUSES)})")
+    if type(facts["config"].get("train")) is not dict or type(facts["config"]["train"].get("seed")) is not int:
+        problems.append(f"{where}: config.train.seed is missing or not an integer")
+    return problems
+
+
+def check_config(run: Run) -> list[str]:
+    problem = _config_problem(run.config_key)
+    return [f"{run.json_label}: {problem}"] if problem else []
+
+
+CONFIG_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
+# Fields added to a section after runs were recorded: older configs may lack them (from_dict's defaults keep the
+# older recipes' meaning; record #89's port, 2026-11-26).
+FIELDS_ADDED_LATER = {
+    "model": {"bigram_vocab_size", "bigram_dim"},
+    "optim": {"muon_momentum_cooldown_steps", "normuon_lr", "normuon_weight_decay", "normuon_beta2",
+              "polar_express_coeffs", "adam_lr", "adam_weight_decay"},
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_problem(key: str) -> str | None:
+    """Why a config (Run.config_key) is not a full resolved RunConfig, or None; cached: runs share configs."""
+    config = json.loads(key)
+    config["train"]["seed"] = 0
+    try:
+        RunConfig.from_dict(config)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"config is not a valid RunConfig: {e}"
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in CONFIG_SECTIONS.items()}
+    complete = set(config) - {"schedule"} == {"preset", "track", *CONFIG_SECTIONS} and all(
+        set(config[name]) <= names and names - set(config[name]) <= FIELDS_ADDED_LATER.get(name, set())
+        for name, names in fields.items())
+    if isinstance(config.get("schedule"), dict):
+        complete = complete and set(config["schedule"]) == {f.name for f in dataclasses.fields(StagedSchedule)}
+    return None if complete else "config is missing RunConfig fields (it must be the full resolved config)"
+
+
+def _bad_numbers(value, path: str, allow_negative: bool, found: list) -> list[tuple[str, float]]:
+    """(path, value) of every NaN, infinite (and, unless allowed, negative) number inside ``value``."""
+    if type(value) is list and value and all(type(v) in NUM for v in value):  # losses: checked by C loops
+        if sum(value) - sum(value) == 0 and (allow_negative or min(value) >= 0):
+            return found
+    items = (value.items() if type(value) is dict else enumerate(value) if type(value) is list else [])
+    for key, item in items:
+        where = f"{path}[{key}]" if type(value) is list else f"{path}.{key}" if path else key
+        if type(item) in NUM and (item - item != 0 or (item < 0 and not allow_negative)):
+            found.append((where, item))
+        elif type(item) in (dict, list):
+            _bad_numbers(item, where, allow_negative, found)
+    return found
+
+
+def check_numbers(run: Run) -> list[str]:
+    """No NaN or infinity (but where a diverged run diverged), no negative measurement; the config (where
+    negative numbers are fine) is walked only when the facts spell a non-finite number."""
+    facts = run.facts
+    bad = _bad_numbers({k: v for k, v in facts.items() if k != "config"}, "", False, [])
+    if "NaN" in run.facts_text or "Infinity" in run.facts_text:
+        bad = _bad_numbers(facts["config"], "config", True, bad)
+    allowed = set()
+    if facts["status"] == "diverged":  # the losses at its divergence
+        allowed = {f"train_losses[{len(facts['train_losses']) - 1}]",
+                   f"val_curve[{len(facts['val_curve']) - 1}].val_loss"}
+    return [f"{run.json_label}: {'negative' if math.isfinite(v) else 'non-finite'} number {v} in {path}"
+            for path, v in bad if not (path in allowed and not math.isfinite(v))]
+
+
+def check_code(run: Run) -> list[str]:
+    """Every snapshot file matches its hash, the code hash the files, the facts the snapshot."""
+    text, label = run.text, run.label
+    problems = [f"{label}:{text.code_lines[p]}: code path {p!r} escapes the repository" for p in text.code_files
+                if p.startswith("/") or ".." in Path(p).parts or "\\" in p]
+    problems += [f"{label}:{text.code_lines[p]}: the code snapshot of {p} does not match its sha256 "
+                 f"{text.code_files[p][:12]}…" for p in text.code_mismatches]
+    if (recomputed := code_hash(text.code_files)) != text.code_sha256:
+        problems.append(f"{label}: code_sha256 {text.code_sha256[:12]}… does not match the snapshot's files "
+                        f"(recomputed {recomputed[:12]}…)")
+    if run.facts["code"] != {"files": text.code_files, "code_sha256": text.code_sha256}:
+        problems.append(f"{run.json_label}: code hashes differ from the text log's snapshot")
+    return problems
+
+
+def check_steps(run: Run) -> list[str]:
+    """One run length; steps and train times going forward; step_avg = time / step; a last-step validation."""
+    label, steps, val = run.label, run.text.steps, run.val_lines
+    num_steps = run.facts["config"]["train"]["num_steps"]
+    problems = [f"{label}:{s.lineno}: step line says {s.total} steps, the config {num_steps}" if s.total != num_steps
+                else f"{label}:{s.lineno}: step {s.step} is past the run's {num_steps} steps"
+                for s in steps if s.total != num_steps or s.step > num_steps][:1]
+    for kind, seq in (("validation", val), ("training", [s for s in steps if s.val_loss is None])):
+        problems += [f"{label}:{b.lineno}: {kind} step {b.step} does not increase (line {a.lineno} was step {a.step})"
+                     for a, b in pairwise(seq) if b.step <= a.step][:1]
+    problems += [f"{label}:{b.lineno}: train_time {b.train_time_ms}ms does not increase (line {a.lineno} said "
+                 f"{a.train_time_ms}ms)" for a, b in pairwise(val) if b.train_time_ms <= a.train_time_ms][:1]
+    problems += [f"{label}:{b.lineno}: train_time {b.train_time_ms}ms goes back (line {a.lineno} said "
+                 f"{a.train_time_ms}ms)" for a, b in pairwise(steps) if b.train_time_ms < a.train_time_ms][:1]
+    # step_avg is the unrounded time / step with 2 decimals, the time rounded to 1 ms; NaN exactly at step 0
+    problems += [f"{label}:{s.lineno}: step_avg {s.step_avg_ms}ms is not train_time {s.train_time_ms}ms / step {s.step}"
+                 for s in steps if (s.step == 0) != math.isnan(s.step_avg_ms) or s.step and
+                 abs(s.step_avg_ms * s.step - s.train_time_ms) > 0.5 + 0.005 * s.step + 1e-6][:1]
+    if run.finished and (not val or val[-1].step != num_steps):
+        last = f"the last one is at step {val[-1].step}" if val else "there is none"
+        problems.append(f"{label}: missing final-step validation: status {run.status} needs a val_loss line at step "
+                        f"{num_steps}/{num_steps}, {last}")
+    problems += [f"{label}:{v.lineno}: non-finite val_loss in a run that did not diverge" for v in val
+                 if not math.isfinite(v.val_loss) and not (run.status == "diverged" and v is val[-1])]
+    return problems
+
+
+def _section_in_facts(run: Run, name: str, text: str, start: int, key: str) -> list[str]:
+    """The facts' ``key`` is the text log's section: in the writer's layout the section, indented, appears
+    verbatim under its key (a string search, no JSON work); else it must parse to the same value."""
+    nested = f'\n  "{key}": ' + text.replace("\n", "\n  ")
+    at = run.facts_text.find(nested)
+    if at >= 0 and run.facts_text.startswith((",\n", "\n}"), at + len(nested)):
+        return []
+    try:
+        same = parse_json_object(text, start) == run.facts[key]
+    except LogFormatError as e:
+        return [f"{at_line(run.label, e)}: the {name} section is not valid JSON: {e}"]
+    return [] if same else [f"{run.json_label}: {key} differs from the text log's {name} section (line {start})"]
+
+
+def check_derived(run: Run) -> list[str]:
+    """The facts say what the text log says: ids, sections, curve, and the outcome recomputed from the lines."""
+    text, facts, label, jlabel = run.text, run.facts, run.label, run.json_label
+    problems = [f"{where}: run_id {value!r} does not match the file name {run.run_id!r}"
+                for where, value in ((f"{label}:2", text.run_id), (jlabel, facts["run_id"])) if value != run.run_id]
+    if not RUN_ID_PATTERN.match(run.run_id):
+        problems.append(f"{label}: run id {run.run_id!r} is not a plain file name (letters, digits, . _ -)")
+    problems += _section_in_facts(run, "environment", text.env_text, text.env_start, "env")
+    problems += _section_in_facts(run, "config", text.config_text, text.config_start, "config")
+    if text.summary_text is None and facts["status"] != "running":
+        problems.append(f"{label}: no summary section, but the JSON says the run ended ({facts['status']})")
+    curve, lines = facts["val_curve"], run.val_lines
+    if len(curve) != len(lines) and not (facts["status"] == "running" and len(curve) < len(lines)):
+        problems.append(f"{jlabel}: val_curve has {len(curve)} points, the text log {len(lines)} validation lines")
+    for point, line in zip(curve, lines, strict=False):
+        if point["step"] != line.step or abs(point["train_time_ms"] - line.train_time_ms) > 0.5 + 1e-6 or not (
+                abs(point["val_loss"] - line.val_loss) <= 0.00005 + 1e-9 or
+                math.isnan(point["val_loss"]) and math.isnan(line.val_loss)):
+            problems.append(f"{jlabel}: val_curve point at step {point['step']} disagrees with {label} line "
+                            f"{line.lineno} (step {line.step} val_loss {line.val_loss} train_time "
+                            f"{line.train_time_ms}ms)")
+            break
+    config = facts["config"]
+    for name, value, logged in (("preset", facts["preset"], config["preset"]), ("seed", facts["seed"],
+                                config["train"]["seed"]), ("track", facts["track"], config["track"])):
+        if value != logged and not (name == "track" and value is None):
+            problems.append(f"{jlabel}: {name} {value!r} differs from the config's {logged!r}")
+    return problems + _check_outcome(run)
+
+
+def _check_outcome(run: Run) -> list[str]:
+    """Status, final loss, time and step count recomputed from the text log."""
+    facts, jlabel, status = run.facts, run.json_label, run.facts["status"]
+    num_steps = facts["config"]["train"]["num_steps"]
+    last = run.val_lines[-1] if run.val_lines and run.val_lines[-1].step == num_steps else None
+    if status in ("running", "aborted", "diverged", "failed") and last and math.isfinite(last.val_loss):
+        # the trainer validates at the last step only when every step ran and no loss was NaN: such a run was not
+        # aborted, diverged or failed (relabelling it would drop a slow run from the statistics)
+        return [f"{jlabel}: status {status}, but the text log validated at its last step {num_steps} (line "
+                f"{last.lineno}: val_loss {last.val_loss:.4f}): the run finished"]
+    if not run.finished or last is None:
+        return [f"{jlabel}: status diverged without diverged_at_step"] if (
+            status == "diverged" and facts["diverged_at_step"] is None) else []
+    problems, final, target = [], facts["final_val_loss"], facts["target_val_loss"]
+    if final is None or abs(final - last.val_loss) > 0.00005 + 1e-9:
+        problems.append(f"{jlabel}: final_val_loss {final} is not the text log's last-step val_loss "
+                        f"{last.val_loss:.4f} (line {last.lineno})")
+    elif target is None:
+        problems.append(f"{jlabel}: status {status} without a target_val_loss")
+    elif status != (expected := "success" if final <= target else "not_converged"):
+        problems.append(f"{jlabel}: status {status}, but final_val_loss {final} against target {target} means "
+                        f"{expected}")
+    if facts["train_time_ms"] is None or abs(facts["train_time_ms"] - last.train_time_ms) > 0.5 + 1e-6:
+        problems.append(f"{jlabel}: train_time_ms {facts['train_time_ms']} is not the text log's last-step "
+                        f"train_time {last.train_time_ms}ms (line {last.lineno})")
+    if facts["steps_done"] != num_steps:
+        problems.append(f"{jlabel}: steps_done {facts['steps_done']} but status {status} means all {num_steps}")
+    data = facts["config"]["data"]
+    if facts["tokens_seen"] != (tokens := facts["steps_done"] * data["seq_len"] * data["batch_slots"]):
+        problems.append(f"{jlabel}: tokens_seen {facts['tokens_seen']} is not steps_done x seq_len x batch_slots "
+                        f"= {tokens}")
+    return problems
+
+
+def check_run(run: Run, track: Track | None = None) -> list[str]:
+    """Every check of one run (and, given its track, against it); later checks need the facts' shape."""
+    problems = check_schema(run.facts, run.json_label)
+    problems = problems or check_config(run)
+    if problems:
+        return problems
+    problems = check_numbers(run) + check_code(run) + check_steps(run) + check_derived(run)
+    return problems or (check_run_on_track(run, track) if track is not None else [])
+
+
+def check_run_on_track(run: Run, track: Track) -> list[str]:
+    """The run used the track's data, val token count, target and hardware class (speedrun/tracks.py)."""
+    facts, env, label = run.facts, run.facts["env"], run.json_label
+    problems = []
+    if facts["track"] != track.name:
+        stamped = "no track (its data is not a track's data)" if facts["track"] is None else f"track {facts['track']!r}"
+        problems.append(f"{label}: the run was stamped with {stamped}, the record is on {track.name!r}")
+    if (val_tokens := facts["config"]["data"]["val_tokens"]) != track.val_tokens:
+        problems.append(f"{label}: validated on {val_tokens:,} tokens; track {track.name} needs {track.val_tokens:,}")
+    if (kind := facts["data"]["kind"]) != TRACK_DATA_KIND[track.data]:
+        problems.append(f"{label}: data kind {kind!r}; track {track.name} runs on {track.data} "
+                        f"(kind {TRACK_DATA_KIND[track.data]!r})")
+    target = facts["target_val_loss"]
+    if target is None or abs(target - track.target()) > 1e-9:
+        basis = f" (its data floor {track.data_floor} + {track.target_margin_over_floor})" if (
+            track.target_val_loss is None) else ""
+        problems.append(f"{label}: target_val_loss {target} is not track {track.name}'s {track.target()}{basis}")
+    sha = facts["data"]["val_shard_sha256"]
+    if track.val_data_sha256 is not None and sha != track.val_data_sha256:
+        problems.append(f"{label}: validated on val data with sha256 {str(sha)[:12]}…, not track {track.name}'s "
+                        f"({track.val_data_sha256[:12]}…)")
+    if track.gpu_count == 0 and (env["device"] != "cpu" or env["gpu_count"] != 0):
+        problems.append(f"{label}: ran on {env['device']} with {env['gpu_count']} GPU(s); track {track.name} is "
+                        "CPU only")
+    elif track.gpu_count and (env["device"] != "cuda" or env["gpu_count"] != track.gpu_count
+                              or env["world_size"] != track.gpu_count):
+        problems.append(f"{label}: ran on {env['gpu_count']} GPU(s) ({env['world_size']} processes on "
+                        f"{env['device']}); track {track.name} needs {track.gpu_count}")
+    if track.gpu_model and track.gpu_model not in (env["gpu_name"] or ""):
+        problems.append(f"{label}: GPU {env['gpu_name']!r} is not a {track.gpu_model}, as track {track.name} needs")
+    return problems
