@@ -71,8 +71,8 @@ def timed_build(records_dir: Path, out_dir: Path) -> float:
 
 
 def outputs(records_dir: Path, out_dir: Path) -> list[bytes]:
-    return [(out_dir / "LEADERBOARD.md").read_bytes(), (records_dir / "progression.png").read_bytes(),
-            (records_dir / "runs.csv").read_bytes(), (records_dir / "index.html").read_bytes()]
+    return [(out_dir / "LEADERBOARD.md").read_bytes()] + [p.read_bytes() for p in sorted(records_dir.iterdir())
+                                                          if p.is_file()]
 
 
 def main() -> int:

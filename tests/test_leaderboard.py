@@ -151,6 +151,16 @@ def test_the_committed_records_pass_check(monkeypatch):
     assert result.problems == [], "\n".join(result.problems)
 
 
+def test_the_committed_leaderboard_is_what_build_makes_of_the_committed_records(monkeypatch, tmp_path):
+    """LEADERBOARD.md and records/'s generated files are current: a build of a copy of records/ remakes them."""
+    monkeypatch.setitem(TRACKS, "tiny-cpu", REAL_TINY_CPU)
+    shutil.copytree(REPO_ROOT / "records", tmp_path / "records")
+    assert leaderboard_main(["build", "--records", str(tmp_path / "records"), "--out", str(tmp_path)]) == 0
+    generated = ["LEADERBOARD.md"] + [f"records/{p.name}" for p in (tmp_path / "records").iterdir() if p.is_file()]
+    stale = [name for name in generated if (tmp_path / name).read_bytes() != (REPO_ROOT / name).read_bytes()]
+    assert not stale, f"{stale} differ from a fresh build: run `python leaderboard.py build` and commit them"
+
+
 def test_the_cli_entry_point_runs_from_the_repository_root(records):
     out = subprocess.run([sys.executable, "leaderboard.py", "check"], cwd=REPO_ROOT,  # the committed records
                          capture_output=True, text=True, timeout=120)
@@ -187,7 +197,7 @@ def test_rejects_malformed_text_log_with_its_line(records):
 def test_rejects_malformed_record_json(records):
     folder = make(records)
     (folder / "record.json").write_text("{not json")
-    assert_one_problem_like(records, "_first/record.json: malformed JSON")
+    assert_one_problem_like(records, "_first/record.json:1: malformed JSON")
 
 
 def test_rejects_unknown_schema_versions(records):
@@ -513,10 +523,10 @@ def test_build_writes_the_leaderboard_deterministically(records, tmp_path, capsy
     out = tmp_path / "site"
     out.mkdir()
     assert leaderboard_main(["build", "--records", str(records), "--out", str(out)]) == 0
-    paths = [out / "LEADERBOARD.md", records / "progression.png", records / "runs.csv", records / "index.html"]
+    paths = [out / "LEADERBOARD.md", records / "progression-tiny-cpu.svg", records / "runs.csv", records / "index.html"]
     first = [p.read_bytes() for p in paths]
     assert leaderboard_main(["build", "--records", str(records), "--out", str(out)]) == 0
-    assert [p.read_bytes() for p in paths] == first  # the PNG too: byte-identical
+    assert [p.read_bytes() for p in paths] == first  # byte-identical
     assert problems_of(records) == []  # the generated files are allowed in records/
 
     board = (out / "LEADERBOARD.md").read_text()
@@ -535,8 +545,9 @@ def test_build_writes_the_leaderboard_deterministically(records, tmp_path, capsy
     csv_lines = (records / "runs.csv").read_text().splitlines()
     assert csv_lines[0].startswith("track,record,run_id,status,counted")
     assert len(csv_lines) == 1 + 6
-    assert (records / "progression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert b"Software" not in (records / "progression.png").read_bytes()
+    svg = (records / "progression-tiny-cpu.svg").read_text()
+    assert svg.startswith('<svg xmlns="http://www.w3.org/2000/svg"') and svg.count("<circle") == 2  # two records
+    assert "![tiny-cpu: the time of each record, in record order](../records/progression-tiny-cpu.svg)" in board
 
 
 def test_build_refuses_and_writes_nothing_when_check_fails(records, tmp_path):
@@ -732,6 +743,30 @@ def test_import_upstream_reads_lowercase_versions_and_a_line_of_equals_in_the_co
     assert code.startswith("import os\n" + "=" * 80 + "\n# a banner") and code.endswith("code = f.read()\n")
     assert facts["code"]["files"]["train_gpt.py"] == hashlib.sha256(code.encode()).hexdigest()
     assert env["python"] == "3.12.7" and env["gpu_count"] == 8
+
+
+def test_the_public_record_history_is_shown_for_reference_not_ranked(records, tmp_path):
+    """records/upstream/history.csv: the public modded-nanogpt records (as its README gives them), shown on the
+    8xH100 track for reference; checked row by row like everything else under records/."""
+    shutil.copytree(REPO_ROOT / "records/upstream", records / "upstream")
+    make(records)
+    assert problems_of(records) == []
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    board = (tmp_path / "LEADERBOARD.md").read_text()
+    h100 = board.split("## 8xH100-3.28")[1].split("## tiny-cpu")[0]
+    assert "not ours, not ranked" in h100 and "No records yet" in h100  # reference rows are not records
+    assert "| 89 | 2026-07-17 | 73.8 | MLP down projection in FP8" in h100  # 1.23 minutes, in seconds
+    assert "| 20 | 2025-01-16 | 179.5 | Merged QKV weights" in h100
+    assert "public #" in (records / "index.html").read_text()
+    history = records / "upstream/history.csv"
+    lines = history.read_text().splitlines()
+    lines[2] = lines[2].replace("2024-06-06", "2024-13-06")  # file line 3
+    lines[4] = lines[4].replace(",22.3,", ",-1,")
+    lines[6] = lines[6].replace("Distributed", "Dis\x1b[2Jtributed")
+    history.write_text("\n".join(lines) + "\n")
+    for fragment in ("history.csv:3: not number,YYYY-MM-DD date", "history.csv:5: record numbers increase and times "
+                     "are positive", "history.csv:7: holds the control character U+001B"):
+        assert_one_problem_like(records, fragment)
 
 
 def test_the_target_and_val_data_are_the_tracks_not_the_logs(records):

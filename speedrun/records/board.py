@@ -1,10 +1,10 @@
 """``build`` and ``show``: the leaderboard, generated from checked records.
 
-``build`` writes ``LEADERBOARD.md`` (per track: the ranked table and the progression of records),
-``records/progression.png`` (record times in record order, log scale), ``records/runs.csv`` (every run of every
-record) and ``records/index.html`` (the same as one self-contained web page: speedrun/records/page.py). Every number
-comes from the runs' text logs. The output is a pure function of the records: no timestamps, fixed ordering, PNG
-metadata without the matplotlib version, so building twice gives byte-identical files.
+``build`` writes ``LEADERBOARD.md`` (per track: the ranked table, the progression of records and its plot
+``records/progression-<track>.svg``; on the 8xH100 track the public record history for reference),
+``records/runs.csv`` (every run of every record) and ``records/index.html`` (all of it as one self-contained web
+page: speedrun/records/page.py). Every number comes from the runs' text logs. The output is a pure function of the
+records (no timestamps, fixed ordering): building twice gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speedrun.data.shards import atomic_write_files
-from speedrun.records.check import CheckResult, Record
-from speedrun.records.compare import new_figure, png_bytes
+from speedrun.records.check import CheckResult, Record, progression_name
 from speedrun.records.stats import ratio_ci95s
+from speedrun.records.upstream import HISTORY_SOURCE, UPSTREAM_TRACK
 from speedrun.tracks import TRACKS, Track
 
-LEADERBOARD_NAME, PAGE_NAME = "LEADERBOARD.md", "index.html"
-PROGRESSION_NAME, RUNS_CSV_NAME = "progression.png", "runs.csv"
+LEADERBOARD_NAME, PAGE_NAME, RUNS_CSV_NAME = "LEADERBOARD.md", "index.html", "runs.csv"
 CSV_COLUMNS = ("track", "record", "run_id", "status", "counted", "seed", "final_val_loss", "train_time_ms",
                "num_steps", "target_val_loss", "device", "gpu_name", "gpu_count", "torch", "code_sha256")
 
@@ -100,11 +99,15 @@ def markdown(result: CheckResult, link_prefix: str) -> str:
            "(± their standard deviation, and the 95% interval of the mean, from 0 at the lowest), its p the "
            "one-sided t-test that its mean loss is below the target (ml records need p < 0.01 over at least 3 "
            "runs).", "",
-           f"{len(records)} records, {sum(len(r.runs) for r in records)} runs. Progression plot: "
-           f"[{PROGRESSION_NAME}]({link_prefix}/{PROGRESSION_NAME}) · every run: [{RUNS_CSV_NAME}]"
-           f"({link_prefix}/{RUNS_CSV_NAME})", ""]
+           f"{len(records)} records, {sum(len(r.runs) for r in records)} runs; every run: [{RUNS_CSV_NAME}]"
+           f"({link_prefix}/{RUNS_CSV_NAME}); the same as a web page: [{PAGE_NAME}]({link_prefix}/{PAGE_NAME})", ""]
     for name, track in TRACKS.items():
         out += [f"## {name}", "", track_text(track), ""]
+        if name == UPSTREAM_TRACK.name and result.history:
+            out += [f"Public record history ({HISTORY_SOURCE}): not ours, not ranked; for reference. Times as that "
+                    "README gives them.", "", "| public # | date | time (s) | title | source |", "|---:|---|---:|---|---|"]
+            out += [f"| {h['number']} | {h['date']} | {h['seconds']:.1f} | {escape_cell(h['title'])} | "
+                    f"{escape_cell(h['source'])} |" for h in result.history] + [""]
         if not by_track[name]:
             out += ["No records yet: no verified runs exist for this track, so there is nothing to show.", ""]
             continue
@@ -116,7 +119,8 @@ def markdown(result: CheckResult, link_prefix: str) -> str:
         out += ["", f"### Progression ({name})", "", "| date | time (s) | improvement | title | record |",
                 "|---|---:|---:|---|---|"]
         out += [f"| {r.date} | {seconds(r.stats.mean_time_ms)} | {gain} | {escape_cell(r.meta['title'])} | "
-                f"{_link(r, link_prefix)} |" for r, gain in progression(by_track[name])] + [""]
+                f"{_link(r, link_prefix)} |" for r, gain in progression(by_track[name])]
+        out += ["", f"![{name}: the time of each record, in record order]({link_prefix}/{progression_name(name)})", ""]
     if result.upstream:
         out += ["## Imported upstream runs (modded-nanogpt; for comparison, not ranked)", "",
                 "| log | final val loss | time (s) | status | GPUs | torch |", "|---|---:|---:|---|---|---|"]
@@ -149,42 +153,17 @@ def runs_csv(result: CheckResult) -> str:
     return buffer.getvalue()
 
 
-def progression_png(result: CheckResult) -> bytes:
-    """One panel per track with records: every record's time in record order (records of one day would stack on
-    a date axis), labelled with its date, and the progression chain as a step line."""
-    by_track = result.by_track()
-    tracks = [name for name in TRACKS if by_track[name]]
-    figure, axes = new_figure(height=4.5 * max(1, len(tracks)), rows=max(1, len(tracks)))
-    if not tracks:
-        axes[0].set_axis_off()
-        axes[0].text(0.5, 0.5, "no records yet", ha="center", va="center", fontsize=14)
-    for ax, name in zip(axes, tracks, strict=False):
-        ordered = sorted(by_track[name], key=lambda r: (r.date, r.path))
-        position = {r.path: i for i, r in enumerate(ordered)}
-        ax.scatter(range(len(ordered)), [r.stats.mean_time_ms / 1000 for r in ordered], s=12, alpha=0.35,
-                   label="records")
-        chain = [r for r, _ in progression(ordered)]
-        ax.step([position[r.path] for r in chain], [r.stats.mean_time_ms / 1000 for r in chain], where="post",
-                marker="o", label="progression")
-        every = max(1, len(ordered) // 12)  # a dozen date labels at most
-        ax.set_xticks(range(0, len(ordered), every), [r.date for r in ordered[::every]], rotation=30, ha="right")
-        ax.set(xlim=(-0.5, len(ordered) - 0.5), yscale="log", xlabel="record (in date order)",
-               ylabel="record time (s, log scale)", title=f"{name}: time of each record")
-        ax.legend(loc="upper right")
-        ax.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    return png_bytes(figure)
-
-
 def build(result: CheckResult, records_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the four outputs of a valid check result, all or none; returns their paths."""
-    from speedrun.records.page import page
+    """Write the outputs of a valid check result, all or none; returns their paths."""
+    from speedrun.records.page import page, progression_svg
 
-    paths = [out_dir / LEADERBOARD_NAME] + [records_dir / n for n in (PROGRESSION_NAME, RUNS_CSV_NAME, PAGE_NAME)]
     link_prefix = Path(os.path.relpath(records_dir, out_dir)).as_posix()
-    atomic_write_files(dict(zip(paths, (markdown(result, link_prefix).encode(), progression_png(result),
-                                        runs_csv(result).encode(), page(result, ".").encode()), strict=True)))
-    return paths
+    files = {out_dir / LEADERBOARD_NAME: markdown(result, link_prefix), records_dir / RUNS_CSV_NAME: runs_csv(result),
+             records_dir / PAGE_NAME: page(result, ".")}
+    files |= {records_dir / progression_name(name): progression_svg(records) for name, records in
+              result.by_track().items()}
+    atomic_write_files({path: text.encode() for path, text in files.items()})
+    return list(files)
 
 
 def terminal_table(result: CheckResult, track_name: str | None = None) -> str:

@@ -19,18 +19,18 @@ from pathlib import Path
 
 from speedrun import REPO_ROOT
 from speedrun.records import stats
-from speedrun.records.runlog import Run, check_fields, check_run, load_run
+from speedrun.records.runlog import Run, check_fields, check_run, load_run, read_json_object
 from speedrun.tracks import TRACKS, Track
 
 RECORDS_DIR = REPO_ROOT / "records"
 RECORD_SCHEMA_VERSION = 1
-RECORD_FIELDS = {"schema_version": (int,), "title": (str,), "authors": (list,), "date": (str,),
+RECORD_FIELDS = {"schema_version": (int,), "title": (str,), "authors": [(str,)], "date": (str,),
                  "track": (str,), "beats": (str, None), "kind": (str,), "description": (str,)}
 KINDS = ("ml", "systems")
 RECORD_FOLDER_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9][a-z0-9-]{0,63})$")
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 UPSTREAM_DIR_NAME = "upstream"
-GENERATED_FILES = ("README.md", "progression.png", "runs.csv", "index.html")  # build's outputs in records/
+GENERATED_FILES = ("README.md", "runs.csv", "index.html", *(f"progression-{t}.svg" for t in TRACKS))  # build's
 TEMP_PREFIX = "."  # submit builds a record in a hidden temp folder, then renames it into place
 DUPLICATE_TIME_TOLERANCE = 0.005  # relative: two runs timed this close at every validation are one run
 # bidirectional overrides and isolates: they reorder what a terminal or a browser shows
@@ -92,6 +92,7 @@ class CheckResult:
     problems: list[str]
     warnings: list[str]
     upstream: list[Run] = field(default_factory=list)  # imported modded-nanogpt runs (records/upstream)
+    history: list[dict] = field(default_factory=list)  # the public record history (records/upstream/history.csv)
 
     @property
     def valid_records(self) -> list[Record]:
@@ -103,6 +104,10 @@ class CheckResult:
         for record in self.valid_records:
             grouped[record.path.split("/")[0]].append(record)
         return grouped
+
+
+def progression_name(track: str) -> str:
+    return f"progression-{track}.svg"
 
 
 def parse_date(text: str) -> datetime.date | None:
@@ -153,9 +158,8 @@ def check_meta(meta: dict, record_path: str, today: datetime.date) -> list[str]:
             problems.append(f"{where}: {name} holds {bad} (text from a record reaches terminals and web pages)")
         if not meta[name].strip():
             problems.append(f"{where}: {name} is empty")
-    problems += [f"{where}: author {a!r} holds {bad}" for a in meta["authors"]
-                 if isinstance(a, str) and (bad := unprintable(a))]
-    if not meta["authors"] or not all(isinstance(a, str) and a.strip() for a in meta["authors"]):
+    problems += [f"{where}: author {a!r} holds {bad}" for a in meta["authors"] if (bad := unprintable(a))]
+    if not meta["authors"] or not all(a.strip() for a in meta["authors"]):
         problems.append(f"{where}: authors must be a non-empty list of names")
     if meta["beats"] is not None and not valid_record_path(meta["beats"]):
         problems.append(f"{where}: beats {meta['beats']!r} is not a record path like '<track>/<YYYY-MM-DD>_<slug>' "
@@ -190,25 +194,6 @@ def _run_ids(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
     return [s for s in sorted(stems) if f"{s}.txt" in regular and f"{s}.json" in regular], problems
 
 
-def _read_meta(record: Record, entries: dict, today: datetime.date) -> None:
-    where = f"{record.label}/record.json"
-    if "record.json" not in entries:
-        record.problems.append(f"{where}: missing")
-    elif not entries["record.json"].is_file(follow_symlinks=False):  # a folder, a FIFO (a read would block)...
-        record.problems.append(f"{where}: not a regular file")
-    else:
-        try:
-            meta = json.loads((record.folder / "record.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return record.problems.append(f"{where}: malformed JSON: {e}")
-        except RecursionError:
-            return record.problems.append(f"{where}: malformed JSON: nested too deeply")
-        if not isinstance(meta, dict):
-            return record.problems.append(f"{where}: must hold a JSON object")
-        record.meta = meta
-        record.problems += check_meta(meta, record.path, today)
-
-
 def load_record(folder: Path, record_path: str, today: datetime.date | None = None, keep_sources: bool = False,
                 loss_test: bool = True) -> Record:
     """Read a record folder and run every check that needs only this record (``loss_test=False``: all but the
@@ -231,7 +216,15 @@ def _load_record(record: Record, today: datetime.date, keep_sources: bool) -> No
     entries = {e.name: e for e in list_entries(record.folder)}
     record.problems += [f"{label}/{n}: is a symbolic link (a record holds plain files only)"
                         for n, e in entries.items() if e.is_symlink()]
-    _read_meta(record, entries, today)
+    where = f"{label}/record.json"
+    if "record.json" not in entries or not entries["record.json"].is_file(follow_symlinks=False):
+        # a folder or a FIFO (a read would block) is not opened
+        record.problems.append(f"{where}: " + ("not a regular file" if "record.json" in entries else "missing"))
+    elif (meta := read_json_object(record.folder / "record.json", where))[1]:
+        record.problems.append(meta[1])
+    else:
+        record.meta = meta[0]
+        record.problems += check_meta(record.meta, record.path, today)
     if "README.md" not in entries or not entries["README.md"].is_file():
         record.problems.append(f"{label}/README.md: missing (the author's write-up)")
     if "runs" not in entries or entries["runs"].is_symlink() or not entries["runs"].is_dir():
@@ -409,13 +402,13 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
             check_outcome(record)
         problems += record.problems
     problems += duplicate_problems(records) + beats_problems(records)
-    upstream_dir, upstream = root / UPSTREAM_DIR_NAME, []
+    upstream_dir, upstream, history = root / UPSTREAM_DIR_NAME, [], []
     if upstream_dir.is_symlink():
         problems.append(f"records/{UPSTREAM_DIR_NAME}: is a symbolic link")
     elif upstream_dir.is_dir():
-        upstream, upstream_problems = check_upstream_dir(upstream_dir)
+        upstream, history, upstream_problems = check_upstream_dir(upstream_dir)
         problems += upstream_problems
-    return CheckResult(records=records, problems=problems, warnings=warnings, upstream=upstream)
+    return CheckResult(records, problems, warnings, upstream, history)
 
 
 def find_record(spec: str, records_dir: Path = RECORDS_DIR, keep_sources: bool = False) -> Record:

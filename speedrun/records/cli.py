@@ -1,7 +1,7 @@
 """The ``leaderboard.py`` command line (also ``speedrun leaderboard …``).
 
     check [PATH…]                 validate records; one line per problem; exit 1 if any
-    build [--out DIR]             check, then write LEADERBOARD.md and records/{progression.png,runs.csv,index.html}
+    build [--out DIR]             check, then write LEADERBOARD.md and records/{index.html,runs.csv,progression-*.svg}
     submit LOG… --track T --title … --author … --description … [--kind ml|systems] [--beats RECORD]
                                   make a record from run logs; refused (nothing left behind) unless it checks
     show [--track T]              the leaderboard in the terminal

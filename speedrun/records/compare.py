@@ -9,7 +9,6 @@ numbers come from the logs, never from a file that only claims them.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from speedrun.data.shards import atomic_write_bytes
 from speedrun.errors import UserError
 from speedrun.records.check import RECORDS_DIR, find_record
-from speedrun.records.runlog import FIRST_LINE, Run, check_run, load_run
+from speedrun.records.runlog import FIRST_LINE, Run, check_run, load_run, read_json_object
 from speedrun.records.stats import ratio_ci95, welch_test
 from speedrun.records.upstream import load_upstream_json, read_upstream_log
 
@@ -51,11 +50,10 @@ def load_side(spec: str, records_dir: Path = RECORDS_DIR) -> tuple[str, list[Run
 
 
 def _is_upstream_json(path: Path) -> bool:
-    try:
-        facts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise UserError(f"{path}: cannot read: {e}") from None
-    return isinstance(facts, dict) and facts.get("source") == "upstream"
+    facts, problem = read_json_object(path, str(path))
+    if problem:
+        raise UserError(problem)
+    return facts.get("source") == "upstream"
 
 
 def _first_line(path: Path) -> str:
@@ -105,26 +103,15 @@ def differences(a: dict, b: dict, keys=None) -> list[tuple[str, object, object]]
     return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
-def new_figure(width: float = 8.0, height: float = 4.5, rows: int = 1, cols: int = 1):
-    """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no display needed)."""
+def curves_png(sides: list[tuple[str, list[Run]]], path: Path, title: str) -> None:
+    """Each side's finished runs' times (bar: mean), and every run's validation curve over step and time. No
+    pyplot (no global state, no display); no software version in the PNG (same input, same bytes)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(15, 4.5), dpi=100)
     FigureCanvasAgg(figure)
-    return figure, list(figure.subplots(rows, cols, squeeze=False).flat)
-
-
-def png_bytes(figure) -> bytes:
-    """The PNG without the variable metadata (software version): same input, same bytes."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def curves_png(sides: list[tuple[str, list[Run]]], path: Path, title: str) -> None:
-    """Each side's finished runs' times (bar: mean), and every run's validation curve over step and time."""
-    figure, (times_ax, by_step, by_time) = new_figure(width=15, height=4.5, cols=3)
+    times_ax, by_step, by_time = figure.subplots(1, 3)
     for index, (name, runs) in enumerate(sides):
         color, times = f"C{index}", [r.train_time_ms / 1000 for r in runs if r.finished]
         times_ax.scatter([index] * len(times), times, color=color)
@@ -146,7 +133,9 @@ def curves_png(sides: list[tuple[str, list[Run]]], path: Path, title: str) -> No
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right")
     figure.suptitle(title)
-    atomic_write_bytes(path, png_bytes(figure))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def compare(spec_a: str, spec_b: str, plot_path: Path, records_dir: Path = RECORDS_DIR) -> list[str]:

@@ -15,6 +15,7 @@ import math
 
 from speedrun.records.board import progression, ranked_rows, track_text
 from speedrun.records.check import CheckResult, Record
+from speedrun.records.upstream import HISTORY_SOURCE, UPSTREAM_TRACK
 from speedrun.tracks import TRACKS
 
 WIDTH, HEIGHT, MARGIN = 560, 260, 48
@@ -70,12 +71,21 @@ def page(result: CheckResult, link_prefix: str) -> str:
         records = by_track[name]
         parts.append(f'<section id="{name}"><h2>{_text(name)}</h2>')
         parts.append(f"<p>{_text(track_text(track))}</p>")
+        if name == UPSTREAM_TRACK.name and result.history:
+            parts.append(f'<details><summary>Public record history ({_text(HISTORY_SOURCE)}): not ours, not ranked'
+                         '</summary><table class="sortable"><thead><tr><th>public #</th><th>time (s)</th>'
+                         '<th class="text">date</th><th class="text">title</th><th class="text">source</th></tr>'
+                         "</thead><tbody>")
+            parts += [f'<tr><td data-value="{h["number"]}">{h["number"]}</td><td data-value="{h["seconds"]}">'
+                      f'{h["seconds"]:.1f}</td><td class="text">{_text(h["date"])}</td><td class="text">'
+                      f'{_text(h["title"])}</td><td class="text">{_text(h["source"])}</td></tr>' for h in result.history]
+            parts.append("</tbody></table></details>")
         if not records:
             parts.append('<p class="note">No records yet.</p></section>')
             continue
         parts.append(_table(records, link_prefix))
         parts.append("<h3>Progression, in record order</h3>")
-        parts.append(_progression_svg(records))
+        parts.append(progression_svg(records))
         parts.append("<h3>Validation curves of each record's runs</h3>")
         for record in sorted(records, key=lambda r: (r.date, r.path)):
             parts.append(f"<details><summary>{_text(record.date)} · {_text(record.meta['title'])}</summary>"
@@ -111,7 +121,12 @@ def _table(records: list[Record], link_prefix: str) -> str:
     return "".join(out)
 
 
-def _progression_svg(records: list[Record]) -> str:
+def progression_svg(records: list[Record]) -> str:
+    """Every record's time in record order (a date axis would stack the records of one day), and the progression
+    chain as steps: a standalone SVG file (LEADERBOARD.md shows it) and the page's plot."""
+    if not records:
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="40"><text x="{WIDTH // 2}" y="25" '
+                'text-anchor="middle">no records yet</text></svg>')
     ordered = sorted(records, key=lambda r: (r.date, r.path))
     position = {r.path: i for i, r in enumerate(ordered)}
     times = [math.log10(r.stats.mean_time_ms / 1000) for r in ordered]

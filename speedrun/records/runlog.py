@@ -40,29 +40,27 @@ CODE_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(\d+)
 CODE_HASH_LINE = re.compile(r"^====== code_sha256: ([0-9a-f]{64}) ======$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+)(?: val_loss:(-?\d+\.\d{4}|nan|-?inf))? train_time:(\d+)ms "
                        r"step_avg:(nan|\d+\.\d{2})ms$")
+STEP_LINES = re.compile(STEP_LINE.pattern, re.MULTILINE)  # every step line of a section, in one scan
 
-# The JSON facts: field -> allowed types (None: JSON null). Exactly these fields (and the optional ones).
+# The JSON facts. A rule is a tuple of JSON types (None: null), a dict (an object with exactly those fields), or a
+# one-item list (an array of such items).
 NUM = (int, float)
-FACT_TYPES = {
+FACTS = {
     "schema_version": (int,), "run_id": (str,), "status": (str,), "track": (str, None), "preset": (str,),
-    "target_val_loss": (*NUM, None), "seed": (int,), "config": (dict,), "code": (dict,), "env": (dict,),
-    "data": (dict,), "val_curve": (list,), "train_losses": (list,), "final_val_loss": (*NUM, None),
-    "train_time_ms": (*NUM, None), "steps_done": (int,), "tokens_seen": (int,), "tokens_per_second": (*NUM, None),
-    "mfu": (*NUM, None), "peak_memory_mib": (*NUM, None), "diverged_at_step": (int, None), "message": (str, None),
-}
-OPTIONAL_FACT_TYPES = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
-                       "schedule_changes": (list,)}
-NESTED_TYPES = {
+    "target_val_loss": (*NUM, None), "seed": (int,), "config": (dict,), "val_curve": [
+        {"step": (int,), "val_loss": NUM, "train_time_ms": NUM}], "train_losses": [NUM],
     "code": {"files": (dict,), "code_sha256": (str,)},
     "env": {"python": (str,), "torch": (str,), "triton": (str, None), "cuda": (str, None), "nccl": (str, int, None),
             "device": (str,), "world_size": (int,), "gpu_name": (str, None), "gpu_count": (int,),
             "cpu_count": (int, None), "platform": (str,), "triton_interpret": (bool,), "nvidia_smi": (str, None),
-            "git": (dict,)},
+            "git": {"commit": (str, None), "dirty": (bool, None)}},
     "data": {"dir": (str,), "val_shard": (str,), "kind": (str, None), "val_optimal_loss": (*NUM, None),
              "val_shard_sha256": (str, None)},
+    "final_val_loss": (*NUM, None), "train_time_ms": (*NUM, None), "steps_done": (int,), "tokens_seen": (int,),
+    "tokens_per_second": (*NUM, None), "mfu": (*NUM, None), "peak_memory_mib": (*NUM, None),
+    "diverged_at_step": (int, None), "message": (str, None),
 }
-GIT_TYPES = {"commit": (str, None), "dirty": (bool, None)}
-VAL_POINT_TYPES = {"step": (int,), "val_loss": NUM, "train_time_ms": NUM}
+OPTIONAL_FACTS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None), "schedule_changes": (list,)}
 TRACK_DATA_KIND = {"synth": "synth", "fineweb10B": "download"}  # a track's data -> its runs' manifest kind
 
 
@@ -182,62 +180,74 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 
+def _line_at(text: str, pos: int) -> tuple[str, int]:
+    """The line starting at ``pos`` (without its newline) and where the next one starts."""
+    end = text.find("\n", pos)
+    end = len(text) if end < 0 else end
+    return text[pos:end], end + 1
+
+
 def parse_text_log(text: str, keep_sources: bool = False) -> TextLog:
-    """Parse a text log; raises LogFormatError (1-based line number) when it is malformed."""
-    lines = text.split("\n")  # only "\n" ends a line: the writer counts nothing else
-    if lines[-1] == "":
-        lines.pop()
-    if len(lines) < 2 or lines[0] != FIRST_LINE:
+    """Parse a text log; raises LogFormatError (1-based line number) when it is malformed. Only "\n" ends a
+    line (the writer counts nothing else); sections are cut from the text by position, not copied line by line."""
+    if not text.startswith(FIRST_LINE + "\n"):
         raise LogFormatError(1, f"not a speedrun run log (the first line must be {FIRST_LINE!r})")
-    if not lines[1].startswith("run_id: "):
+    line, pos = _line_at(text, len(FIRST_LINE) + 1)
+    if not line.startswith("run_id: "):
         raise LogFormatError(2, "the second line must be 'run_id: <id>'")
-    i, files, starts, mismatches, sources = 2, {}, {}, [], {}
-    while not (total := CODE_HASH_LINE.match(lines[i]) if i < len(lines) else None):
-        if i >= len(lines):
-            raise LogFormatError(i, "the log ends before its code_sha256 line")
-        if not (header := CODE_HEADER.match(lines[i])):
-            raise LogFormatError(i + 1, "expected a code section header or the code_sha256 line, got "
-                                        f"{lines[i][:80]!r}")
+    run_id, lineno, files, starts, mismatches, sources = line[len("run_id: "):], 3, {}, {}, [], {}
+    while not (total := CODE_HASH_LINE.match(line := _line_at(text, pos)[0])):
+        if pos >= len(text):
+            raise LogFormatError(lineno - 1, "the log ends before its code_sha256 line")
+        if not (header := CODE_HEADER.match(line)):
+            raise LogFormatError(lineno, f"expected a code section header or the code_sha256 line, got {line[:80]!r}")
         path, sha, n, eol = header[1], header[2], int(header[3]), header[4]
         if path in files:
-            raise LogFormatError(i + 1, f"the code snapshot holds {path} twice")
-        if i + 1 + n > len(lines):
-            raise LogFormatError(i + 1, f"the code snapshot of {path} is cut short ({n} lines announced)")
-        source = "\n".join(lines[i + 1:i + 1 + n]) + ("\n" if n and eol == "yes" else "")
+            raise LogFormatError(lineno, f"the code snapshot holds {path} twice")
+        body = end = pos + len(line) + 1
+        for _ in range(n):
+            if (end := text.find("\n", end) + 1) == 0:
+                raise LogFormatError(lineno, f"the code snapshot of {path} is cut short ({n} lines announced)")
+        source = text[body:end - 1] if eol == "no" else text[body:end]
         if hashlib.sha256(source.encode()).hexdigest() != sha:
             mismatches.append(path)
-        files[path], starts[path] = sha, i + 1
+        files[path], starts[path], pos, lineno = sha, lineno, end, lineno + 1 + n
         if keep_sources:
             sources[path] = source
-        i += 1 + n
+    pos += len(line) + 1
 
-    def section(start: int, title: str, next_title: str) -> tuple[str, int, int]:
-        """(the text after ``title``'s line up to ``next_title``'s, its first line number, where that is)"""
-        if start >= len(lines) or lines[start] != title:
-            found = repr(lines[start][:80]) if start < len(lines) else "the end of the file"
-            raise LogFormatError(start + 1, f"expected {title!r}, got {found}")
-        try:
-            end = lines.index(next_title, start + 1)
-        except ValueError:
-            if title != LOG_LINE:  # only the step section may run to the end (a killed run)
-                raise LogFormatError(len(lines), f"the log ends before its {next_title!r} line") from None
-            end = len(lines)
-        return "\n".join(lines[start + 1:end]), start + 2, end
+    def section(pos: int, lineno: int, title: str, next_title: str) -> tuple[str, int, int]:
+        """(the text after ``title``'s line, at ``pos``, up to ``next_title``'s line; where and at which line
+        number that one starts)"""
+        line, after = _line_at(text, pos)
+        if line != title or pos >= len(text):
+            found = repr(line[:80]) if pos < len(text) else "the end of the file"
+            raise LogFormatError(lineno, f"expected {title!r}, got {found}")
+        end = text.find(f"\n{next_title}\n", after - 1)
+        if end < 0 and title != LOG_LINE:  # only the step section may run to the end (a killed run)
+            raise LogFormatError(text.count("\n") + 1, f"the log ends before its {next_title!r} line")
+        end = len(text) if end < 0 else end
+        return text[after:end], end + 1, lineno + text.count("\n", pos, end + 1)
 
-    env_text, env_start, i = section(i + 1, ENV_LINE, CONFIG_LINE)
-    config_text, config_start, i = section(i, CONFIG_LINE, LOG_LINE)
-    _, step_start, end = section(i, LOG_LINE, SUMMARY_LINE)
-    steps = []
-    for lineno, line in enumerate(lines[step_start - 1:end], start=step_start):
-        if line.startswith("step:"):  # the other lines ("final val_loss ...", "schedule at ...") are free text
-            if not (m := STEP_LINE.match(line)) or (m[3] is None and m[5] == "nan"):
-                raise LogFormatError(lineno, f"malformed step line {line[:80]!r}")
-            steps.append(StepLine(lineno, int(m[1]), int(m[2]), None if m[3] is None else float(m[3]), int(m[4]),
-                                  float(m[5])))
-    return TextLog(run_id=lines[1][len("run_id: "):], code_files=files, code_lines=starts,
-                   code_mismatches=mismatches, code_sha256=total[1], env_text=env_text, env_start=env_start,
-                   config_text=config_text, config_start=config_start, steps=steps,
-                   summary_text="\n".join(lines[end + 1:]) if end < len(lines) else None, summary_start=end + 2,
+    env_text, pos, config_line = section(pos, lineno + 1, ENV_LINE, CONFIG_LINE)
+    config_text, pos, log_line = section(pos, config_line, CONFIG_LINE, LOG_LINE)
+    step_text, pos, summary_line = section(pos, log_line, LOG_LINE, SUMMARY_LINE)
+    steps, number, at = [], log_line + 1, 0
+    for m in STEP_LINES.finditer(step_text):  # the other lines ("final val_loss ...", "schedule at ...") are free
+        number, at = number + step_text.count("\n", at, m.start()), m.start()
+        if m[3] is None and m[5] == "nan":  # a training line's time per step is a number
+            raise LogFormatError(number, f"malformed step line {m[0][:80]!r}")
+        steps.append(StepLine(number, int(m[1]), int(m[2]), None if m[3] is None else float(m[3]), int(m[4]),
+                              float(m[5])))
+    if len(steps) != step_text.count("\nstep:") + step_text.startswith("step:"):  # a "step:" line that is not one
+        number, line = next((n, line) for n, line in enumerate(step_text.split("\n"), start=log_line + 1)
+                            if line.startswith("step:") and not STEP_LINE.match(line))
+        raise LogFormatError(number, f"malformed step line {line[:80]!r}")
+    summary = text[pos + len(SUMMARY_LINE) + 1:] if pos < len(text) else None
+    return TextLog(run_id=run_id, code_files=files, code_lines=starts, code_mismatches=mismatches,
+                   code_sha256=total[1], env_text=env_text, env_start=lineno + 2, config_text=config_text,
+                   config_start=config_line + 1, steps=steps, summary_start=summary_line + 1,
+                   summary_text=summary[:-1] if summary and summary.endswith("\n") else summary,
                    sources=sources if keep_sources else None)
 
 
@@ -271,16 +281,26 @@ def nulls_at_divergence(facts: dict) -> dict:
     return facts
 
 
-def read_text(path: Path, label: str) -> tuple[str | None, str | None]:
+def read_text(path: Path, label: str, missing: str = "every run needs its .txt and .json log") -> tuple[str | None,
+                                                                                                      str | None]:
     """(the file's text, None) or (None, the problem)."""
     try:
         return path.read_text(encoding="utf-8"), None
     except FileNotFoundError:
-        return None, f"{label}: missing (every run needs its .txt and .json log)"
+        return None, f"{label}: missing ({missing})"
     except UnicodeDecodeError as e:
         return None, f"{label}: not UTF-8 text ({e.reason} at byte {e.start})"
     except OSError as e:
         return None, f"{label}: cannot be read ({e.strerror or e})"
+
+
+def read_json_object(path: Path, label: str) -> tuple[dict | None, str | None]:
+    """(the JSON object in a file, None) or (None, the problem)."""
+    text, problem = read_text(path, label, "")
+    try:
+        return (parse_json_object(text), None) if text is not None else (None, problem)
+    except LogFormatError as e:
+        return None, f"{at_line(label, e)}: malformed JSON: {e}"
 
 
 def load_run(txt_path: Path, json_path: Path, label: str | None = None,
@@ -329,43 +349,41 @@ def _summary_difference(json_text: str, summary: str, start: int, label: str, js
 # ---------------------------------------------------------------------------------------------
 
 
-def check_fields(obj: dict, types: dict, where: str, optional: dict | None = None) -> list[str]:
-    """Missing, unexpected and mistyped fields of one JSON object (exact JSON types: true is no integer)."""
-    if obj.keys() == types.keys() and all((None if v is None else type(v)) in types[k] for k, v in obj.items()):
-        return []  # the common case, without building a message
-    optional = optional or {}
-    problems = [f"{where}: missing field {name!r}" for name in types if name not in obj]
-    problems += [f"{where}: unexpected field {name!r}" for name in obj if name not in types and name not in optional]
-    for name, value in obj.items():
-        allowed = types.get(name) or optional.get(name) or ()
-        if allowed and (None if value is None else type(value)) not in allowed:
-            names = " or ".join("null" if t is None else {dict: "object", list: "array", str: "string", int: "integer",
-                                                           float: "number", bool: "boolean"}[t] for t in allowed)
-            problems.append(f"{where}: field {name!r} must be {names}, got {json.dumps(value)[:40]}")
+def check_fields(value, rule, label: str, path: str = "", optional: dict | None = None) -> list[str]:
+    """Where ``value`` breaks ``rule`` (see FACTS; ``optional``: more fields an object may have). Exact JSON types:
+    true is no integer."""
+    if isinstance(rule, tuple) or type(value) is not (list if isinstance(rule, list) else dict):
+        allowed = rule if isinstance(rule, tuple) else (type(rule),)
+        if (None if value is None else type(value)) in allowed:
+            return []
+        names = " or ".join("null" if t is None else {dict: "object", list: "array", str: "string", int: "integer",
+                                                       float: "number", bool: "boolean"}[t] for t in allowed)
+        return [f"{label}: field {path!r} must be {names}, got {json.dumps(value)[:40]}"]
+    if isinstance(rule, list):
+        if isinstance(rule[0], tuple) and all(type(v) in rule[0] for v in value):
+            return []  # the common case: a list of numbers
+        return [p for i, item in enumerate(value) for p in check_fields(item, rule[0], label, f"{path}[{i}]")]
+    optional, at = optional or {}, f"{path}." if path else ""
+    problems = [f"{label}: missing field {at + name!r}" for name in rule if name not in value]
+    problems += [f"{label}: unexpected field {at + name!r}" for name in value if name not in rule | optional]
+    for name, item in value.items():
+        item_rule = rule.get(name) or optional.get(name)
+        if not isinstance(item_rule, tuple) or (None if item is None else type(item)) not in item_rule:
+            problems += check_fields(item, item_rule, label, at + name) if item_rule else []
     return problems
 
 
-def check_schema(facts: dict, where: str) -> list[str]:
-    """Fields and types of the facts and their nested objects; an unknown schema version stops the check."""
+def check_schema(facts: dict, label: str) -> list[str]:
+    """The facts' fields and types; an unknown schema version stops the check."""
     if facts.get("schema_version") != SCHEMA_VERSION:
-        return [f"{where}: unknown schema_version {facts.get('schema_version')!r} (this leaderboard reads version "
+        return [f"{label}: unknown schema_version {facts.get('schema_version')!r} (this leaderboard reads version "
                 f"{SCHEMA_VERSION})"]
-    problems = check_fields(facts, FACT_TYPES, where, OPTIONAL_FACT_TYPES)
-    if problems:
-        return problems
-    for name, types in NESTED_TYPES.items():
-        problems += check_fields(facts[name], types, f"{where}: {name}")
-    if isinstance(facts["env"].get("git"), dict):
-        problems += check_fields(facts["env"]["git"], GIT_TYPES, f"{where}: env.git")
-    for i, point in enumerate(facts["val_curve"]):
-        problems += (check_fields(point, VAL_POINT_TYPES, f"{where}: val_curve[{i}]") if isinstance(point, dict)
-                     else [f"{where}: val_curve[{i}] must be an object"])
-    if not all(type(x) in NUM for x in facts["train_losses"]):
-        problems.append(f"{where}: train_losses must hold numbers only")
-    if facts["status"] not in STATUSES:
-        problems.append(f"{where}: unknown status {facts['status']!r} (one of {', '.join(STATUSES)})")
-    if type(facts["config"].get("train")) is not dict or type(facts["config"]["train"].get("seed")) is not int:
-        problems.append(f"{where}: config.train.seed is missing or not an integer")
+    problems = check_fields(facts, FACTS, label, optional=OPTIONAL_FACTS)
+    if not problems and facts["status"] not in STATUSES:
+        problems.append(f"{label}: unknown status {facts['status']!r} (one of {', '.join(STATUSES)})")
+    if not problems and (type(facts["config"].get("train")) is not dict
+                         or type(facts["config"]["train"].get("seed")) is not int):
+        problems.append(f"{label}: config.train.seed is missing or not an integer")
     return problems
 
 

@@ -16,17 +16,31 @@ file, so an imported number is as verifiable as one of ours.
 
 from __future__ import annotations
 
+import csv
+import datetime
 import hashlib
+import io
 import json
 import math
 import re
 from pathlib import Path
 
 from speedrun.data.shards import atomic_write_bytes, atomic_write_text
-from speedrun.records.runlog import RUN_ID_PATTERN, LogFormatError, Run, StepLine, code_hash, read_text
+from speedrun.records.check import unprintable
+from speedrun.records.runlog import (
+    RUN_ID_PATTERN,
+    LogFormatError,
+    Run,
+    StepLine,
+    code_hash,
+    read_json_object,
+    read_text,
+)
 from speedrun.tracks import TRACKS
 
 UPSTREAM_SCHEMA_VERSION = 1
+HISTORY_NAME, HISTORY_COLUMNS = "history.csv", ["number", "date", "minutes", "title", "source"]
+HISTORY_SOURCE = "the README of github.com/KellerJordan/modded-nanogpt"
 UPSTREAM_CODE_NAME = "train_gpt.py"  # the script logs its own source
 UPSTREAM_TRACK = TRACKS["8xH100-3.28"]
 SEPARATOR = re.compile(r"^={20,}$")
@@ -166,29 +180,56 @@ def load_upstream_json(json_path: Path, label: str | None = None) -> tuple[Run |
     """An imported run, derived again from its saved log: (run, problems)."""
     label = label or str(json_path)
     txt_label = label[:-5] + ".txt" if label.endswith(".json") else str(json_path.with_suffix(".txt"))
-    try:
-        stored = json.loads(json_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        return None, [f"{label}: malformed JSON: {'nested too deeply' if isinstance(e, RecursionError) else e}"]
+    stored, problem = read_json_object(json_path, label)
+    if problem:
+        return None, [problem]
     if not json_path.with_suffix(".txt").is_file():
         return None, [f"{txt_label}: missing (an imported run keeps its original log)"]
     run, problem = read_upstream_log(json_path.with_suffix(".txt"), txt_label)
     if problem:
         return None, [problem]
     if stored != run.facts:
-        differing = sorted(k for k in set(run.facts) | set(stored) if run.facts.get(k) != stored.get(k)) if (
-            isinstance(stored, dict)) else ["everything"]
+        differing = sorted(k for k in set(run.facts) | set(stored) if run.facts.get(k) != stored.get(k))
         return None, [f"{label}: differs from what {txt_label} says in {', '.join(differing)} (re-import it)"]
     return run, []
 
 
-def check_upstream_dir(folder: Path) -> tuple[list[Run], list[str]]:
-    """Every imported run in ``folder``, derived again from its log: (the valid ones, problems)."""
-    runs, problems = [], []
+def read_history(path: Path, where: str) -> tuple[list[dict], list[str]]:
+    """The public record history (``history.csv``: number, date, minutes, title, source; transcribed from
+    modded-nanogpt's README, whose figures it keeps): rows with the time in seconds, and problems."""
+    text, problem = read_text(path, where)
+    rows = list(csv.reader(io.StringIO(text or "")))
+    if problem or not rows or rows[0] != HISTORY_COLUMNS:
+        return [], [problem or f"{where}:1: the header must be {','.join(HISTORY_COLUMNS)}"]
+    history, problems = [], []
+    for lineno, row in enumerate(rows[1:], start=2):
+        try:
+            number, date, minutes, title, source = row
+            entry = {"number": int(number), "date": datetime.date.fromisoformat(date).isoformat(),
+                     "seconds": 60 * float(minutes), "title": title, "source": source}
+        except ValueError as e:
+            problems.append(f"{where}:{lineno}: not number,YYYY-MM-DD date,minutes,title,source ({e})")
+            continue
+        if not 0 < entry["seconds"] < math.inf or (history and entry["number"] <= history[-1]["number"]):
+            problems.append(f"{where}:{lineno}: record numbers increase and times are positive")
+        elif bad := unprintable(title + source):
+            problems.append(f"{where}:{lineno}: holds {bad}")
+        else:
+            history.append(entry)
+    return history, problems
+
+
+def check_upstream_dir(folder: Path) -> tuple[list[Run], list[dict], list[str]]:
+    """Every imported run in ``folder``, derived again from its log, and the public record history: (the valid
+    runs, the history, problems)."""
+    runs, history, problems = [], [], []
     names = {e.name for e in folder.iterdir()}
     for entry in sorted(folder.iterdir()):
         where = f"records/{folder.name}/{entry.name}"
-        if entry.is_symlink() or not entry.is_file() or entry.suffix not in (".txt", ".json"):
+        if entry.name == HISTORY_NAME and entry.is_file() and not entry.is_symlink():
+            history, history_problems = read_history(entry, where)
+            problems += history_problems
+        elif entry.is_symlink() or not entry.is_file() or entry.suffix not in (".txt", ".json"):
             problems.append(f"{where}: unexpected entry (imported logs are <name>.txt + <name>.json files)")
         elif entry.suffix == ".txt" and entry.with_suffix(".json").name not in names:
             problems.append(f"{where}: no {entry.stem}.json beside it (run import-upstream on it)")
@@ -196,4 +237,4 @@ def check_upstream_dir(folder: Path) -> tuple[list[Run], list[str]]:
             run, run_problems = load_upstream_json(entry, where)
             problems += run_problems
             runs += [run] if run else []
-    return runs, problems
+    return runs, history, problems
