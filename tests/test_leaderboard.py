@@ -190,6 +190,9 @@ def test_rejects_malformed_text_log_with_its_line(records):
     lineno, line = step_line(txt, "step:3/20 train_time:")
     edit(txt, line, line.replace("train_time:", "train_tim:"))
     assert_one_problem_like(records, f"runs/f0.txt:{lineno}: malformed step line")
+    lineno, line = step_line(folder / "runs/f1.txt", "step:4/20 train_time:")
+    edit(folder / "runs/f1.txt", line, line.split("step_avg:")[0] + "step_avg:nanms")  # only step 0 has no average
+    assert_one_problem_like(records, f"runs/f1.txt:{lineno}: malformed step line")
     edit(txt, "====== config ======", "====== konfig ======")
     assert_one_problem_like(records, "runs/f0.txt", "the log ends before its '====== config ======' line")
 

@@ -105,7 +105,8 @@ def markdown(result: CheckResult, link_prefix: str) -> str:
         out += [f"## {name}", "", track_text(track), ""]
         if name == UPSTREAM_TRACK.name and result.history:
             out += [f"Public record history ({HISTORY_SOURCE}): not ours, not ranked; for reference. Times as that "
-                    "README gives them.", "", "| public # | date | time (s) | title | source |", "|---:|---|---:|---|---|"]
+                    "README gives them.", "", "| public # | date | time (s) | title | source |",
+                    "|---:|---|---:|---|---|"]
             out += [f"| {h['number']} | {h['date']} | {h['seconds']:.1f} | {escape_cell(h['title'])} | "
                     f"{escape_cell(h['source'])} |" for h in result.history] + [""]
         if not by_track[name]:

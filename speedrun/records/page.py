@@ -78,7 +78,8 @@ def page(result: CheckResult, link_prefix: str) -> str:
                          "</thead><tbody>")
             parts += [f'<tr><td data-value="{h["number"]}">{h["number"]}</td><td data-value="{h["seconds"]}">'
                       f'{h["seconds"]:.1f}</td><td class="text">{_text(h["date"])}</td><td class="text">'
-                      f'{_text(h["title"])}</td><td class="text">{_text(h["source"])}</td></tr>' for h in result.history]
+                      f'{_text(h["title"])}</td><td class="text">{_text(h["source"])}</td></tr>'
+                      for h in result.history]
             parts.append("</tbody></table></details>")
         if not records:
             parts.append('<p class="note">No records yet.</p></section>')

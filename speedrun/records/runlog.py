@@ -60,7 +60,8 @@ FACTS = {
     "tokens_per_second": (*NUM, None), "mfu": (*NUM, None), "peak_memory_mib": (*NUM, None),
     "diverged_at_step": (int, None), "message": (str, None),
 }
-OPTIONAL_FACTS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None), "schedule_changes": (list,)}
+OPTIONAL_FACTS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
+                  "schedule_changes": (list,)}
 TRACK_DATA_KIND = {"synth": "synth", "fineweb10B": "download"}  # a track's data -> its runs' manifest kind
 
 
