@@ -8,7 +8,6 @@ one line per problem; an empty list means the records are valid. One bad entry n
 from __future__ import annotations
 
 import datetime
-import gc
 import hashlib
 import json
 import os
@@ -387,22 +386,9 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     ``replace`` = (record path, folder) checks the record in ``folder`` as if it were at ``record path`` (how
     ``submit`` checks a record in its temp folder before moving it into place).
     """
-    # Loading a big tree makes millions of small objects and no reference cycles: the cyclic garbage collector
-    # would only walk them again and again (seconds at 10,000 records), during loading and after it (build). So it
-    # is off while loading, and what was loaded is frozen out of its sight (refcounting still frees it).
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _check_tree(root, today or today_utc(), replace)
-    finally:
-        gc.freeze()
-        if gc_was_enabled:
-            gc.enable()
-
-
-def _check_tree(root: Path, today: datetime.date, replace: tuple[str, Path] | None) -> CheckResult:
     from speedrun.records.upstream import check_upstream_dir
 
+    today = today or today_utc()
     folders, problems, warnings = find_record_folders(root)
     if replace is not None:
         folders = sorted([(p, f) for p, f in folders if p != replace[0]] + [replace])
