@@ -282,13 +282,12 @@ def nulls_at_divergence(facts: dict) -> dict:
     return facts
 
 
-def read_text(path: Path, label: str, missing: str = "every run needs its .txt and .json log") -> tuple[str | None,
-                                                                                                      str | None]:
-    """(the file's text, None) or (None, the problem)."""
+def read_text(path: Path, label: str, needed_as: str = "") -> tuple[str | None, str | None]:
+    """(the file's text, None) or (None, the problem); ``needed_as`` says why a missing file is missed."""
     try:
         return path.read_text(encoding="utf-8"), None
     except FileNotFoundError:
-        return None, f"{label}: missing ({missing})"
+        return None, f"{label}: missing" + (f" ({needed_as})" if needed_as else "")
     except UnicodeDecodeError as e:
         return None, f"{label}: not UTF-8 text ({e.reason} at byte {e.start})"
     except OSError as e:
@@ -297,7 +296,7 @@ def read_text(path: Path, label: str, missing: str = "every run needs its .txt a
 
 def read_json_object(path: Path, label: str) -> tuple[dict | None, str | None]:
     """(the JSON object in a file, None) or (None, the problem)."""
-    text, problem = read_text(path, label, "")
+    text, problem = read_text(path, label)
     try:
         return (parse_json_object(text), None) if text is not None else (None, problem)
     except LogFormatError as e:
@@ -309,7 +308,9 @@ def load_run(txt_path: Path, json_path: Path, label: str | None = None,
     """Read and parse a run's two files. Returns (run, problems); run is None when they cannot be read."""
     label = label or str(txt_path)
     json_label = label[:-4] + ".json" if label.endswith(".txt") else str(json_path)
-    (text, problem), (json_text, json_problem) = read_text(txt_path, label), read_text(json_path, json_label)
+    needed_as = "every run needs its .txt and .json log"
+    (text, problem), (json_text, json_problem) = (read_text(txt_path, label, needed_as),
+                                                  read_text(json_path, json_label, needed_as))
     problems = [p for p in (problem, json_problem) if p]
     log = None
     if text is not None:
