@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import math
 import os
 import platform
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from speedrun import REPO_ROOT
 from speedrun.data.shards import atomic_write_text
-from speedrun.records.runlog import FIRST_LINE, SCHEMA_VERSION, SECTION, code_hash, snapshot_section
+from speedrun.records.runlog import FIRST_LINE, SCHEMA_VERSION, SECTION, canonical_json, code_hash, snapshot_section
 
 # ---------------------------------------------------------------------------------------------
 # What the run is made of
@@ -173,9 +172,9 @@ class RunLog:
             parts.append(snapshot_section(path, snapshot[path], file_hashes[path])[:-1])  # "\n".join adds it back
         parts.append(SECTION.format(f"code_sha256: {self.facts['code']['code_sha256']}"))
         parts.append(SECTION.format("environment"))
-        parts.append(json.dumps(env, indent=2, sort_keys=True))
+        parts.append(canonical_json(env))
         parts.append(SECTION.format("config"))
-        parts.append(json.dumps(config, indent=2, sort_keys=True))
+        parts.append(canonical_json(config))
         parts.append(SECTION.format("log"))
         atomic_write_text(self.txt_path, "\n".join(parts) + "\n")
         self._txt = open(self.txt_path, "a", encoding="utf-8")
@@ -212,7 +211,7 @@ class RunLog:
 def facts_json(facts: dict) -> str:
     """The facts as strict JSON: a non-finite number (a diverged run's loss) is written as null, which every
     JSON parser reads (the status says why it is missing)."""
-    return json.dumps(_finite_or_null(facts), indent=2, sort_keys=True, allow_nan=False)
+    return canonical_json(_finite_or_null(facts))
 
 
 def _finite_or_null(value):

@@ -133,6 +133,7 @@ def curves_png(sides: list[tuple[str, list[Run]]], path: Path, title: str) -> No
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right")
     figure.suptitle(title)
+    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     atomic_write_bytes(path, buffer.getvalue())

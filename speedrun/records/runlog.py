@@ -89,8 +89,8 @@ def train_line(step: int, num_steps: int, train_time_s: float) -> str:
 
 
 def canonical_json(value) -> str:
-    """How the writer lays out every JSON section and file."""
-    return json.dumps(value, indent=2, sort_keys=True)
+    """How the writer lays out every JSON section and file (strict JSON: no NaN or infinity)."""
+    return json.dumps(value, indent=2, sort_keys=True, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +341,8 @@ def _summary_difference(json_text: str, summary: str, start: int, label: str, js
         written = parse_json_object(summary, start)
     except LogFormatError as e:
         return f"{at_line(label, e)}: malformed JSON in the summary section: {e}"
-    differing = sorted(k for k in set(stored) | set(written) if canonical_json(stored.get(k)) !=
-                       canonical_json(written.get(k))) or ["layout"]
+    differing = sorted(k for k in set(stored) | set(written) if json.dumps(stored.get(k), sort_keys=True) !=
+                       json.dumps(written.get(k), sort_keys=True)) or ["layout"]
     return f"{json_label}: differs from the text log's summary section in {', '.join(differing)}"
 
 

@@ -20,7 +20,6 @@ import csv
 import datetime
 import hashlib
 import io
-import json
 import math
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from speedrun.records.runlog import (
     LogFormatError,
     Run,
     StepLine,
+    canonical_json,
     code_hash,
     read_json_object,
     read_text,
@@ -168,7 +168,7 @@ def import_upstream(paths: list[Path], out_dir: Path) -> tuple[list[str], list[s
             messages.append(f"{path}: already imported as {target}")
             continue
         atomic_write_bytes(target, path.read_bytes())
-        atomic_write_text(json_path, json.dumps(facts, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(json_path, canonical_json(facts) + "\n")
         result = (f"final val_loss {facts['final_val_loss']:.4f} at {facts['train_time_ms'] / 1000:.3f} s"
                   if facts["final_val_loss"] is not None else f"incomplete: stops at step {facts['steps_done']}")
         messages.append(f"{path}: imported as {json_path} ({result}, {facts['env']['gpu_count']}x "
