@@ -331,10 +331,10 @@ def duplicate_problems(records: list[Record]) -> list[str]:
         if run.run_id in seen_ids:
             problems.append(f"{run.label}: duplicate run id: also {seen_ids[run.run_id]}")
         seen_ids.setdefault(run.run_id, run.label)
-        key = tuple((step, loss) for step, loss, _ in run.val_points)
+        key = tuple((v.step, v.val_loss) for v in run.val_lines)
         for other in by_losses[key]:
-            if all(abs(a - b) <= DUPLICATE_TIME_TOLERANCE * max(a, b) + 2
-                   for (_, _, a), (_, _, b) in zip(run.val_points, other.val_points, strict=True)):
+            if all(abs(a.train_time_ms - b.train_time_ms) <= DUPLICATE_TIME_TOLERANCE * max(a.train_time_ms,
+                   b.train_time_ms) + 2 for a, b in zip(run.val_lines, other.val_lines, strict=True)):
                 problems.append(f"{run.label}: duplicate run (the same validation losses and times within "
                                 f"{DUPLICATE_TIME_TOLERANCE:.1%} at every step): also {other.label}")
                 break

@@ -118,7 +118,7 @@ def curves_png(sides: list[tuple[str, list[Run]]], path: Path, title: str) -> No
         if times:
             times_ax.hlines(np.mean(times), index - 0.2, index + 0.2, color=color)
         for k, run in enumerate(r for r in runs if r.val_lines):
-            steps, losses, ms = zip(*run.val_points, strict=True)
+            steps, losses, ms = zip(*((v.step, v.val_loss, v.train_time_ms) for v in run.val_lines), strict=True)
             label = f"{name} ({len(runs)} run{'s' if len(runs) > 1 else ''})" if k == 0 else None
             by_step.plot(steps, losses, color=color, alpha=0.7, linewidth=1, label=label)
             by_time.plot(np.asarray(ms) / 1000, losses, color=color, alpha=0.7, linewidth=1, label=label)

@@ -138,7 +138,7 @@ def progression_svg(records: list[Record]) -> str:
 
 
 def _curves_svg(record: Record) -> str:
-    series = [(run.run_id, [(step, loss) for step, loss, _ in run.val_points if math.isfinite(loss)], "line")
+    series = [(run.run_id, [(v.step, v.val_loss) for v in run.val_lines if math.isfinite(v.val_loss)], "line")
               for run in sorted(record.runs, key=lambda run: run.run_id)]
     return _svg(series, x_label="step", y_label="val loss", target=record.stats.target)
 

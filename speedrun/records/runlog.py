@@ -140,7 +140,7 @@ class Run:
     run_id: str
     label: str  # how problems name it, e.g. records/tiny-cpu/2025-01-01_x/runs/<id>.txt
     facts: dict
-    val_lines: list[StepLine]
+    val_lines: list[StepLine]  # the validation curve (and what duplicates are judged by)
     text: TextLog | None = None
     facts_text: str = ""  # the facts as written (the summary section, else the JSON file)
 
@@ -159,11 +159,6 @@ class Run:
     @property
     def train_time_ms(self) -> float | None:
         return self.val_lines[-1].train_time_ms if self.finished else None
-
-    @functools.cached_property
-    def val_points(self) -> tuple:
-        """((step, val_loss, train_time_ms), ...): the curve, and what duplicates are judged by."""
-        return tuple((v.step, v.val_loss, v.train_time_ms) for v in self.val_lines)
 
     @functools.cached_property
     def config_key(self) -> str:
