@@ -1,10 +1,10 @@
-"""``build`` and ``show``: the leaderboard, generated from checked records.
+"""The leaderboard as text, generated from checked records: what ``build`` and ``show`` print and write.
 
-``build`` writes ``LEADERBOARD.md`` (per track: the ranked table, the progression of records and its plot
-``records/progression-<track>.svg``; on the 8xH100 track the public record history for reference),
-``records/runs.csv`` (every run of every record) and ``records/index.html`` (all of it as one self-contained web
-page: speedrun/records/page.py). Every number comes from the runs' text logs. The output is a pure function of the
-records (no timestamps, fixed ordering): building twice gives byte-identical files.
+``build`` (speedrun/records/cli.py) writes ``LEADERBOARD.md`` (per track: the ranked table, the progression of
+records and its plot ``records/progression-<track>.svg``; on the 8xH100 track the public record history for
+reference), ``records/runs.csv`` (every run of every record) and ``records/index.html`` (all of it as one
+self-contained web page: speedrun/records/page.py). Every number comes from the runs' text logs. The output is a
+pure function of the records (no timestamps, fixed ordering): building twice gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from speedrun.data.shards import atomic_write_files
 from speedrun.records.check import CheckResult, Record, progression_name
 from speedrun.records.stats import ratio_ci95s
 from speedrun.records.upstream import HISTORY_SOURCE, UPSTREAM_TRACK
@@ -152,19 +149,6 @@ def runs_csv(result: CheckResult) -> str:
                              else "", f["config"]["train"]["num_steps"], f["target_val_loss"], env["device"],
                              env["gpu_name"] or "", env["gpu_count"], env["torch"], f["code"]["code_sha256"]])
     return buffer.getvalue()
-
-
-def build(result: CheckResult, records_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the outputs of a valid check result, all or none; returns their paths."""
-    from speedrun.records.page import page, progression_svg
-
-    link_prefix = Path(os.path.relpath(records_dir, out_dir)).as_posix()
-    files = {out_dir / LEADERBOARD_NAME: markdown(result, link_prefix), records_dir / RUNS_CSV_NAME: runs_csv(result),
-             records_dir / PAGE_NAME: page(result, ".")}
-    files |= {records_dir / progression_name(name): progression_svg(records) for name, records in
-              result.by_track().items()}
-    atomic_write_files({path: text.encode() for path, text in files.items()})
-    return list(files)
 
 
 def terminal_table(result: CheckResult, track_name: str | None = None) -> str:

@@ -12,14 +12,15 @@ import hashlib
 import json
 import os
 import re
-import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from speedrun import REPO_ROOT
+from speedrun.errors import UserError
 from speedrun.records import stats
-from speedrun.records.runlog import Run, check_fields, check_run, load_run, read_json_object
+from speedrun.records.runlog import Run, check_fields, check_run, load_run, read_json_object, unprintable
+from speedrun.records.upstream import check_upstream_dir
 from speedrun.tracks import TRACKS, Track
 
 RECORDS_DIR = REPO_ROOT / "records"
@@ -33,8 +34,6 @@ UPSTREAM_DIR_NAME = "upstream"
 GENERATED_FILES = ("README.md", "runs.csv", "index.html", *(f"progression-{t}.svg" for t in TRACKS))  # build's
 TEMP_PREFIX = "."  # submit builds a record in a hidden temp folder, then renames it into place
 DUPLICATE_TIME_TOLERANCE = 0.005  # relative: two runs timed this close at every validation are one run
-# bidirectional overrides and isolates: they reorder what a terminal or a browser shows
-BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 # What every run of one record shares: one recipe, one machine class, one data set.
 AGREEMENT = (
     ("code hash", lambda run: run.facts["code"]["code_sha256"]),
@@ -119,14 +118,6 @@ def parse_date(text: str) -> datetime.date | None:
 
 def today_utc() -> datetime.date:
     return datetime.datetime.now(datetime.timezone.utc).date()
-
-
-def unprintable(text: str, allow_newlines: bool = False) -> str | None:
-    """The first control character in ``text`` (escape sequences, CR, bidi overrides...), described; or None."""
-    for i, ch in enumerate(text):
-        if (unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS) and not (ch == "\n" and allow_newlines):
-            return f"the control character U+{ord(ch):04X} at position {i}"
-    return None
 
 
 def valid_record_path(text: str) -> bool:
@@ -386,8 +377,6 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     ``replace`` = (record path, folder) checks the record in ``folder`` as if it were at ``record path`` (how
     ``submit`` checks a record in its temp folder before moving it into place).
     """
-    from speedrun.records.upstream import check_upstream_dir
-
     today = today or today_utc()
     folders, problems, warnings = find_record_folders(root)
     if replace is not None:
@@ -414,8 +403,6 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
 def find_record(spec: str, records_dir: Path = RECORDS_DIR, keep_sources: bool = False) -> Record:
     """Load and check a record given as a folder or as '<track>/<folder>' inside ``records_dir``; raises
     UserError naming its problems."""
-    from speedrun.errors import UserError
-
     path = Path(spec)
     if not path.is_dir() and (records_dir / spec).is_dir():
         path = records_dir / spec

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from pathlib import Path
 
 from speedrun import REPO_ROOT
+from speedrun.data.shards import atomic_write_files
 from speedrun.errors import UserError, run_command, wants_debug
-from speedrun.records.check import KINDS, RECORDS_DIR, UPSTREAM_DIR_NAME, check_tree
+from speedrun.records.check import KINDS, RECORDS_DIR, UPSTREAM_DIR_NAME, check_tree, progression_name
 from speedrun.tracks import TRACKS
 
 
@@ -63,13 +65,21 @@ def cmd_check(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from speedrun.records.board import build
+    """Check, then write every output of a valid tree, all or none (speedrun/records/board.py)."""
+    from speedrun.records.board import LEADERBOARD_NAME, PAGE_NAME, RUNS_CSV_NAME, markdown, runs_csv
+    from speedrun.records.page import page, progression_svg
 
     result = check_tree(args.records)
     report(result.problems, result.warnings, "build", ": refused, fix them (nothing was written)")
     if result.problems:
         return 1
-    print("\n".join(f"wrote {path}" for path in build(result, args.records, args.out)))
+    link_prefix = Path(os.path.relpath(args.records, args.out)).as_posix()
+    files = {args.out / LEADERBOARD_NAME: markdown(result, link_prefix), args.records / RUNS_CSV_NAME:
+             runs_csv(result), args.records / PAGE_NAME: page(result, ".")}
+    files |= {args.records / progression_name(name): progression_svg(records)
+              for name, records in result.by_track().items()}
+    atomic_write_files({path: text.encode() for path, text in files.items()})
+    print("\n".join(f"wrote {path}" for path in files))
     return 0
 
 

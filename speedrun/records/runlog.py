@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -62,6 +63,8 @@ FACTS = {
 }
 OPTIONAL_FACTS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
                   "schedule_changes": (list,)}
+# bidirectional overrides and isolates: they reorder what a terminal or a browser shows
+BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 TRACK_DATA_KIND = {"synth": "synth", "fineweb10B": "download"}  # a track's data -> its runs' manifest kind
 
 
@@ -245,6 +248,14 @@ def parse_text_log(text: str, keep_sources: bool = False) -> TextLog:
                    config_start=config_line + 1, steps=steps, summary_start=summary_line + 1,
                    summary_text=summary[:-1] if summary and summary.endswith("\n") else summary,
                    sources=sources if keep_sources else None)
+
+
+def unprintable(text: str, allow_newlines: bool = False) -> str | None:
+    """The first control character in ``text`` (escape sequences, CR, bidi overrides...), described; or None."""
+    for i, ch in enumerate(text):
+        if (unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS) and not (ch == "\n" and allow_newlines):
+            return f"the control character U+{ord(ch):04X} at position {i}"
+    return None
 
 
 def parse_json_object(text: str, first_lineno: int = 1) -> dict:

@@ -25,7 +25,6 @@ import re
 from pathlib import Path
 
 from speedrun.data.shards import atomic_write_bytes, atomic_write_text
-from speedrun.records.check import unprintable
 from speedrun.records.runlog import (
     RUN_ID_PATTERN,
     LogFormatError,
@@ -35,6 +34,7 @@ from speedrun.records.runlog import (
     code_hash,
     read_json_object,
     read_text,
+    unprintable,
 )
 from speedrun.tracks import TRACKS
 
