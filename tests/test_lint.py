@@ -33,3 +33,35 @@ def test_readme_links_point_at_committed_files():
     links = {m for m in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in m}
     missing = sorted(link for link in links if not (REPO / link).exists())
     assert links and not missing, f"README.md links to missing files: {missing}"
+
+
+def test_the_project_has_no_import_cycles():
+    """No module imports, at its top level, a module that imports it back (directly or through others): each
+    one reads on its own, and `python -m` of any of them cannot half-initialise another."""
+    import ast
+
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in sorted([*(REPO / "speedrun").rglob("*.py"), *(REPO / "kernels").rglob("*.py")])}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.parse(path.read_text()).body:  # top level only: imports inside functions are deferred
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        imports[name] = sorted(m for m in found if m in modules and m != name)
+
+    acyclic = set()  # modules from which no cycle can be reached
+
+    def cycle_from(name, path):
+        for other in imports[name]:
+            if other in path:
+                return path[path.index(other):] + [other]
+            if other not in acyclic and (found := cycle_from(other, path + [other])):
+                return found
+        acyclic.add(name)
+        return None
+
+    cycles = [c for name in imports if (c := cycle_from(name, [name]))]
+    assert not cycles, f"import cycles: {cycles[:3]}"
