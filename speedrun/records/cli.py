@@ -29,7 +29,8 @@ from speedrun.tracks import TRACKS
 
 def report(problems: list[str], warnings: list[str], command: str, outcome: str = "") -> None:
     """Problems on stdout, one per line; warnings and the count (and ``outcome``) on stderr."""
-    print("\n".join(problems)) if problems else None
+    for line in problems:
+        print(line)
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
     if problems:
