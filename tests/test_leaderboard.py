@@ -145,6 +145,21 @@ def test_valid_records_pass_and_numbers_come_from_the_text_log(records):
         scipy.stats.ttest_1samp(first.stats.losses, TARGET, alternative="less").pvalue)
 
 
+def test_the_config_key_cut_from_the_text_equals_the_encoded_one(tmp_path):
+    """A run's config key (what "its runs differ in config" compares) is cut from the text log's config section
+    when that is the facts' config in the writer's layout; it equals the facts' config, less the seed, encoded."""
+    from speedrun.records.runlog import canonical_json, load_run
+
+    txt, js = write_synthetic_run(tmp_path, "r0", seed=3)
+    run, problems = load_run(txt, js)
+    config = run.facts["config"]
+    encoded = canonical_json({**config, "train": {k: v for k, v in config["train"].items() if k != "seed"}})
+    assert problems == [] and run.config_key == encoded and '"seed"' not in run.config_key
+    run.facts_text = run.facts_text.replace('\n  "config": {', '\n  "config":  {')  # another layout: encoded
+    del run.config_key
+    assert run.config_key == encoded
+
+
 def test_the_committed_records_pass_check(monkeypatch):
     monkeypatch.setitem(TRACKS, "tiny-cpu", REAL_TINY_CPU)  # the real track, not the synthetic logs' stand-in
     result = check_tree()  # the repository's own records/

@@ -41,6 +41,7 @@ CODE_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(\d+)
 CODE_HASH_LINE = re.compile(r"^====== code_sha256: ([0-9a-f]{64}) ======$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+)(?: val_loss:(-?\d+\.\d{4}|nan|-?inf))? train_time:(\d+)ms "
                        r"step_avg:(nan|\d+\.\d{2})ms$")
+SEED_LINE = re.compile(r'\n    "seed": -?\d+,(?=\n)')  # in the config section's "train" object (not its last key)
 STEP_LINES = re.compile(STEP_LINE.pattern, re.MULTILINE)  # every step line of a section, in one scan
 
 # The JSON facts. A rule is a tuple of JSON types (None: null), a dict (an object with exactly those fields), or a
@@ -165,9 +166,14 @@ class Run:
 
     @functools.cached_property
     def config_key(self) -> str:
-        """The config without the seed: equal for every run of one recipe."""
+        """The config without the seed, as JSON text: equal for every run of one recipe. When the text log's config
+        section is the facts' config in the writer's layout, the seed line is cut from it (no JSON encoding)."""
+        text = self.text.config_text if self.text else ""
+        if (len(cut := SEED_LINE.split(text)) == 2 and cut[0].count('\n  "train": {') == 1
+                and '\n  "config": ' + text.replace("\n", "\n  ") in self.facts_text):
+            return "".join(cut)
         train = {k: v for k, v in self.facts["config"]["train"].items() if k != "seed"}
-        return json.dumps({**self.facts["config"], "train": train}, sort_keys=True)
+        return canonical_json({**self.facts["config"], "train": train})
 
     @property
     def json_label(self) -> str:
