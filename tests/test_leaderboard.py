@@ -156,8 +156,8 @@ def test_the_config_key_cut_from_the_text_equals_the_encoded_one(tmp_path):
     encoded = canonical_json({**config, "train": {k: v for k, v in config["train"].items() if k != "seed"}})
     assert problems == [] and run.config_key == encoded and '"seed"' not in run.config_key
     run.facts_text = run.facts_text.replace('\n  "config": {', '\n  "config":  {')  # another layout: encoded
-    del run.config_key
-    assert run.config_key == encoded
+    del run.config_key, run.config_in_writer_layout
+    assert not run.config_in_writer_layout and run.config_key == encoded
 
 
 def test_the_committed_records_pass_check(monkeypatch):

@@ -164,13 +164,24 @@ class Run:
     def train_time_ms(self) -> float | None:
         return self.val_lines[-1].train_time_ms if self.finished else None
 
+    def in_writer_layout(self, key: str, section: str) -> bool:
+        """The facts hold the text log's ``section`` verbatim (indented) as ``key``'s value, as the writer lays
+        them out: then the two agree, found by a string search instead of parsing."""
+        nested = f'\n  "{key}": ' + section.replace("\n", "\n  ")
+        at = self.facts_text.find(nested)
+        return at >= 0 and self.facts_text.startswith((",\n", "\n}"), at + len(nested))
+
+    @functools.cached_property
+    def config_in_writer_layout(self) -> bool:  # asked twice per run: by config_key and by check_derived
+        return self.text is not None and self.in_writer_layout("config", self.text.config_text)
+
     @functools.cached_property
     def config_key(self) -> str:
         """The config without the seed, as JSON text: equal for every run of one recipe. When the text log's config
         section is the facts' config in the writer's layout, the seed line is cut from it (no JSON encoding)."""
         text = self.text.config_text if self.text else ""
-        if (len(cut := SEED_LINE.split(text)) == 2 and cut[0].count('\n  "train": {') == 1
-                and '\n  "config": ' + text.replace("\n", "\n  ") in self.facts_text):
+        if self.config_in_writer_layout and len(cut := SEED_LINE.split(text)) == 2 and cut[0].count(
+                '\n  "train": {') == 1:
             return "".join(cut)
         train = {k: v for k, v in self.facts["config"]["train"].items() if k != "seed"}
         return canonical_json({**self.facts["config"], "train": train})
@@ -507,11 +518,8 @@ def check_steps(run: Run) -> list[str]:
 
 
 def _section_in_facts(run: Run, name: str, text: str, start: int, key: str) -> list[str]:
-    """The facts' ``key`` is the text log's section: in the writer's layout the section, indented, appears
-    verbatim under its key (a string search, no JSON work); else it must parse to the same value."""
-    nested = f'\n  "{key}": ' + text.replace("\n", "\n  ")
-    at = run.facts_text.find(nested)
-    if at >= 0 and run.facts_text.startswith((",\n", "\n}"), at + len(nested)):
+    """The facts' ``key`` is the text log's section: verbatim in the writer's layout, else parsed to the same value."""
+    if run.config_in_writer_layout if key == "config" else run.in_writer_layout(key, text):
         return []
     try:
         same = parse_json_object(text, start) == run.facts[key]
