@@ -146,9 +146,9 @@ def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["leaderboard"]:
         from speedrun.records.cli import main as leaderboard_main
         return leaderboard_main(argv[1:], prog="speedrun leaderboard")
-    if argv[:1] == ["reproduce"]:
-        from speedrun.records.reproduce import reproduce_main
-        return reproduce_main(argv[1:])
+    if argv[:1] == ["reproduce"]:  # the leaderboard's reproduce
+        from speedrun.records.cli import main as leaderboard_main
+        return leaderboard_main(argv, prog="speedrun")
     if argv[:1] == ["bench"]:
         from speedrun.bench.cli import main as bench_main
         return bench_main(argv[1:])

@@ -686,13 +686,21 @@ def test_import_upstream_reads_public_logs(records, tmp_path, capsys):
     log = tmp_path / "c8cbdf48-220a-443b-b145-8ac6a32d4e07.txt"
     log.write_text(upstream_log())
     assert leaderboard_main(["import-upstream", str(log), "--records", str(records)]) == 0
-    facts = json.loads((records / "upstream" / log.with_suffix(".json").name).read_text())
-    assert facts["source"] == "upstream" and facts["status"] == "success" and facts["track"] == "8xH100-3.28"
-    assert facts["final_val_loss"] == 3.2792 and facts["train_time_ms"] == 2504.0
+    assert "final val_loss 3.2792 at 2.504 s, 8x NVIDIA H100 80GB HBM3" in capsys.readouterr().out
+    imported = records / "upstream" / log.name
+    assert imported.read_bytes() == log.read_bytes() and sorted(os.listdir(records / "upstream")) == [log.name]
+    (upstream,) = check_tree(records).upstream  # the log is the one truth: every reader derives the run again
+    facts = upstream.facts
+    assert facts["status"] == "success" and facts["track"] == "8xH100-3.28"
+    assert upstream.final_val_loss == 3.2792 and upstream.train_time_ms == 2504.0
     assert facts["env"]["gpu_count"] == 8 and facts["env"]["torch"] == "2.7.0.dev20250110+cu126"
     assert problems_of(records) == []
-    edit_json(records / "upstream" / log.with_suffix(".json").name, lambda f: f.update(train_time_ms=1000.0))
-    assert_one_problem_like(records, "records/upstream/c8cbdf48", "differs from what", "train_time_ms")
+    lineno, line = step_line(imported, "step:20/20 val_loss")
+    edit(imported, line, line.replace("train_time:", "train_time:x"))
+    assert_one_problem_like(records, f"records/upstream/c8cbdf48-220a-443b-b145-8ac6a32d4e07.txt:{lineno}: "
+                                     "malformed step line")
+    (records / "upstream" / "notes.json").write_text("{}")
+    assert_one_problem_like(records, "records/upstream/notes.json: unexpected entry")
 
 
 def test_import_upstream_rejects_malformed_logs_with_the_line(tmp_path, capsys):
@@ -709,19 +717,19 @@ def test_import_upstream_rejects_malformed_logs_with_the_line(tmp_path, capsys):
     assert "nosep.txt:" in out and "no line of '=' characters" in out
     assert not out_dir.exists()
     with pytest.raises(ValueError, match="validation step 10 does not increase"):
-        upstream_facts(text.replace("step:20/20 val_loss", "step:10/20 val_loss"), "x.txt", b"")
+        upstream_facts(text.replace("step:20/20 val_loss", "step:10/20 val_loss"), "x.txt")
 
 
 def test_compare_two_records_and_an_upstream_log(records, tmp_path, capsys):
     make(records)
     make(records, "faster", date="2025-02-01", runs=good_runs("s", time_ms=45_000), beats="tiny-cpu/2025-01-01_first")
-    plot = tmp_path / "cmp.png"
+    plot = tmp_path / "cmp.svg"
     assert leaderboard_main(["compare", "tiny-cpu/2025-01-01_first", str(records / "tiny-cpu/2025-02-01_faster"),
                              "--records", str(records), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     a = [60_000 + 50 * i for i in range(3)]
     assert "time B - A: -15.0" in out and "Welch t-test on time (two-sided): p = " in out
-    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert plot.read_text().startswith("<svg") and plot.read_text().count("<polyline") == 2 * 6
     log = tmp_path / "up.txt"
     log.write_text(upstream_log())
     run = records / "tiny-cpu/2025-01-01_first/runs/f0.txt"
@@ -735,7 +743,7 @@ def test_compare_refuses_a_broken_side(records, tmp_path, capsys):
     folder = make(records)
     edit(folder / "runs/f0.txt", "    n_layer = 4\n", "    n_layer = 5\n")
     assert leaderboard_main(["compare", str(folder / "runs/f0.txt"), str(folder / "runs/f1.txt"),
-                             "--plot", str(tmp_path / "x.png")]) == 1
+                             "--plot", str(tmp_path / "x.svg")]) == 1
     assert "does not match its sha256" in capsys.readouterr().out
 
 
@@ -754,7 +762,7 @@ def test_import_upstream_reads_lowercase_versions_and_a_line_of_equals_in_the_co
     text = upstream_log().replace("Running PyTorch 2.7.0.dev20250110+cu126 compiled for CUDA 12.6",
                                   "Running pytorch 2.6.0.dev20241203+cu124")
     text = text.replace("import os\n", "import os\n" + "=" * 80 + "\n# a banner in the script\n", 1)
-    facts = upstream_facts(text, "x.txt", text.encode())
+    facts = upstream_facts(text, "x.txt")
     env = facts["env"]
     assert env["torch"] == "2.6.0.dev20241203+cu124" and env["cuda"] == "12.4"
     code = text.split("=" * 100 + "\n")[0]  # the script, its own line of '=' included

@@ -101,7 +101,7 @@ def test_reproduce_runs_the_snapshot_and_writes_the_report(tmp_path):
     assert "ratio B / A (geometric means) 0.9" in report  # 55 s vs 60 s
     assert "| reproduction |" in report and "| record | r0 | 0 | success | 60.00 | 5.1000 |" in report
     assert "None: same GPU, counts, versions, config (apart from the seed) and validation data" in report
-    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report.svg").read_text().startswith("<svg")
     assert (REPO_ROOT / "speedrun/cli.py").read_text() != STAND_IN_CLI  # the repository is untouched
     assert folder.exists()
 
@@ -128,18 +128,19 @@ def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_
 
 @pytest.mark.usefixtures("synthetic_track_data")  # the stand-in logs claim the synthetic val data
 def test_reproduce_says_it_runs_the_logged_code_and_asks_first(tmp_path, capsys, monkeypatch):
-    from speedrun.records.reproduce import reproduce_main
+    from speedrun.records.cli import main as leaderboard_main
 
     folder = stand_in_record(tmp_path / "records")
-    argv = [str(folder), "--runs", "1", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records")]
+    argv = ["reproduce", str(folder), "--runs", "1", "--out", str(tmp_path / "out"), "--records",
+            str(tmp_path / "records")]
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)  # no terminal (CI, a pipe): refused without --yes
-    assert reproduce_main(argv) == 1
+    assert leaderboard_main(argv) == 1
     out, err = capsys.readouterr()
     assert "reproduce runs the code logged in records/tiny-cpu/2025-01-01_stand-in's run logs" in out
     assert "with your permissions" in out and "pass --yes to run it" in err
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
-    assert reproduce_main(argv) == 1
+    assert leaderboard_main(argv) == 1
     assert "not reproduced (its code was not run)" in capsys.readouterr().out
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 

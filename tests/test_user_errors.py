@@ -335,7 +335,7 @@ def test_leaderboard_outputs_into_unwritable_places(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert_user_error(["compare", "tiny-cpu/2025-01-01_first", "tiny-cpu/2025-01-01_first", "--records",
-                       str(records), "--plot", str(a_file / "c.png")], capsys, "a_file", entry=leaderboard_main)
+                       str(records), "--plot", str(a_file / "c.svg")], capsys, "a_file", entry=leaderboard_main)
     before = sorted(p.name for p in records.iterdir())
     assert_user_error(["build", "--records", str(records), "--out", str(a_file / "out")], capsys, "a_file",
                       entry=leaderboard_main)

@@ -124,7 +124,7 @@ def markdown(result: CheckResult, link_prefix: str) -> str:
                 "| log | final val loss | time (s) | status | GPUs | torch |", "|---|---:|---:|---|---|---|"]
         for run in sorted(result.upstream, key=lambda r: r.run_id):
             facts, env = run.facts, run.facts["env"]
-            out.append(f"| [{facts['upstream']['file']}]({link_prefix}/upstream/{facts['upstream']['file']}) | "
+            out.append(f"| [{facts['file']}]({link_prefix}/upstream/{facts['file']}) | "
                        f"{'—' if run.final_val_loss is None else f'{run.final_val_loss:.4f}'} | "
                        f"{'—' if run.train_time_ms is None else seconds(run.train_time_ms)} | {run.status} | "
                        f"{env['gpu_count']}x {escape_cell(str(env['gpu_name']))} | {env['torch']} |")

@@ -1,15 +1,5 @@
-"""The ``leaderboard.py`` command line (also ``speedrun leaderboard …``).
-
-    check [PATH…]                 validate records; one line per problem; exit 1 if any
-    build [--out DIR]             check, then write LEADERBOARD.md and records/{index.html,runs.csv,progression-*.svg}
-    submit LOG… --track T --title … --author … --description … [--kind ml|systems] [--beats RECORD]
-                                  make a record from run logs; refused (nothing left behind) unless it checks
-    show [--track T]              the leaderboard in the terminal
-    compare A B [--plot PNG]      two records or runs: curves on one plot, time difference with Welch's t-test
-    import-upstream LOG… [--out DIR]
-                                  public modded-nanogpt logs into our run format (records/upstream/)
-
-Every subcommand takes ``--records DIR`` (default: the repository's records/).
+"""The ``leaderboard.py`` command line (also ``speedrun leaderboard …``; ``speedrun reproduce …`` is its
+``reproduce``): check, build, submit, show, compare, import-upstream, reproduce. ``--help`` describes each.
 """
 
 from __future__ import annotations
@@ -21,6 +11,7 @@ import sys
 from pathlib import Path
 
 from speedrun import REPO_ROOT
+from speedrun.args import positive_int
 from speedrun.data.shards import atomic_write_files
 from speedrun.errors import UserError, run_command, wants_debug
 from speedrun.records.check import KINDS, RECORDS_DIR, UPSTREAM_DIR_NAME, check_tree, progression_name
@@ -120,6 +111,17 @@ def cmd_import_upstream(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from speedrun.records.reproduce import ask_on_terminal, reproduce
+
+    out, all_valid = reproduce(args.record, runs=args.runs, out=args.out, records_dir=args.records,
+                               processes=args.nproc, confirm=None if args.yes else ask_on_terminal)
+    print(f"reproduce: report in {out / 'report.md'} (plot {out / 'report.svg'})")
+    if not all_valid:
+        print("reproduce: some runs did not write a valid log (see the report)", file=sys.stderr)
+    return 0 if all_valid else 1
+
+
 def build_parser(prog: str = "leaderboard.py") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--records", type=Path, default=RECORDS_DIR, metavar="DIR",
@@ -160,8 +162,8 @@ def build_parser(prog: str = "leaderboard.py") -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", parents=[common], help="two records or runs side by side")
     compare.add_argument("a", metavar="A", help="a record folder (or track/folder), a run log, or an upstream log")
     compare.add_argument("b", metavar="B")
-    compare.add_argument("--plot", type=Path, default=REPO_ROOT / "logs" / "compare.png", metavar="PNG",
-                         help="where to write the curves (default: logs/compare.png)")
+    compare.add_argument("--plot", type=Path, default=REPO_ROOT / "logs" / "compare.svg", metavar="SVG",
+                         help="where to write the curves (default: logs/compare.svg)")
     compare.set_defaults(run=cmd_compare)
 
     upstream = sub.add_parser("import-upstream", parents=[common],
@@ -170,6 +172,17 @@ def build_parser(prog: str = "leaderboard.py") -> argparse.ArgumentParser:
     upstream.add_argument("--out", type=Path, default=None, metavar="DIR",
                           help=f"destination (default: records/{UPSTREAM_DIR_NAME}/)")
     upstream.set_defaults(run=cmd_import_upstream)
+
+    reproduce = sub.add_parser("reproduce", parents=[common], help="re-run a record's logged code here and compare")
+    reproduce.add_argument("record", metavar="RECORD", help="a record folder, or <track>/<folder> inside records/")
+    reproduce.add_argument("--runs", type=positive_int, default=3, help="how many times to run it (default 3)")
+    reproduce.add_argument("--out", type=Path, default=None, metavar="DIR",
+                           help="report folder (default: logs/reproduce/<track>__<record>__<UTC time>)")
+    reproduce.add_argument("--nproc", type=positive_int, default=None,
+                           help="processes (GPUs) per run (default: the record's, capped to the visible GPUs)")
+    reproduce.add_argument("--yes", action="store_true",
+                           help="run the record's logged code without asking (it runs with your permissions)")
+    reproduce.set_defaults(run=cmd_reproduce)
     return parser
 
 

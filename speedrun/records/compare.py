@@ -1,24 +1,24 @@
-"""``compare A B``: two records or runs side by side (curves on one plot, times with Welch's t-test); also the
+"""``compare A B``: two records or runs side by side (their curves plotted, times with Welch's t-test); also the
 comparison in ``reproduce``'s report.
 
-A side is a record folder, one of our run logs (``.txt`` or ``.json``), an imported upstream run
-(``records/upstream/<name>.json``) or a raw modded-nanogpt log. Every side is checked before it is compared:
+A side is a record folder, one of our run logs (``.txt`` or ``.json``) or a modded-nanogpt log (imported into
+``records/upstream/`` or not). Every side is checked before it is compared:
 numbers come from the logs, never from a file that only claims them.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from speedrun.data.shards import atomic_write_bytes
+from speedrun.data.shards import atomic_write_text
 from speedrun.errors import UserError
 from speedrun.records.check import RECORDS_DIR, find_record
-from speedrun.records.runlog import FIRST_LINE, Run, check_run, load_run, read_json_object
+from speedrun.records.page import comparison_svg
+from speedrun.records.runlog import FIRST_LINE, Run, check_run, load_run
 from speedrun.records.stats import ratio_ci95, welch_test
-from speedrun.records.upstream import load_upstream_json, read_upstream_log
+from speedrun.records.upstream import read_upstream_log
 
 # Environment facts shown when two sides differ in them.
 ENV_KEYS = ("gpu_name", "gpu_count", "device", "world_size", "torch", "triton", "cuda", "nccl", "python",
@@ -35,9 +35,7 @@ def load_side(spec: str, records_dir: Path = RECORDS_DIR) -> tuple[str, list[Run
         return record.label, record.runs
     if not path.is_file() or path.suffix not in (".txt", ".json"):
         raise UserError(f"{spec}: not a record folder, a run log (.txt/.json) or an upstream log")
-    if path.suffix == ".json" and _is_upstream_json(path):
-        run, problems = load_upstream_json(path)
-    elif path.suffix == ".txt" and _first_line(path) != FIRST_LINE:  # not ours: a modded-nanogpt log
+    if path.suffix == ".txt" and _first_line(path) != FIRST_LINE:  # not ours: a modded-nanogpt log
         run, problem = read_upstream_log(path)
         problems = [problem] if problem else []
     else:
@@ -47,13 +45,6 @@ def load_side(spec: str, records_dir: Path = RECORDS_DIR) -> tuple[str, list[Run
     if problems:
         raise UserError("\n".join(problems))
     return run.label, [run]
-
-
-def _is_upstream_json(path: Path) -> bool:
-    facts, problem = read_json_object(path, str(path))
-    if problem:
-        raise UserError(problem)
-    return facts.get("source") == "upstream"
 
 
 def _first_line(path: Path) -> str:
@@ -103,46 +94,10 @@ def differences(a: dict, b: dict, keys=None) -> list[tuple[str, object, object]]
     return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
-def curves_png(sides: list[tuple[str, list[Run]]], path: Path, title: str) -> None:
-    """Each side's finished runs' times (bar: mean), and every run's validation curve over step and time. No
-    pyplot (no global state, no display); no software version in the PNG (same input, same bytes)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(15, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    times_ax, by_step, by_time = figure.subplots(1, 3)
-    for index, (name, runs) in enumerate(sides):
-        color, times = f"C{index}", [r.train_time_ms / 1000 for r in runs if r.finished]
-        times_ax.scatter([index] * len(times), times, color=color)
-        if times:
-            times_ax.hlines(np.mean(times), index - 0.2, index + 0.2, color=color)
-        for k, run in enumerate(r for r in runs if r.val_lines):
-            steps, losses, ms = zip(*((v.step, v.val_loss, v.train_time_ms) for v in run.val_lines), strict=True)
-            label = f"{name} ({len(runs)} run{'s' if len(runs) > 1 else ''})" if k == 0 else None
-            by_step.plot(steps, losses, color=color, alpha=0.7, linewidth=1, label=label)
-            by_time.plot(np.asarray(ms) / 1000, losses, color=color, alpha=0.7, linewidth=1, label=label)
-    times_ax.set_xticks(range(len(sides)), [name for name, _ in sides])
-    times_ax.set_xlim(-0.6, len(sides) - 0.4)
-    times_ax.set(ylabel="train time (s)", title="times (bar: mean)")
-    targets = {r.facts["target_val_loss"] for _, runs in sides for r in runs} - {None}
-    for ax, xlabel in ((by_step, "step"), (by_time, "train time (s)")):
-        for target in sorted(targets):
-            ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
-        ax.set(xlabel=xlabel, ylabel="val loss")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right")
-    figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def compare(spec_a: str, spec_b: str, plot_path: Path, records_dir: Path = RECORDS_DIR) -> list[str]:
     """Check both sides, write the plot, return the report lines; raises UserError."""
     (label_a, a), (label_b, b) = load_side(spec_a, records_dir), load_side(spec_b, records_dir)
-    curves_png([("A", a), ("B", b)], plot_path, f"A: {label_a}  vs  B: {label_b}")
+    atomic_write_text(plot_path, comparison_svg([("A", a), ("B", b)], f"A: {label_a}  vs  B: {label_b}"))
     env_a, env_b = a[0].facts["env"], b[0].facts["env"]
     diffs = differences(env_a, env_b, ENV_KEYS + ("git.commit",))
     return [describe("A", label_a, a), describe("B", label_b, b), *comparison_lines(a, b),

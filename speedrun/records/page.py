@@ -5,7 +5,7 @@ table when its header is clicked. Per track: the ranked table of records (every 
 text logs, as in LEADERBOARD.md), the progression in record order, and per record its runs' validation
 curves against the track's target. Like the other outputs of ``build`` the page is a pure function of the
 records (fixed order, fixed number formats), so building twice gives the same bytes. Text from records is
-HTML-escaped; links stay inside the repository.
+HTML-escaped; links stay inside the repository. ``compare`` and ``reproduce`` draw their plots here too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 
 from speedrun.records.board import progression, ranked_rows, track_text
 from speedrun.records.check import CheckResult, Record
+from speedrun.records.runlog import Run
 from speedrun.records.upstream import HISTORY_SOURCE, UPSTREAM_TRACK
 from speedrun.tracks import TRACKS
 
@@ -131,24 +132,44 @@ def progression_svg(records: list[Record]) -> str:
     ordered = sorted(records, key=lambda r: (r.date, r.path))
     position = {r.path: i for i, r in enumerate(ordered)}
     times = [math.log10(r.stats.mean_time_ms / 1000) for r in ordered]
-    series = [("records", list(enumerate(times)), "points"),
-              ("progression", [(position[r.path], times[position[r.path]]) for r, _ in progression(ordered)], "steps")]
-    return _svg(series, x_label="record (in date order)", y_label="time (s, log scale)", log_y=True,
-                x_ticks=[(i, r.date) for i, r in enumerate(ordered)])
+    series = [("records", list(enumerate(times)), "points", COLORS[0]),
+              ("progression", [(position[r.path], times[position[r.path]]) for r, _ in progression(ordered)], "steps",
+               COLORS[1])]
+    return svg_plot(series, "record (in date order)", "time (s, log scale)", log_y=True,
+                    x_ticks=[(i, r.date) for i, r in enumerate(ordered)])
 
 
 def _curves_svg(record: Record) -> str:
-    series = [(run.run_id, [(v.step, v.val_loss) for v in run.val_lines if math.isfinite(v.val_loss)], "line")
-              for run in sorted(record.runs, key=lambda run: run.run_id)]
-    return _svg(series, x_label="step", y_label="val loss", target=record.stats.target)
+    series = [(run.run_id, _curve(run, "step"), "line", COLORS[k % len(COLORS)])
+              for k, run in enumerate(sorted(record.runs, key=lambda run: run.run_id))]
+    return svg_plot(series, "step", "val loss", targets=[record.stats.target])
 
 
-def _svg(series, x_label: str, y_label: str, target: float | None = None, log_y: bool = False,
-         x_ticks=None) -> str:
-    """An SVG plot of ``series`` [(name, [(x, y), ...], "line" | "steps" | "points")], with an optional dashed
-    target line; y values of a log plot are log10."""
-    xs = [x for _, points, _ in series for x, _ in points] or [0.0]
-    ys = [y for _, points, _ in series for _, y in points] + ([target] if target is not None else []) or [0.0]
+def _curve(run: Run, x: str) -> list[tuple[float, float]]:
+    """A run's finite validation losses over its steps (x "step") or its train time in seconds."""
+    return [(v.step if x == "step" else v.train_time_ms / 1000, v.val_loss) for v in run.val_lines
+            if math.isfinite(v.val_loss)]
+
+
+def comparison_svg(sides: list[tuple[str, list[Run]]], title: str) -> str:
+    """Every run's validation curve over step and over train time, one color per side, against the targets: the
+    plot of ``compare`` and of ``reproduce``'s report (a standalone SVG file)."""
+    legend = [(f"{name}: {len(runs)} run(s)", COLORS[i]) for i, (name, runs) in enumerate(sides)]
+    targets = sorted({r.facts["target_val_loss"] for _, runs in sides for r in runs} - {None})
+    plots = [svg_plot([(run.run_id, _curve(run, x), "line", COLORS[i]) for i, (_, runs) in enumerate(sides)
+                       for run in runs], x_label, "val loss", targets, legend=legend)
+             for x, x_label in (("step", "step"), ("time", "train time (s)"))]
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * WIDTH}" height="{HEIGHT + 24}">'
+            f'<text x="{WIDTH}" y="16" text-anchor="middle">{_text(title)}</text>'
+            + "".join(plot.replace("<svg ", f'<svg x="{i * WIDTH}" y="24" ', 1) for i, plot in enumerate(plots))
+            + "</svg>\n")
+
+
+def svg_plot(series, x_label: str, y_label: str, targets=(), log_y: bool = False, x_ticks=None, legend=()) -> str:
+    """An SVG plot of ``series`` [(name, [(x, y), ...], "line" | "steps" | "points", color)], with dashed target
+    lines and a ``legend`` [(text, color)]; y values of a log plot are log10."""
+    xs = [x for _, points, _, _ in series for x, _ in points] or [0.0]
+    ys = [y for _, points, _, _ in series for _, y in points] + list(targets) or [0.0]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
     pad = 0.05 * (y1 - y0)
@@ -173,12 +194,11 @@ def _svg(series, x_label: str, y_label: str, target: float | None = None, log_y:
         out.append(f'<text x="{MARGIN - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{label}</text>')
     for x, label in x_ticks or [(x0, f"{x0:g}"), (x1, f"{x1:g}")]:
         out.append(f'<text x="{px(x):.1f}" y="{HEIGHT - MARGIN + 14}" text-anchor="middle">{_text(label)}</text>')
-    if target is not None:
-        out.append(f'<line class="target" x1="{MARGIN}" y1="{py(target):.1f}" x2="{WIDTH - MARGIN / 2}" '
-                   f'y2="{py(target):.1f}" stroke="#555" stroke-dasharray="5 4"><title>target {target:.4f}'
-                   "</title></line>")
-    for k, (name, points, kind) in enumerate(series):
-        color = COLORS[k % len(COLORS)]
+    out += [f'<line class="target" x1="{MARGIN}" y1="{py(t):.1f}" x2="{WIDTH - MARGIN / 2}" y2="{py(t):.1f}" '
+            f'stroke="#555" stroke-dasharray="5 4"><title>target {t:.4f}</title></line>' for t in targets]
+    out += [f'<text x="{WIDTH - MARGIN / 2}" y="{MARGIN / 2 + 14 * k}" text-anchor="end" fill="{color}">'
+            f"{_text(text)}</text>" for k, (text, color) in enumerate(legend)]
+    for name, points, kind, color in series:
         if kind == "points":
             out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}" fill-opacity="0.5"/>'
                     for x, y in points]

@@ -1,4 +1,5 @@
-"""``speedrun reproduce RECORD [--runs N]``: re-run a record's code as it was, here, and compare.
+"""``reproduce RECORD [--runs N]`` (``speedrun reproduce``, ``leaderboard.py reproduce``): re-run a record's
+code as it was, here, and compare.
 
 1. The record is checked like ``leaderboard.py check`` does; its code is the snapshot in its run logs, every
    file verified against its sha256.
@@ -8,7 +9,7 @@
 3. ``python -m speedrun.cli train`` runs there N times with the record's preset and options (steps, validation
    cadence, sequence length, validation tokens, kernels, compile, device; seeds from the record's runs), writing
    its logs into the report folder.
-4. The report (``report.md`` + ``report.png``) puts the times side by side with their ratio and its 95% interval,
+4. The report (``report.md`` + ``report.svg``) puts the times side by side with their ratio and its 95% interval,
    runs the loss test on the new runs, overlays the curves, and lists every difference in environment, config and
    data. It says whether the new runs' code hash equals the record's, and if not, which files differ.
 
@@ -18,7 +19,6 @@ interrupted reproduction keeps its finished runs' logs in the ``.partial`` folde
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import os
@@ -30,12 +30,12 @@ import tempfile
 from pathlib import Path
 
 from speedrun import REPO_ROOT
-from speedrun.args import positive_int
 from speedrun.config import get_preset
 from speedrun.data.shards import atomic_write_text
 from speedrun.errors import UserError
 from speedrun.records.check import RECORDS_DIR, Record, find_record
-from speedrun.records.compare import comparison_lines, curves_png, describe, differences
+from speedrun.records.compare import comparison_lines, describe, differences
+from speedrun.records.page import comparison_svg
 from speedrun.records.runlog import Run, check_run, load_run
 from speedrun.records.stats import MIN_ML_RUNS, SIGNIFICANCE_LEVEL, loss_p_value
 
@@ -226,9 +226,9 @@ def reproduce(record_spec: str, runs: int = 3, out: Path | None = None, records_
     shown = ["<seed>" if flag == "--seed" else "<report folder>/runs" if flag == "--log-dir" else arg
              for flag, arg in zip(["", *command], command, strict=False)]
     atomic_write_text(partial / "report.md", report_markdown(record, reference, new_runs, failures, checkout_note,
-                                                             shown, "report.png"))
-    curves_png([("record", record.runs), ("reproduction", new_runs)], partial / "report.png",
-               f"reproduction of {record.label}")
+                                                             shown, "report.svg"))
+    atomic_write_text(partial / "report.svg", comparison_svg([("record", record.runs), ("reproduction", new_runs)],
+                                                            f"reproduction of {record.label}"))
     os.rename(partial, out)
     return out, not failures
 
@@ -240,31 +240,3 @@ def ask_on_terminal(text: str) -> bool:
         print("reproduce: no terminal to confirm on; pass --yes to run it", file=sys.stderr)
         return False
     return input("Run it? [y/N] ").strip().lower() in ("y", "yes")
-
-
-def reproduce_main(argv: list[str] | None = None, prog: str = "speedrun reproduce") -> int:
-    """``speedrun reproduce``'s command line; returns the exit code."""
-    parser = argparse.ArgumentParser(prog=prog, description="Re-run a record's logged code on this machine and "
-                                     "compare with the record.")
-    parser.add_argument("record", metavar="RECORD", help="a record folder, or <track>/<folder> inside records/")
-    parser.add_argument("--runs", type=positive_int, default=3, help="how many times to run it (default 3)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="report folder (default: logs/reproduce/<track>__<record>__<UTC time>)")
-    parser.add_argument("--records", type=Path, default=RECORDS_DIR, metavar="DIR",
-                        help="the records folder (default: records/ of this repository)")
-    parser.add_argument("--nproc", type=positive_int, default=None,
-                        help="processes (GPUs) per run (default: the record's, capped to the visible GPUs)")
-    parser.add_argument("--yes", action="store_true",
-                        help="run the record's logged code without asking (it runs with your permissions)")
-    args = parser.parse_args(argv)
-    try:
-        out, all_valid = reproduce(args.record, runs=args.runs, out=args.out, records_dir=args.records,
-                                   processes=args.nproc, confirm=None if args.yes else ask_on_terminal)
-    except UserError as e:
-        print(e)
-        print("reproduce: refused", file=sys.stderr)
-        return 1
-    print(f"reproduce: report in {out / 'report.md'} (plot {out / 'report.png'})")
-    if not all_valid:
-        print("reproduce: some runs did not write a valid log (see the report)", file=sys.stderr)
-    return 0 if all_valid else 1

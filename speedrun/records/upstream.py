@@ -9,9 +9,8 @@ versions, the ``nvidia-smi`` table, another ``=`` line, then the step lines::
     step:1385/1385 val_loss:3.2792 train_time:178752ms step_avg:130.00ms
 
 (Older scripts restart the clock after their first steps, so training lines' times may jump back once; the
-validation lines never do.) The import keeps the original file next to the JSON it derives from it
-(``<name>.txt`` + ``<name>.json``, marked ``"source": "upstream"``); ``check`` derives the JSON again from the
-file, so an imported number is as verifiable as one of ours.
+validation lines never do.) The log is the one truth: the import checks it and copies it, unchanged, into
+``records/upstream/``, and every reader (``check``, ``build``, ``compare``) derives the run from it again.
 """
 
 from __future__ import annotations
@@ -24,21 +23,10 @@ import math
 import re
 from pathlib import Path
 
-from speedrun.data.shards import atomic_write_bytes, atomic_write_text
-from speedrun.records.runlog import (
-    RUN_ID_PATTERN,
-    LogFormatError,
-    Run,
-    StepLine,
-    canonical_json,
-    code_hash,
-    read_json_object,
-    read_text,
-    unprintable,
-)
+from speedrun.data.shards import atomic_write_bytes
+from speedrun.records.runlog import RUN_ID_PATTERN, LogFormatError, Run, StepLine, code_hash, read_text, unprintable
 from speedrun.tracks import TRACKS
 
-UPSTREAM_SCHEMA_VERSION = 1
 HISTORY_NAME, HISTORY_COLUMNS = "history.csv", ["number", "date", "minutes", "title", "source"]
 HISTORY_SOURCE = "the README of github.com/KellerJordan/modded-nanogpt"
 UPSTREAM_CODE_NAME = "train_gpt.py"  # the script logs its own source
@@ -56,7 +44,7 @@ def _is_header(line: str) -> bool:
     return any(p.match(line) for p in (PYTHON_PATTERN, TORCH_PATTERN, GPU_ROW_PATTERN))
 
 
-def upstream_facts(text: str, name: str, raw: bytes) -> dict:
+def upstream_facts(text: str, name: str) -> dict:
     """The run facts of a modded-nanogpt log; raises LogFormatError with the 1-based line of a problem."""
     lines = [line.rstrip("\r") for line in text.split("\n")]
     separators = [i for i, line in enumerate(lines) if SEPARATOR.match(line)]
@@ -116,7 +104,7 @@ def upstream_facts(text: str, name: str, raw: bytes) -> dict:
     finished, target = curve[-1]["step"] == num_steps, UPSTREAM_TRACK.target()
     on_track = len(gpus) == UPSTREAM_TRACK.gpu_count and UPSTREAM_TRACK.gpu_model in (gpu_name or "")
     return {
-        "schema_version": UPSTREAM_SCHEMA_VERSION, "source": "upstream", "run_id": Path(name).stem,
+        "run_id": Path(name).stem,
         "status": ("success" if curve[-1]["val_loss"] <= target else "not_converged") if finished else "incomplete",
         # the track whose hardware and target the run matches (its data and val tokens are the public script's)
         "track": UPSTREAM_TRACK.name if on_track else None, "target_val_loss": target,
@@ -125,7 +113,7 @@ def upstream_facts(text: str, name: str, raw: bytes) -> dict:
                 "gpu_count": len(gpus), "nvidia_smi": "\n".join(smi) or None},
         "val_curve": curve, "final_val_loss": curve[-1]["val_loss"] if finished else None,
         "train_time_ms": curve[-1]["train_time_ms"] if finished else None, "steps_done": curve[-1]["step"],
-        "num_steps": num_steps, "upstream": {"file": name, "sha256": hashlib.sha256(raw).hexdigest()},
+        "num_steps": num_steps, "file": name,
     }
 
 
@@ -142,13 +130,13 @@ def read_upstream_log(path: Path, label: str | None = None) -> tuple[Run | None,
     if problem:
         return None, problem
     try:
-        return as_run(upstream_facts(text, path.name, text.encode()), label), None
+        return as_run(upstream_facts(text, path.name), label), None
     except LogFormatError as e:
         return None, f"{label}:{e.lineno}: {e}"
 
 
 def import_upstream(paths: list[Path], out_dir: Path) -> tuple[list[str], list[str]]:
-    """Import every log, or none: (messages, problems); nothing is written when any log is bad."""
+    """Copy every log into ``out_dir``, or none: (messages, problems); nothing is written when any log is bad."""
     problems, planned = [], []
     for path in paths:
         if not RUN_ID_PATTERN.match(path.stem) or path.suffix != ".txt":
@@ -158,40 +146,21 @@ def import_upstream(paths: list[Path], out_dir: Path) -> tuple[list[str], list[s
         elif (out_dir / path.name).exists() and (out_dir / path.name).read_bytes() != path.read_bytes():
             problems.append(f"{path}: {out_dir / path.name} already exists with different content; not overwritten")
         else:
-            planned.append((path, result[0].facts))
+            planned.append((path, result[0]))
     if problems:
         return [], problems
     messages = []
-    for path, facts in planned:
-        target, json_path = out_dir / path.name, (out_dir / path.name).with_suffix(".json")
-        if target.exists() and json_path.exists():
+    for path, run in planned:
+        facts, target = run.facts, out_dir / path.name
+        if target.exists():
             messages.append(f"{path}: already imported as {target}")
             continue
         atomic_write_bytes(target, path.read_bytes())
-        atomic_write_text(json_path, canonical_json(facts) + "\n")
-        result = (f"final val_loss {facts['final_val_loss']:.4f} at {facts['train_time_ms'] / 1000:.3f} s"
-                  if facts["final_val_loss"] is not None else f"incomplete: stops at step {facts['steps_done']}")
-        messages.append(f"{path}: imported as {json_path} ({result}, {facts['env']['gpu_count']}x "
+        result = (f"final val_loss {run.final_val_loss:.4f} at {run.train_time_ms / 1000:.3f} s" if run.finished
+                  else f"incomplete: stops at step {facts['steps_done']}")
+        messages.append(f"{path}: imported as {target} ({result}, {facts['env']['gpu_count']}x "
                         f"{facts['env']['gpu_name']})")
     return messages, []
-
-
-def load_upstream_json(json_path: Path, label: str | None = None) -> tuple[Run | None, list[str]]:
-    """An imported run, derived again from its saved log: (run, problems)."""
-    label = label or str(json_path)
-    txt_label = label[:-5] + ".txt" if label.endswith(".json") else str(json_path.with_suffix(".txt"))
-    stored, problem = read_json_object(json_path, label)
-    if problem:
-        return None, [problem]
-    if not json_path.with_suffix(".txt").is_file():
-        return None, [f"{txt_label}: missing (an imported run keeps its original log)"]
-    run, problem = read_upstream_log(json_path.with_suffix(".txt"), txt_label)
-    if problem:
-        return None, [problem]
-    if stored != run.facts:
-        differing = sorted(k for k in set(run.facts) | set(stored) if run.facts.get(k) != stored.get(k))
-        return None, [f"{label}: differs from what {txt_label} says in {', '.join(differing)} (re-import it)"]
-    return run, []
 
 
 def read_history(path: Path, where: str) -> tuple[list[dict], list[str]]:
@@ -220,21 +189,19 @@ def read_history(path: Path, where: str) -> tuple[list[dict], list[str]]:
 
 
 def check_upstream_dir(folder: Path) -> tuple[list[Run], list[dict], list[str]]:
-    """Every imported run in ``folder``, derived again from its log, and the public record history: (the valid
-    runs, the history, problems)."""
+    """Every imported log in ``folder`` read again, and the public record history: (the valid runs, the
+    history, problems)."""
     runs, history, problems = [], [], []
-    names = {e.name for e in folder.iterdir()}
     for entry in sorted(folder.iterdir()):
         where = f"records/{folder.name}/{entry.name}"
-        if entry.name == HISTORY_NAME and entry.is_file() and not entry.is_symlink():
+        if entry.is_symlink() or not entry.is_file() or (entry.suffix != ".txt" and entry.name != HISTORY_NAME):
+            problems.append(f"{where}: unexpected entry (records/{folder.name}/ holds imported <name>.txt logs and "
+                            f"{HISTORY_NAME})")
+        elif entry.name == HISTORY_NAME:
             history, history_problems = read_history(entry, where)
             problems += history_problems
-        elif entry.is_symlink() or not entry.is_file() or entry.suffix not in (".txt", ".json"):
-            problems.append(f"{where}: unexpected entry (imported logs are <name>.txt + <name>.json files)")
-        elif entry.suffix == ".txt" and entry.with_suffix(".json").name not in names:
-            problems.append(f"{where}: no {entry.stem}.json beside it (run import-upstream on it)")
-        elif entry.suffix == ".json":
-            run, run_problems = load_upstream_json(entry, where)
-            problems += run_problems
+        else:
+            run, problem = read_upstream_log(entry, where)
+            problems += [problem] if problem else []
             runs += [run] if run else []
     return runs, history, problems
