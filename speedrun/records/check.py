@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,10 @@ class RecordStats:
 
     def __post_init__(self):
         self.runs_finished = len(self.times_ms)
-        self.mean_time_ms, self.time_sd_ms = stats.mean_and_sd(self.times_ms) if self.times_ms else (None, None)
+        self.mean_time_ms = statistics.fmean(self.times_ms) if self.times_ms else None
+        self.time_sd_ms = stats.sd(self.times_ms) if len(self.times_ms) > 1 else None
         self.time_ci95_ms = stats.mean_ci95(self.times_ms)
-        self.mean_loss = stats.mean_and_sd(self.losses)[0] if self.losses else None
+        self.mean_loss = statistics.fmean(self.losses) if self.losses else None
 
 
 @dataclass
@@ -185,20 +187,16 @@ def _run_ids(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
     return [s for s in sorted(stems) if f"{s}.txt" in regular and f"{s}.json" in regular], problems
 
 
-def load_record(folder: Path, record_path: str, today: datetime.date | None = None, keep_sources: bool = False,
-                loss_test: bool = True) -> Record:
-    """Read a record folder and run every check that needs only this record (``loss_test=False``: all but the
-    loss test, which check_tree runs for all records at once). Unreadable files are problems, not crashes."""
+def load_record(folder: Path, record_path: str, today: datetime.date | None = None, keep_sources: bool = False
+                ) -> Record:
+    """Read a record folder and run every check that needs only this record but the loss test (test_losses runs
+    it for many records at once). Unreadable files are problems, not crashes."""
     record = Record(path=record_path, folder=folder)
     try:
         _load_record(record, today or today_utc(), keep_sources)
     except (OSError, RecursionError, UnicodeError) as e:
         what = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
         return Record(path=record_path, folder=folder, problems=[f"{record.label}: cannot be read ({what})"])
-    if loss_test and record.stats is not None:
-        record.stats.p_value = stats.loss_p_value(record.stats.losses, record.stats.target) if (
-            record.stats.target is not None) else None
-        check_outcome(record)
     return record
 
 
@@ -258,28 +256,33 @@ def _short(value) -> str:
     return text if len(text) <= 60 else f"config sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}…"
 
 
-def check_outcome(record: Record) -> None:
-    """The record reached the target: the loss test for ml records, the mean for systems records."""
+def test_losses(records: list[Record]) -> None:
+    """Every record reached the target: the loss test for ml records (one batched call), the mean for systems."""
+    tested = [r for r in records if r.stats is not None and r.stats.target is not None]
+    p_values = stats.loss_p_values([r.stats.losses for r in tested], [r.stats.target for r in tested])
+    for record, p in zip(tested, p_values, strict=True):
+        record.stats.p_value = p
+    for record in records:
+        if record.stats is not None and record.meta is not None and not record.problems:
+            record.problems += filter(None, [_outcome_problem(record)])
+
+
+def _outcome_problem(record: Record) -> str | None:
     s, label = record.stats, record.label
-    if record.meta is None or record.problems:
-        return
     if s.runs_finished == 0:
-        problem = f"{label}: no finished run (a run must validate at its last step to count)"
-    elif s.target is None:
-        problem = f"{label}: its runs have no single target loss"
-    elif record.meta["kind"] == "systems":
-        problem = (f"{label}: mean final val loss {s.mean_loss:.4f} over {s.runs_finished} runs is above the target "
-                   f"{s.target}") if s.mean_loss > s.target else None
-    elif s.runs_finished < stats.MIN_ML_RUNS:
-        problem = (f"{label}: an ml record needs at least {stats.MIN_ML_RUNS} finished runs for the loss test, it "
-                   f"has {s.runs_finished}")
-    elif not s.p_value < stats.SIGNIFICANCE_LEVEL:
-        problem = (f"{label}: fails the significance test: mean final val loss {s.mean_loss:.4f} over "
-                   f"{s.runs_finished} runs is not below the target {s.target} at p < {stats.SIGNIFICANCE_LEVEL} "
-                   f"(one-sided t-test p = {s.p_value:.4g})")
-    else:
-        problem = None
-    record.problems += [problem] if problem else []
+        return f"{label}: no finished run (a run must validate at its last step to count)"
+    if s.target is None:
+        return f"{label}: its runs have no single target loss"
+    if record.meta["kind"] == "systems":
+        return (f"{label}: mean final val loss {s.mean_loss:.4f} over {s.runs_finished} runs is above the target "
+                f"{s.target}") if s.mean_loss > s.target else None
+    if s.runs_finished < stats.MIN_ML_RUNS:
+        return (f"{label}: an ml record needs at least {stats.MIN_ML_RUNS} finished runs for the loss test, it "
+                f"has {s.runs_finished}")
+    return None if s.p_value < stats.SIGNIFICANCE_LEVEL else (
+        f"{label}: fails the significance test: mean final val loss {s.mean_loss:.4f} over {s.runs_finished} runs "
+        f"is not below the target {s.target} at p < {stats.SIGNIFICANCE_LEVEL} (one-sided t-test p = "
+        f"{s.p_value:.4g})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,14 +384,9 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     folders, problems, warnings = find_record_folders(root)
     if replace is not None:
         folders = sorted([(p, f) for p, f in folders if p != replace[0]] + [replace])
-    records = [load_record(folder, path, today, loss_test=False) for path, folder in folders]
-    tested = [r for r in records if r.stats is not None and r.stats.target is not None]
-    p_values = stats.loss_p_values([r.stats.losses for r in tested], [r.stats.target for r in tested])
-    for record, p in zip(tested, p_values, strict=True):
-        record.stats.p_value = p
+    records = [load_record(folder, path, today) for path, folder in folders]
+    test_losses(records)
     for record in records:
-        if record.stats is not None:
-            check_outcome(record)
         problems += record.problems
     problems += duplicate_problems(records) + beats_problems(records)
     upstream_dir, upstream, history = root / UPSTREAM_DIR_NAME, [], []
@@ -414,6 +412,7 @@ def find_record(spec: str, records_dir: Path = RECORDS_DIR, keep_sources: bool =
     except ValueError:
         record_path = f"{path.parent.name}/{path.name}"
     record = load_record(path, record_path, keep_sources=keep_sources)
+    test_losses([record])
     if record.problems:
         raise UserError("\n".join(record.problems))
     return record

@@ -39,7 +39,7 @@ SECTION = "====== {} ======"
 ENV_LINE, CONFIG_LINE, LOG_LINE, SUMMARY_LINE = (SECTION.format(s) for s in ("environment", "config", "log", "summary"))
 CODE_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(\d+) eol=(yes|no) ======$")
 CODE_HASH_LINE = re.compile(r"^====== code_sha256: ([0-9a-f]{64}) ======$")
-STEP_LINE = re.compile(r"^step:(\d+)/(\d+)(?: val_loss:(-?\d+\.\d{4}|nan|-?inf))? train_time:(\d+)ms "
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+)(?: val_loss:(\d+\.\d{4}|nan|inf))? train_time:(\d+)ms "
                        r"step_avg:(nan|\d+\.\d{2})ms$")
 SEED_LINE = re.compile(r'\n    "seed": -?\d+,(?=\n)')  # in the config section's "train" object (not its last key)
 STEP_LINES = re.compile(STEP_LINE.pattern, re.MULTILINE)  # every step line of a section, in one scan
@@ -276,16 +276,21 @@ def unprintable(text: str, allow_newlines: bool = False) -> str | None:
 
 
 def parse_json_object(text: str, first_lineno: int = 1) -> dict:
-    """A JSON object; raises LogFormatError (line 0 when no line can be named)."""
+    """A JSON object, strictly (no NaN or infinity: the writer writes none); raises LogFormatError (line 0 when no
+    line can be named)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as e:
         raise LogFormatError(first_lineno + e.lineno - 1, e.msg) from None
-    except RecursionError:
-        raise LogFormatError(0, "nested too deeply") from None
+    except (RecursionError, ValueError) as e:
+        raise LogFormatError(0, "nested too deeply" if isinstance(e, RecursionError) else str(e)) from None
     if not isinstance(value, dict):
         raise LogFormatError(first_lineno, "must hold a JSON object")
     return nulls_at_divergence(value)
+
+
+def _not_json(name: str):
+    raise ValueError(f"non-finite number {name} (strict JSON has none)")
 
 
 def at_line(where: str, error: LogFormatError) -> str:
@@ -344,29 +349,19 @@ def load_run(txt_path: Path, json_path: Path, label: str | None = None,
     if problems:
         return None, problems
     summary = log.summary_text
-    if summary is not None and json_text != summary + "\n":  # the JSON must be the summary: say how it is not
-        return None, [_summary_difference(json_text, summary, log.summary_start, label, json_label)]
     facts_text, at, start = (summary, label, log.summary_start) if summary is not None else (json_text, json_label, 1)
     try:
         facts = parse_json_object(facts_text, start)
+        if summary is not None and json_text != summary + "\n":  # the JSON must be the summary: say how it is not
+            at = json_label
+            stored = parse_json_object(json_text)
+            differing = sorted(k for k in set(stored) | set(facts) if json.dumps(stored.get(k), sort_keys=True) !=
+                               json.dumps(facts.get(k), sort_keys=True)) or ["layout"]
+            return None, [f"{json_label}: differs from the text log's summary section in {', '.join(differing)}"]
     except LogFormatError as e:
         return None, [f"{at_line(at, e)}: malformed JSON: {e}"]
     return Run(run_id=txt_path.stem, label=label, facts=facts, text=log, facts_text=facts_text,
                val_lines=[s for s in log.steps if s.val_loss is not None]), []
-
-
-def _summary_difference(json_text: str, summary: str, start: int, label: str, json_label: str) -> str:
-    try:
-        stored = parse_json_object(json_text)
-    except LogFormatError as e:
-        return f"{at_line(json_label, e)}: malformed JSON: {e}"
-    try:
-        written = parse_json_object(summary, start)
-    except LogFormatError as e:
-        return f"{at_line(label, e)}: malformed JSON in the summary section: {e}"
-    differing = sorted(k for k in set(stored) | set(written) if json.dumps(stored.get(k), sort_keys=True) !=
-                       json.dumps(written.get(k), sort_keys=True)) or ["layout"]
-    return f"{json_label}: differs from the text log's summary section in {', '.join(differing)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,34 +440,14 @@ def _config_problem(key: str) -> str | None:
     return None if complete else "config is missing RunConfig fields (it must be the full resolved config)"
 
 
-def _bad_numbers(value, path: str, allow_negative: bool, found: list) -> list[tuple[str, float]]:
-    """(path, value) of every NaN, infinite (and, unless allowed, negative) number inside ``value``."""
-    if type(value) is list and value and all(type(v) in NUM for v in value):  # losses: checked by C loops
-        if sum(value) - sum(value) == 0 and (allow_negative or min(value) >= 0):
-            return found
-    items = (value.items() if type(value) is dict else enumerate(value) if type(value) is list else [])
-    for key, item in items:
-        where = f"{path}[{key}]" if type(value) is list else f"{path}.{key}" if path else key
-        if type(item) in NUM and (item - item != 0 or (item < 0 and not allow_negative)):
-            found.append((where, item))
-        elif type(item) in (dict, list):
-            _bad_numbers(item, where, allow_negative, found)
-    return found
-
-
 def check_numbers(run: Run) -> list[str]:
-    """No NaN or infinity (but where a diverged run diverged), no negative measurement; the config (where
-    negative numbers are fine) is walked only when the facts spell a non-finite number."""
-    facts = run.facts
-    bad = _bad_numbers({k: v for k, v in facts.items() if k != "config"}, "", False, [])
-    if "NaN" in run.facts_text or "Infinity" in run.facts_text:
-        bad = _bad_numbers(facts["config"], "config", True, bad)
-    allowed = set()
-    if facts["status"] == "diverged":  # the losses at its divergence
-        allowed = {f"train_losses[{len(facts['train_losses']) - 1}]",
-                   f"val_curve[{len(facts['val_curve']) - 1}].val_loss"}
-    return [f"{run.json_label}: {'negative' if math.isfinite(v) else 'non-finite'} number {v} in {path}"
-            for path, v in bad if not (path in allowed and not math.isfinite(v))]
+    """No negative measurement: a time, a loss or a count is never below 0 (a non-finite number cannot be read:
+    strict JSON; the step lines' are checked with them)."""
+    facts, label = run.facts, run.json_label
+    problems = [f"{label}: negative number {v} in {k}" for k, v in facts.items() if type(v) in NUM and v < 0]
+    if (losses := facts["train_losses"]) and not min(losses) >= 0:  # (min is NaN only if the first loss is)
+        problems += [f"{label}: negative number {v} in train_losses[{i}]" for i, v in enumerate(losses) if v < 0]
+    return problems
 
 
 def check_code(run: Run) -> list[str]:

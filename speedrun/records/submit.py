@@ -28,6 +28,7 @@ from speedrun.records.check import (
     today_utc,
     valid_record_path,
 )
+from speedrun.records.runlog import read_text
 from speedrun.tracks import TRACKS
 
 
@@ -74,14 +75,8 @@ def request_problems(sub: Submission, records_dir: Path, today: datetime.date) -
         problems.append(f"slug {slug!r}: a record folder's slug is a-z, 0-9 and '-' (pass --slug)")
     if sub.beats is not None and not valid_record_path(sub.beats_path):
         problems.append(f"--beats {sub.beats!r}: not a record path like '<track>/<YYYY-MM-DD>_<slug>'")
-    if sub.readme is not None:
-        try:
-            sub.readme.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(f"--readme {sub.readme}: not UTF-8 text ({e.reason} at byte {e.start})")
-        except OSError as e:
-            problems.append(f"--readme {sub.readme}: " + ("no such file" if isinstance(e, FileNotFoundError)
-                                                          else f"cannot be read ({e.strerror or e})"))
+    if sub.readme is not None and (problem := read_text(sub.readme, f"--readme {sub.readme}")[1]):
+        problems.append(problem)
     record_path = f"{sub.track}/{(date or today).isoformat()}_{slug}"
     if not problems and (records_dir / record_path).exists():
         problems.append(f"records/{record_path}: already exists (choose another --slug)")
@@ -106,7 +101,7 @@ def run_log_pairs(logs: list[Path]) -> tuple[dict[str, tuple[Path, Path]], list[
 
 def readme_text(sub: Submission, meta: dict) -> str:
     if sub.readme is not None:
-        return sub.readme.read_text(encoding="utf-8")
+        return read_text(sub.readme, "")[0]
     beats = f" · beats [{meta['beats']}](../../{meta['beats']})" if meta["beats"] else ""
     return (f"# {meta['title']}\n\n{', '.join(meta['authors'])} · {meta['date']} · track `{meta['track']}` · "
             f"{meta['kind']} change{beats}\n\n{meta['description'].strip()}\n\n"
