@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -78,9 +79,8 @@ def cmd_build(args) -> int:
 def cmd_submit(args) -> int:
     from speedrun.records.submit import Submission, submit
 
-    folder = submit(Submission(logs=args.logs, track=args.track, title=args.title, authors=args.authors,
-                               kind=args.kind, beats=args.beats, date=args.date, description=args.description,
-                               readme=args.readme, slug=args.slug), args.records)
+    folder = submit(Submission(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Submission)}),
+                    args.records)
     print(f"submitted {folder}; run `python leaderboard.py build` to update the leaderboard")
     return 0
 
@@ -104,10 +104,7 @@ def cmd_compare(args) -> int:
 def cmd_import_upstream(args) -> int:
     from speedrun.records.upstream import import_upstream
 
-    messages, problems = import_upstream(args.logs, args.out or args.records / UPSTREAM_DIR_NAME)
-    if problems:
-        raise UserError("\n".join(problems))
-    print("\n".join(messages))
+    print("\n".join(import_upstream(args.logs, args.out or args.records / UPSTREAM_DIR_NAME)))
     return 0
 
 

@@ -22,7 +22,7 @@ MIN_BEATS_RUNS = 3  # ... with at least this many finished runs on each side
 
 
 def sd(values: list[float]) -> float:
-    """The sample standard deviation, 2+ values (math.fsum: as exact as statistics.stdev, 25x faster)."""
+    """The sample standard deviation of 2+ values (math.fsum sums; statistics.stdev is exact but 25x slower)."""
     mean = math.fsum(values) / len(values)
     return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 

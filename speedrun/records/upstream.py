@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from speedrun.data.shards import atomic_write_bytes
+from speedrun.errors import UserError
 from speedrun.records.runlog import RUN_ID_PATTERN, LogFormatError, Run, StepLine, code_hash, read_text, unprintable
 from speedrun.tracks import TRACKS
 
@@ -135,8 +136,9 @@ def read_upstream_log(path: Path, label: str | None = None) -> tuple[Run | None,
         return None, f"{label}:{e.lineno}: {e}"
 
 
-def import_upstream(paths: list[Path], out_dir: Path) -> tuple[list[str], list[str]]:
-    """Copy every log into ``out_dir``, or none: (messages, problems); nothing is written when any log is bad."""
+def import_upstream(paths: list[Path], out_dir: Path) -> list[str]:
+    """Copy every log into ``out_dir``, or none; returns what was done. Raises UserError (nothing is written)
+    when any log is bad."""
     problems, planned = [], []
     for path in paths:
         if not RUN_ID_PATTERN.match(path.stem) or path.suffix != ".txt":
@@ -148,7 +150,7 @@ def import_upstream(paths: list[Path], out_dir: Path) -> tuple[list[str], list[s
         else:
             planned.append((path, result[0]))
     if problems:
-        return [], problems
+        raise UserError("\n".join(problems))
     messages = []
     for path, run in planned:
         facts, target = run.facts, out_dir / path.name
@@ -160,7 +162,7 @@ def import_upstream(paths: list[Path], out_dir: Path) -> tuple[list[str], list[s
                   else f"incomplete: stops at step {facts['steps_done']}")
         messages.append(f"{path}: imported as {target} ({result}, {facts['env']['gpu_count']}x "
                         f"{facts['env']['gpu_name']})")
-    return messages, []
+    return messages
 
 
 def read_history(path: Path, where: str) -> tuple[list[dict], list[str]]:
