@@ -879,8 +879,11 @@ def test_the_page_sorts_and_draws_in_a_browser(records, tmp_path):
     page = (records / "index.html").read_text()
     clicks = "<script>const th = document.querySelectorAll('th')[1]; th.click(); th.click();</script></body>"
     (tmp_path / "page.html").write_text(page.replace("</body>", clicks))  # time: ascending, then descending
-    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          (tmp_path / "page.html").as_uri()], capture_output=True, text=True, timeout=120)
+    # no network here: nothing in the background tries to reach one; a fresh profile each time
+    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (tmp_path / "page.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
     dom = out.stdout
     assert 'aria-sort="descending"' in dom
     assert dom.index("2025-01-01_first</a>") < dom.index("2025-02-01_faster</a>")  # slower first now

@@ -159,7 +159,8 @@ def comparison_svg(sides: list[tuple[str, list[Run]]], title: str) -> str:
     plots = [svg_plot([(run.run_id, _curve(run, x), "line", COLORS[i]) for i, (_, runs) in enumerate(sides)
                        for run in runs], x_label, "val loss", targets, legend=legend)
              for x, x_label in (("step", "step"), ("time", "train time (s)"))]
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * WIDTH}" height="{HEIGHT + 24}">'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * WIDTH}" height="{HEIGHT + 24}" '
+            'font-family="system-ui, sans-serif" font-size="12">'
             f'<text x="{WIDTH}" y="16" text-anchor="middle">{_text(title)}</text>'
             + "".join(plot.replace("<svg ", f'<svg x="{i * WIDTH}" y="24" ', 1) for i, plot in enumerate(plots))
             + "</svg>\n")
