@@ -275,11 +275,18 @@ def unprintable(text: str, allow_newlines: bool = False) -> str | None:
     return None
 
 
+def _not_json(name: str):
+    raise ValueError(f"non-finite number {name} (strict JSON has none)")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)  # NaN, Infinity and -Infinity are not JSON
+
+
 def parse_json_object(text: str, first_lineno: int = 1) -> dict:
     """A JSON object, strictly (no NaN or infinity: the writer writes none); raises LogFormatError (line 0 when no
     line can be named)."""
     try:
-        value = json.loads(text, parse_constant=_not_json)
+        value = STRICT_JSON.decode(text)
     except json.JSONDecodeError as e:
         raise LogFormatError(first_lineno + e.lineno - 1, e.msg) from None
     except (RecursionError, ValueError) as e:
@@ -287,10 +294,6 @@ def parse_json_object(text: str, first_lineno: int = 1) -> dict:
     if not isinstance(value, dict):
         raise LogFormatError(first_lineno, "must hold a JSON object")
     return nulls_at_divergence(value)
-
-
-def _not_json(name: str):
-    raise ValueError(f"non-finite number {name} (strict JSON has none)")
 
 
 def at_line(where: str, error: LogFormatError) -> str:
