@@ -160,31 +160,27 @@ def check_meta(meta: dict, record_path: str, today: datetime.date) -> list[str]:
     return problems
 
 
-def list_entries(folder: Path) -> list[os.DirEntry]:
-    """A folder's entries by name (``os.scandir``: type checks without a stat per file)."""
+def scan(folder: Path, label: str) -> tuple[dict[str, os.DirEntry], list[str]]:
+    """A folder's entries by name (``os.scandir``: types without a stat per file) but its symbolic links, which are
+    problems: everything under records/ is a plain file or folder."""
     with os.scandir(folder) as entries:
-        return sorted(entries, key=lambda e: e.name)
+        entries = sorted(entries, key=lambda e: e.name)
+    return ({e.name: e for e in entries if not e.is_symlink()},
+            [f"{label}/{e.name}: is a symbolic link (records/ holds plain files and folders only)" for e in entries
+             if e.is_symlink()])
 
 
 def _run_ids(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
     """Run ids with a regular .txt and .json file in runs/ (nothing else is opened: a FIFO would block), and
     problems with the entries."""
-    problems, regular, stems, present = [], set(), set(), set()
-    for entry in list_entries(runs_dir):
-        present.add(entry.name)
-        stem, dot, suffix = entry.name.rpartition(".")
-        if dot and suffix in ("txt", "json"):
-            stems.add(stem)
-        if entry.is_symlink():
-            problems.append(f"{label}/runs/{entry.name}: is a symbolic link (a record holds plain files only)")
-        elif not entry.is_file(follow_symlinks=False) or not dot or suffix not in ("txt", "json"):
-            problems.append(f"{label}/runs/{entry.name}: unexpected entry (runs/ holds <run_id>.txt and "
-                            "<run_id>.json files only)")
-        else:
-            regular.add(entry.name)
-    problems += [f"{label}/runs/{name}: missing (every run needs its .txt and .json log)"
-                 for stem in sorted(stems) for name in (f"{stem}.txt", f"{stem}.json") if name not in present]
-    return [s for s in sorted(stems) if f"{s}.txt" in regular and f"{s}.json" in regular], problems
+    entries, problems = scan(runs_dir, label)
+    logs = {n for n, e in entries.items() if n.endswith((".txt", ".json")) and e.is_file(follow_symlinks=False)}
+    problems += [f"{label}/{n}: unexpected entry (runs/ holds <run_id>.txt and <run_id>.json files only)"
+                 for n in entries if n not in logs]
+    stems = sorted({n.rpartition(".")[0] for n in entries if n.endswith((".txt", ".json"))})
+    problems += [f"{label}/{n}: missing (every run needs its .txt and .json log)" for stem in stems
+                 for n in (f"{stem}.txt", f"{stem}.json") if n not in entries and not (runs_dir / n).is_symlink()]
+    return [s for s in stems if f"{s}.txt" in logs and f"{s}.json" in logs], problems
 
 
 def load_record(folder: Path, record_path: str, today: datetime.date | None = None, keep_sources: bool = False
@@ -202,9 +198,7 @@ def load_record(folder: Path, record_path: str, today: datetime.date | None = No
 
 def _load_record(record: Record, today: datetime.date, keep_sources: bool) -> None:
     label = record.label
-    entries = {e.name: e for e in list_entries(record.folder)}
-    record.problems += [f"{label}/{n}: is a symbolic link (a record holds plain files only)"
-                        for n, e in entries.items() if e.is_symlink()]
+    entries, record.problems = scan(record.folder, label)
     where = f"{label}/record.json"
     if "record.json" not in entries or not entries["record.json"].is_file(follow_symlinks=False):
         # a folder or a FIFO (a read would block) is not opened
@@ -216,10 +210,10 @@ def _load_record(record: Record, today: datetime.date, keep_sources: bool) -> No
         record.problems += check_meta(record.meta, record.path, today)
     if "README.md" not in entries or not entries["README.md"].is_file():
         record.problems.append(f"{label}/README.md: missing (the author's write-up)")
-    if "runs" not in entries or entries["runs"].is_symlink() or not entries["runs"].is_dir():
+    if "runs" not in entries or not entries["runs"].is_dir():
         return record.problems.append(f"{label}/runs: missing (the folder of every run's logs)")
     runs_dir = record.folder / "runs"
-    run_ids, problems = _run_ids(runs_dir, label)
+    run_ids, problems = _run_ids(runs_dir, f"{label}/runs")
     record.problems += problems or ([] if run_ids else [f"{label}/runs: no run logs"])
     for run_id in run_ids:
         run, problems = load_run(runs_dir / f"{run_id}.txt", runs_dir / f"{run_id}.json",
@@ -292,29 +286,29 @@ def _outcome_problem(record: Record) -> str | None:
 
 def find_record_folders(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[str]]:
     """(record path, folder) of every record under ``root``, problems with the layout, and warnings."""
-    found, problems, warnings = [], [], []
     if not root.is_dir():
-        return found, [f"{root}: no records folder"], warnings
-    for track_dir in list_entries(root):
-        name = track_dir.name
-        if track_dir.is_symlink():
-            problems.append(f"records/{name}: is a symbolic link (records/ holds plain files and folders only)")
-        elif not track_dir.is_dir():
-            if name not in GENERATED_FILES:
-                problems.append(f"records/{name}: unexpected file (records/ holds one folder per track)")
+        return [], [f"{root}: no records folder"], []
+    found, warnings = [], []
+    tracks, problems = scan(root, "records")
+    for name, entry in tracks.items():
+        if not entry.is_dir():
+            problems += [] if name in GENERATED_FILES else [
+                f"records/{name}: unexpected file (records/ holds one folder per track)"]
         elif name not in TRACKS and name != UPSTREAM_DIR_NAME and not name.startswith(TEMP_PREFIX):
             problems.append(f"records/{name}: unknown track {name!r} (known: {', '.join(TRACKS)})")
         elif name in TRACKS:
-            for folder in list_entries(Path(track_dir.path)):
-                where = f"records/{name}/{folder.name}"
-                if folder.name.startswith(TEMP_PREFIX):
+            folders, links = scan(Path(entry.path), f"records/{name}")
+            problems += links
+            for folder_name, folder in folders.items():
+                where = f"records/{name}/{folder_name}"
+                if folder_name.startswith(TEMP_PREFIX):
                     warnings.append(f"{where}: leftover temp folder of an interrupted submit; not a record, remove it")
-                elif folder.is_symlink() or not folder.is_dir():
+                elif not folder.is_dir():
                     problems.append(f"{where}: unexpected entry (a track folder holds record folders only)")
-                elif not RECORD_FOLDER_PATTERN.match(folder.name):
+                elif not RECORD_FOLDER_PATTERN.match(folder_name):
                     problems.append(f"{where}: a record folder is named <YYYY-MM-DD>_<slug> (slug: a-z 0-9 -)")
                 else:
-                    found.append((f"{name}/{folder.name}", Path(folder.path)))
+                    found.append((f"{name}/{folder_name}", Path(folder.path)))
     return found, problems, warnings
 
 
@@ -390,9 +384,7 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
         problems += record.problems
     problems += duplicate_problems(records) + beats_problems(records)
     upstream_dir, upstream, history = root / UPSTREAM_DIR_NAME, [], []
-    if upstream_dir.is_symlink():
-        problems.append(f"records/{UPSTREAM_DIR_NAME}: is a symbolic link")
-    elif upstream_dir.is_dir():
+    if upstream_dir.is_dir() and not upstream_dir.is_symlink():  # (find_record_folders reports a link)
         upstream, history, upstream_problems = check_upstream_dir(upstream_dir)
         problems += upstream_problems
     return CheckResult(records, problems, warnings, upstream, history)
