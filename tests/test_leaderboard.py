@@ -251,11 +251,12 @@ def test_rejects_an_incomplete_config(records):
 
 def test_rejects_nan_inf_and_negative_numbers(records):
     folder = make(records)
-    edit_run_facts(folder / "runs/f0.txt", lambda f: f.update(peak_memory_mib=-3.0))
+    edit_run_facts(folder / "runs/f0.txt", lambda f: (f.update(peak_memory_mib=-3.0), f["env"].update(cpu_count=-2)))
     edit_run_facts(folder / "runs/f1.txt", lambda f: f.update(tokens_per_second=float("inf")))
     edit_run_facts(folder / "runs/f2.txt", lambda f: f["train_losses"].__setitem__(3, -0.5))
     lineno, line = step_line(folder / "runs/f2.txt", "step:10/20 val_loss:")
     assert_one_problem_like(records, "runs/f0.json: negative number -3.0 in peak_memory_mib")
+    assert_one_problem_like(records, "runs/f0.json: negative number -2 in env.cpu_count")
     assert_one_problem_like(records, "runs/f1.txt: malformed JSON: non-finite number Infinity (strict JSON has none)")
     assert_one_problem_like(records, "runs/f2.json: negative number -0.5 in train_losses[3]")
     edit(folder / "runs/f2.txt", line, line.replace("val_loss:", "val_loss:-"))

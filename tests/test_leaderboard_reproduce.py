@@ -171,3 +171,14 @@ def test_the_cpu_tracks_data_identity_and_a_forged_floor(tiny_track_run, tmp_pat
     assert train_mod.track_of_run(cfg, forged, manifest) == (track, True, 4.6117)
     other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_tokens=65536))  # not the track's
     assert train_mod.track_of_run(other, forged, manifest)[1] is False
+
+
+def test_speedrun_reproduce_is_the_leaderboards_reproduce(tmp_path, capsys):
+    from speedrun.cli import main
+
+    assert main(["reproduce", str(tmp_path / "nothing"), "--yes"]) == 1
+    out, err = capsys.readouterr()
+    assert "nothing: not a record folder (no record.json)" in out and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    assert capsys.readouterr().out.startswith("usage: speedrun reproduce ")

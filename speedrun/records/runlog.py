@@ -447,7 +447,8 @@ def check_numbers(run: Run) -> list[str]:
     """No negative measurement: a time, a loss or a count is never below 0 (a non-finite number cannot be read:
     strict JSON; the step lines' are checked with them)."""
     facts, label = run.facts, run.json_label
-    problems = [f"{label}: negative number {v} in {k}" for k, v in facts.items() if type(v) in NUM and v < 0]
+    fields = [*facts.items(), *((f"{name}.{k}", v) for name in ("data", "env") for k, v in facts[name].items())]
+    problems = [f"{label}: negative number {v} in {k}" for k, v in fields if type(v) in NUM and v < 0]
     if (losses := facts["train_losses"]) and not min(losses) >= 0:  # (min is NaN only if the first loss is)
         problems += [f"{label}: negative number {v} in train_losses[{i}]" for i, v in enumerate(losses) if v < 0]
     return problems
