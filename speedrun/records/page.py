@@ -140,14 +140,14 @@ def progression_svg(records: list[Record]) -> str:
 
 
 def _curves_svg(record: Record) -> str:
-    series = [(run.run_id, _curve(run, "step"), "line", COLORS[k % len(COLORS)])
+    series = [(run.run_id, _curve(run), "line", COLORS[k % len(COLORS)])
               for k, run in enumerate(sorted(record.runs, key=lambda run: run.run_id))]
     return svg_plot(series, "step", "val loss", targets=[record.stats.target])
 
 
-def _curve(run: Run, x: str) -> list[tuple[float, float]]:
-    """A run's finite validation losses over its steps (x "step") or its train time in seconds."""
-    return [(v.step if x == "step" else v.train_time_ms / 1000, v.val_loss) for v in run.val_lines
+def _curve(run: Run, over_time: bool = False) -> list[tuple[float, float]]:
+    """A run's finite validation losses over its steps, or over its train time in seconds."""
+    return [(v.train_time_ms / 1000 if over_time else v.step, v.val_loss) for v in run.val_lines
             if math.isfinite(v.val_loss)]
 
 
@@ -156,9 +156,9 @@ def comparison_svg(sides: list[tuple[str, list[Run]]], title: str) -> str:
     plot of ``compare`` and of ``reproduce``'s report (a standalone SVG file)."""
     legend = [(f"{name}: {len(runs)} run(s)", COLORS[i]) for i, (name, runs) in enumerate(sides)]
     targets = sorted({r.facts["target_val_loss"] for _, runs in sides for r in runs} - {None})
-    plots = [svg_plot([(run.run_id, _curve(run, x), "line", COLORS[i]) for i, (_, runs) in enumerate(sides)
+    plots = [svg_plot([(run.run_id, _curve(run, over_time), "line", COLORS[i]) for i, (_, runs) in enumerate(sides)
                        for run in runs], x_label, "val loss", targets, legend=legend)
-             for x, x_label in (("step", "step"), ("time", "train time (s)"))]
+             for over_time, x_label in ((False, "step"), (True, "train time (s)"))]
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * WIDTH}" height="{HEIGHT + 24}" '
             'font-family="system-ui, sans-serif" font-size="12">'
             f'<text x="{WIDTH}" y="16" text-anchor="middle">{_text(title)}</text>'
