@@ -185,7 +185,7 @@ def _run_ids(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
 
 def load_record(folder: Path, record_path: str, today: datetime.date | None = None, keep_sources: bool = False
                 ) -> Record:
-    """Read a record folder and run every check that needs only this record but the loss test (test_losses runs
+    """Read a record folder and run every check that needs only this record but the loss test (check_outcomes runs
     it for many records at once). Unreadable files are problems, not crashes."""
     record = Record(path=record_path, folder=folder)
     try:
@@ -250,7 +250,7 @@ def _short(value) -> str:
     return text if len(text) <= 60 else f"config sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}…"
 
 
-def test_losses(records: list[Record]) -> None:
+def check_outcomes(records: list[Record]) -> None:
     """Every record reached the target: the loss test for ml records (one batched call), the mean for systems."""
     tested = [r for r in records if r.stats is not None and r.stats.target is not None]
     p_values = stats.loss_p_values([r.stats.losses for r in tested], [r.stats.target for r in tested])
@@ -379,7 +379,7 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     if replace is not None:
         folders = sorted([(p, f) for p, f in folders if p != replace[0]] + [replace])
     records = [load_record(folder, path, today) for path, folder in folders]
-    test_losses(records)
+    check_outcomes(records)
     for record in records:
         problems += record.problems
     problems += duplicate_problems(records) + beats_problems(records)
@@ -404,7 +404,7 @@ def find_record(spec: str, records_dir: Path = RECORDS_DIR, keep_sources: bool =
     except ValueError:
         record_path = f"{path.parent.name}/{path.name}"
     record = load_record(path, record_path, keep_sources=keep_sources)
-    test_losses([record])
+    check_outcomes([record])
     if record.problems:
         raise UserError("\n".join(record.problems))
     return record
