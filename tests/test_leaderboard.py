@@ -471,6 +471,20 @@ def test_rejects_an_ml_record_with_fewer_than_three_finished_runs(records):
     assert_one_problem_like(records, "an ml record needs at least 3 finished runs", "it has 2")
 
 
+def test_rejects_an_ml_record_whose_runs_share_a_seed(records):
+    """Three runs of one seed (the preset's, when --seed is not given) are one sample: on deterministic hardware
+    the same losses three times, which the loss test would read as no spread at all (p = 0)."""
+    runs = [dict(run_id=f"s{i}", seed=0, final_val_loss=TARGET - 0.05, train_time_ms=60_000.0 + 1_000 * i)
+            for i in range(3)] + [dict(run_id="s3", seed=4, final_val_loss=TARGET - 0.04)]
+    make(records, runs=runs)
+    problem = assert_one_problem_like(records, "the loss test needs independent runs", "seed 0: s0, s1, s2",
+                                      "give each run its own --seed")
+    assert "seed 4" not in problem and len(problems_of(records)) == 1
+    systems = records.parent / "systems-records"
+    make(systems, runs=runs, kind="systems")  # the same runs as a systems record: a time needs no seeds
+    assert problems_of(systems) == []
+
+
 def test_systems_records_are_exempt_from_the_test_but_must_reach_the_target(records):
     make(records, runs=good_runs("f", n=1), kind="systems")
     assert problems_of(records) == []

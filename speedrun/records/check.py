@@ -273,6 +273,15 @@ def _outcome_problem(record: Record) -> str | None:
     if s.runs_finished < stats.MIN_ML_RUNS:
         return (f"{label}: an ml record needs at least {stats.MIN_ML_RUNS} finished runs for the loss test, it "
                 f"has {s.runs_finished}")
+    by_seed = defaultdict(list)
+    for run in sorted(record.runs, key=lambda r: r.run_id):
+        by_seed[run.facts["seed"]] += [run.run_id] if run.finished else []
+    if shared := {seed: ids for seed, ids in by_seed.items() if len(ids) > 1}:
+        # runs of one seed repeat one sample (bit for bit where training is deterministic): the test would count
+        # the same luck several times
+        return (f"{label}: the loss test needs independent runs, but finished runs share a seed ("
+                + "; ".join(f"seed {seed}: {', '.join(ids)}" for seed, ids in sorted(shared.items()))
+                + "): give each run its own --seed")
     return None if s.p_value < stats.SIGNIFICANCE_LEVEL else (
         f"{label}: fails the significance test: mean final val loss {s.mean_loss:.4f} over {s.runs_finished} runs "
         f"is not below the target {s.target} at p < {stats.SIGNIFICANCE_LEVEL} (one-sided t-test p = "

@@ -75,8 +75,6 @@ def request_problems(sub: Submission, records_dir: Path, today: datetime.date) -
         problems.append(f"slug {slug!r}: a record folder's slug is a-z, 0-9 and '-' (pass --slug)")
     if sub.beats is not None and not valid_record_path(sub.beats_path):
         problems.append(f"--beats {sub.beats!r}: not a record path like '<track>/<YYYY-MM-DD>_<slug>'")
-    if sub.readme is not None and (problem := read_text(sub.readme, f"--readme {sub.readme}")[1]):
-        problems.append(problem)
     record_path = f"{sub.track}/{(date or today).isoformat()}_{slug}"
     if not problems and (records_dir / record_path).exists():
         problems.append(f"records/{record_path}: already exists (choose another --slug)")
@@ -99,34 +97,38 @@ def run_log_pairs(logs: list[Path]) -> tuple[dict[str, tuple[Path, Path]], list[
     return pairs, problems
 
 
-def readme_text(sub: Submission, meta: dict) -> str:
+def readme_text(sub: Submission, meta: dict) -> tuple[str | None, str | None]:
+    """(README.md's text, None) or (None, the problem): the author's write-up, read once (what is checked is what
+    is copied), or a page made from the request."""
     if sub.readme is not None:
-        return read_text(sub.readme, "")[0]
+        return read_text(sub.readme, f"--readme {sub.readme}")
     beats = f" · beats [{meta['beats']}](../../{meta['beats']})" if meta["beats"] else ""
     return (f"# {meta['title']}\n\n{', '.join(meta['authors'])} · {meta['date']} · track `{meta['track']}` · "
             f"{meta['kind']} change{beats}\n\n{meta['description'].strip()}\n\n"
             "Every run launched for this record is in [runs/](runs/), failed ones included. Its time, loss and "
             "significance are computed from those logs by `python leaderboard.py check` and `build` (see "
-            "LEADERBOARD.md); no number is written here by hand.\n")
+            "LEADERBOARD.md); no number is written here by hand.\n"), None
 
 
 def submit(sub: Submission, records_dir: Path, today: datetime.date | None = None) -> Path:
     """Create the record; returns its folder. Raises UserError, one problem per line, leaving nothing behind."""
     today = today or today_utc()
     record_path, problems = request_problems(sub, records_dir, today)
-    pairs, log_problems = run_log_pairs(sub.logs)
-    if problems + log_problems:
-        raise UserError("\n".join(problems + log_problems))
     meta = {"schema_version": RECORD_SCHEMA_VERSION, "title": sub.title.strip(),
             "authors": [a.strip() for a in sub.authors], "date": record_path.split("/")[1][:10],
             "track": sub.track, "beats": sub.beats_path, "kind": sub.kind, "description": sub.description.strip()}
+    readme, readme_problem = readme_text(sub, meta)
+    pairs, log_problems = run_log_pairs(sub.logs)
+    problems += [readme_problem] if readme_problem else []
+    if problems + log_problems:
+        raise UserError("\n".join(problems + log_problems))
     final = records_dir / record_path
     created = [d for d in (records_dir, final.parent) if not d.exists()]  # removed again on refusal
     temp = final.parent / f"{TEMP_PREFIX}submit-{final.name}-{secrets.token_hex(4)}"
     try:
         (temp / "runs").mkdir(parents=True)
         atomic_write_text(temp / "record.json", json.dumps(meta, indent=2) + "\n")
-        atomic_write_text(temp / "README.md", readme_text(sub, meta))
+        atomic_write_text(temp / "README.md", readme)
         for run_id, (txt, js) in sorted(pairs.items()):
             atomic_write_bytes(temp / "runs" / f"{run_id}.txt", txt.read_bytes())
             atomic_write_bytes(temp / "runs" / f"{run_id}.json", js.read_bytes())
