@@ -30,9 +30,9 @@ pytestmark = pytest.mark.usefixtures("synthetic_track_data")  # the synthetic lo
 TARGET = TRACKS["tiny-cpu"].target(5.0619)  # the synthetic runs' data floor + the track's margin
 
 
-def good_runs(prefix="r", n=3, time_ms=60_000.0, loss=5.10, **extra):
-    return [dict(run_id=f"{prefix}{i}", seed=i, final_val_loss=loss + 0.001 * i, train_time_ms=time_ms + 50 * i,
-                 **extra) for i in range(n)]
+def good_runs(prefix="r", n=3, time_ms=60_000.0, loss=5.10, seed_offset=0, **extra):
+    return [dict(run_id=f"{prefix}{i}", seed=seed_offset + i, final_val_loss=loss + 0.001 * i,
+                 train_time_ms=time_ms + 50 * i, **extra) for i in range(n)]
 
 
 @pytest.fixture
@@ -491,6 +491,22 @@ def test_systems_records_are_exempt_from_the_test_but_must_reach_the_target(reco
     make(records, "slow", date="2025-01-02", runs=good_runs("s", n=1, loss=TARGET + 0.05), kind="systems",
          beats="tiny-cpu/2025-01-01_first")
     assert_one_problem_like(records, "_slow: mean final val loss", "is above the target")
+
+
+def test_a_systems_record_keeps_the_math_of_the_record_it_beats(records):
+    """Fewer steps is faster but not the same computation: such a record takes the loss test (kind ml). Running
+    the same math differently (here: validating less often, other seeds) is a systems change."""
+    make(records, runs=good_runs("f", num_steps=20))
+    make(records, "fewer", date="2025-01-02", runs=good_runs("s", time_ms=40_000, num_steps=15), kind="systems",
+         beats="tiny-cpu/2025-01-01_first")
+    problem = assert_one_problem_like(records, "_fewer/record.json: a systems record keeps the math of the record "
+                                               "it beats", "differs from tiny-cpu/2025-01-01_first's in "
+                                               "train.num_steps (submit it as an ml record")
+    assert "seed" not in problem and len(problems_of(records)) == 1
+    shutil.rmtree(records / "tiny-cpu/2025-01-02_fewer")
+    make(records, "knobs", date="2025-01-02", runs=good_runs("k", time_ms=40_000, val_every=4, seed_offset=7),
+         kind="systems", beats="tiny-cpu/2025-01-01_first")
+    assert problems_of(records) == []
 
 
 def test_rejects_a_claimed_time_the_logs_do_not_support(records):

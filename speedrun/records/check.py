@@ -8,6 +8,7 @@ one line per problem; an empty list means the records are valid. One bad entry n
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speedrun import REPO_ROOT
+from speedrun.config import RunConfig
 from speedrun.errors import UserError
 from speedrun.records import stats
 from speedrun.records.runlog import Run, check_fields, check_run, load_run, read_json_object, unprintable
@@ -29,6 +31,10 @@ RECORD_SCHEMA_VERSION = 1
 RECORD_FIELDS = {"schema_version": (int,), "title": (str,), "authors": [(str,)], "date": (str,),
                  "track": (str,), "beats": (str, None), "kind": (str,), "description": (str,)}
 KINDS = ("ml", "systems")
+# The config fields a systems record (the same math, faster) may change from the record it beats: how the work is
+# run, checked and logged, never what is computed.
+SYSTEMS_KNOBS = {"preset", "train.seed", "train.kernels", "train.compile", "train.warmup_steps", "train.val_every",
+                 "train.log_every", "data.data_dir", "data.seqs_per_forward", "schedule.val_batch_tokens"}
 RECORD_FOLDER_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9][a-z0-9-]{0,63})$")
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 UPSTREAM_DIR_NAME = "upstream"
@@ -362,6 +368,10 @@ def beats_problems(records: list[Record]) -> list[str]:
             problems.append(f"{where}: beats {beats!r}, which is dated later ({other.date})")
         elif other.stats is None or not other.stats.times_ms:
             problems.append(f"{where}: beats {beats!r}, whose time cannot be computed (see its problems)")
+        elif record.meta["kind"] == "systems" and (changed := math_changes(record, other)):
+            problems.append(f"{where}: a systems record keeps the math of the record it beats, but its config "
+                            f"differs from {beats}'s in {', '.join(changed)} (submit it as an ml record: the loss "
+                            "test applies)")
         elif min(record.stats.runs_finished, other.stats.runs_finished) < stats.MIN_BEATS_RUNS:
             problems.append(f"{record.label}: claims to beat {beats}, but a speed-up is tested on at least "
                             f"{stats.MIN_BEATS_RUNS} finished runs of each record; they have "
@@ -374,6 +384,32 @@ def beats_problems(records: list[Record]) -> list[str]:
         f"{r.stats.mean_time_ms / 1000:.3f} s against {o.stats.mean_time_ms / 1000:.3f} s is not faster at "
         f"p < {stats.BEATS_SIGNIFICANCE_LEVEL} (one-sided Welch t-test p = {p:.3g})"
         for (r, o), p in zip(tests, p_values, strict=True) if not p < stats.BEATS_SIGNIFICANCE_LEVEL]
+
+
+def math_changes(record: Record, other: Record) -> list[str]:
+    """The config fields but the systems knobs in which two records' runs differ (the runs of one record agree)."""
+    a, b = (_config_fields(r.runs[0].config_key) for r in (record, other))
+    return sorted(k for k in a.keys() | b.keys() if k not in SYSTEMS_KNOBS and a.get(k) != b.get(k))
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_fields(config_key: str) -> dict[str, object]:
+    """A config (Run.config_key: checked, without the seed) flattened, with every field: one added to the config
+    after the run was logged has its default, which keeps older recipes' meaning."""
+    return flatten(RunConfig.from_dict(json.loads(config_key)).to_dict())
+
+
+def flatten(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def differences(a: dict, b: dict, keys=None) -> list[tuple[str, object, object]]:
+    """(key, a's value, b's value) for every flattened key (of ``keys``, when given) that differs."""
+    a, b = flatten(a), flatten(b)
+    keys = sorted(set(a) | set(b)) if keys is None else keys
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
 def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,

@@ -14,7 +14,7 @@ import numpy as np
 
 from speedrun.data.shards import atomic_write_text
 from speedrun.errors import UserError
-from speedrun.records.check import RECORDS_DIR, find_record
+from speedrun.records.check import RECORDS_DIR, differences, find_record
 from speedrun.records.page import comparison_svg
 from speedrun.records.runlog import FIRST_LINE, Run, check_run, load_run
 from speedrun.records.stats import ratio_ci95, welch_test
@@ -79,19 +79,6 @@ def comparison_lines(a: list[Run], b: list[Run]) -> list[str]:
     loss_test = welch_test(losses_a, losses_b)
     return lines + [f"final val loss B - A: {np.mean(losses_b) - np.mean(losses_a):+.4f}"
                     + (f", Welch p = {loss_test.p_value:.3g}" if loss_test else "")]
-
-
-def flatten(value, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): value}
-
-
-def differences(a: dict, b: dict, keys=None) -> list[tuple[str, object, object]]:
-    """(key, a's value, b's value) for every flattened key (of ``keys``, when given) that differs."""
-    a, b = flatten(a), flatten(b)
-    keys = sorted(set(a) | set(b)) if keys is None else keys
-    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
 def compare(spec_a: str, spec_b: str, plot_path: Path, records_dir: Path = RECORDS_DIR) -> list[str]:

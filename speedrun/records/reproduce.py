@@ -33,8 +33,8 @@ from speedrun import REPO_ROOT
 from speedrun.config import get_preset
 from speedrun.data.shards import atomic_write_text
 from speedrun.errors import UserError
-from speedrun.records.check import RECORDS_DIR, Record, find_record
-from speedrun.records.compare import comparison_lines, describe, differences
+from speedrun.records.check import RECORDS_DIR, Record, differences, find_record
+from speedrun.records.compare import comparison_lines, describe
 from speedrun.records.page import comparison_svg
 from speedrun.records.runlog import Run, check_run, load_run
 from speedrun.records.stats import MIN_ML_RUNS, SIGNIFICANCE_LEVEL, loss_p_value
