@@ -232,8 +232,14 @@ def test_a_signal_mid_run_cleans_up(signum, tmp_path, tiktoken_cache, monkeypatc
     monkeypatch.setattr(tokenize_text, "read_documents", read_then_signal)
     monkeypatch.setattr(tokenize_text, "BATCH_CHARS", 2000)
     before = signal.getsignal(signal.SIGTERM)
-    code = tokenize_command([str(tmp_path / "in.txt")], str(tmp_path / "out"), shard_tokens=1000, txt_mode="lines",
-                            name="fineweb", workers=1)
+    # Ctrl-C as a terminal delivers it, also when the suite was started with SIGINT ignored (a background job of a
+    # script: Python then installs no KeyboardInterrupt handler)
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = tokenize_command([str(tmp_path / "in.txt")], str(tmp_path / "out"), shard_tokens=1000,
+                                txt_mode="lines", name="fineweb", workers=1)
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
     assert code == 130 and "interrupted; nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
