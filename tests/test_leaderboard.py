@@ -395,6 +395,17 @@ def test_rejects_control_characters_in_record_text(records, field, value, fragme
     assert_one_problem_like(records, fragment)
 
 
+def test_rejects_control_characters_in_a_runs_environment(records):
+    """A run's environment texts reach terminals (check's "its runs differ in torch version: ...") and the runs'
+    CSV; nvidia-smi's table keeps its newlines."""
+    smi = "+-----+\n| 0  NVIDIA H100 80GB HBM3  On |\n+-----+"
+    runs = good_runs("f", env=synthetic_env("tiny-cpu", torch_version="2.13\x1b[2J"))
+    runs[1:] = good_runs("f", env={**synthetic_env("tiny-cpu"), "nvidia_smi": smi})[1:]
+    make(records, runs=runs)
+    assert_one_problem_like(records, "runs/f0.json: env.torch holds the control character U+001B at position 4")
+    assert not [p for p in problems_of(records) if "nvidia_smi" in p or "\x1b" in p]
+
+
 def test_record_text_is_shown_escaped(records, tmp_path):
     make(records, title="<img src=x onerror=alert(1)> | [click](http://evil) *x*")
     assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
@@ -752,6 +763,25 @@ def test_import_upstream_rejects_malformed_logs_with_the_line(tmp_path, capsys):
     assert not out_dir.exists()
     with pytest.raises(ValueError, match="validation step 10 does not increase"):
         upstream_facts(text.replace("step:20/20 val_loss", "step:10/20 val_loss"), "x.txt")
+
+
+def test_an_upstream_header_reaches_the_leaderboard_clean(records, tmp_path, capsys):
+    """The versions and GPU names a log's header gives are shown: control characters (a terminal's escape
+    sequences) refuse the log, naming the line; table syntax and HTML in them are shown as text."""
+    text = upstream_log()
+    torch_line = "Running PyTorch 2.7.0.dev20250110+cu126 compiled for CUDA 12.6"
+    escape = tmp_path / "escape.txt"
+    escape.write_text(text.replace("NVIDIA H100 80GB HBM3", "NVIDIA H100 \x1b[2J80GB", 1))
+    lineno = next(i for i, line in enumerate(text.split("\n"), start=1) if "NVIDIA H100 80GB HBM3" in line)
+    assert leaderboard_main(["import-upstream", str(escape), "--records", str(records)]) == 1
+    assert f"escape.txt:{lineno}: the version and GPU header holds the control character U+001B" in (
+        capsys.readouterr().out)
+    html_like = tmp_path / "html.txt"
+    html_like.write_text(text.replace(torch_line, "Running PyTorch 2.7|<img/src=x>"))
+    assert leaderboard_main(["import-upstream", str(html_like), "--records", str(records)]) == 0
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
+    (row,) = [line for line in (tmp_path / "LEADERBOARD.md").read_text().splitlines() if "html.txt" in line]
+    assert row.endswith("| 2.7\\|&lt;img/src=x&gt; |"), row
 
 
 def test_compare_two_records_and_an_upstream_log(records, tmp_path, capsys):

@@ -127,7 +127,7 @@ def markdown(result: CheckResult, link_prefix: str) -> str:
             out.append(f"| [{facts['file']}]({link_prefix}/upstream/{facts['file']}) | "
                        f"{'—' if run.final_val_loss is None else f'{run.final_val_loss:.4f}'} | "
                        f"{'—' if run.train_time_ms is None else seconds(run.train_time_ms)} | {run.status} | "
-                       f"{env['gpu_count']}x {escape_cell(str(env['gpu_name']))} | {env['torch']} |")
+                       f"{env['gpu_count']}x {escape_cell(str(env['gpu_name']))} | {escape_cell(str(env['torch']))} |")
         out.append("")
     return "\n".join(out) + "\n"
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -64,8 +63,9 @@ FACTS = {
 }
 OPTIONAL_FACTS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
                   "schedule_changes": (list,)}
-# bidirectional overrides and isolates: they reorder what a terminal or a browser shows
-BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+# Unicode's control characters (category Cc: escape sequences, CR...) and the bidirectional overrides and isolates,
+# which reorder what a terminal or a browser shows
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 TRACK_DATA_KIND = {"synth": "synth", "fineweb10B": "download"}  # a track's data -> its runs' manifest kind
 
 
@@ -269,9 +269,9 @@ def parse_text_log(text: str, keep_sources: bool = False) -> TextLog:
 
 def unprintable(text: str, allow_newlines: bool = False) -> str | None:
     """The first control character in ``text`` (escape sequences, CR, bidi overrides...), described; or None."""
-    for i, ch in enumerate(text):
-        if (unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS) and not (ch == "\n" and allow_newlines):
-            return f"the control character U+{ord(ch):04X} at position {i}"
+    for m in CONTROL_CHARACTERS.finditer(text):
+        if not (m[0] == "\n" and allow_newlines):
+            return f"the control character U+{ord(m[0]):04X} at position {m.start()}"
     return None
 
 
@@ -454,6 +454,13 @@ def check_numbers(run: Run) -> list[str]:
     return problems
 
 
+def check_env_text(run: Run) -> list[str]:
+    """The environment's texts (versions, GPU names, platform) are shown: no control characters in them (but the
+    newlines of nvidia-smi's table)."""
+    return [f"{run.json_label}: env.{k} holds {bad}" for k, v in run.facts["env"].items()
+            if type(v) is str and (bad := unprintable(v, allow_newlines=k == "nvidia_smi"))]
+
+
 def check_code(run: Run) -> list[str]:
     """Every snapshot file matches its hash, the code hash the files, the facts the snapshot."""
     text, label = run.text, run.label
@@ -577,7 +584,7 @@ def check_run(run: Run, track: Track | None = None) -> list[str]:
     problems = problems or check_config(run)
     if problems:
         return problems
-    problems = check_numbers(run) + check_code(run) + check_steps(run) + check_derived(run)
+    problems = check_numbers(run) + check_env_text(run) + check_code(run) + check_steps(run) + check_derived(run)
     return problems or (check_run_on_track(run, track) if track is not None else [])
 
 

@@ -62,7 +62,9 @@ def upstream_facts(text: str, name: str) -> dict:
         raise LogFormatError(1, "no code header before the line of '=' characters")
     python = torch = cuda = None
     gpus = []
-    for line in lines[code_end + 1:first_step]:
+    for lineno, line in enumerate(lines[code_end + 1:first_step], start=code_end + 2):
+        if _is_header(line) and (bad := unprintable(line)):  # these texts reach the leaderboard and terminals
+            raise LogFormatError(lineno, f"the version and GPU header holds {bad}")
         if m := PYTHON_PATTERN.match(line):
             python = m[1]
         elif m := TORCH_PATTERN.match(line):
