@@ -388,6 +388,7 @@ def test_non_regular_and_deeply_nested_files_are_problems_not_crashes(records):
     ("title", "over\rwrite", "title holds the control character U+000D"),
     ("description", "looks \u202eresrever", "description holds the control character U+202E"),
     ("authors", ["Ada\x07"], "author 'Ada\\x07' holds the control character U+0007"),
+    ("title", "\ud800 half a character", "title holds the lone surrogate U+D800"),  # JSON's "\ud800": no UTF-8
 ])
 def test_rejects_control_characters_in_record_text(records, field, value, fragment):
     folder = make(records)
@@ -404,6 +405,26 @@ def test_rejects_control_characters_in_a_runs_environment(records):
     make(records, runs=runs)
     assert_one_problem_like(records, "runs/f0.json: env.torch holds the control character U+001B at position 4")
     assert not [p for p in problems_of(records) if "nvidia_smi" in p or "\x1b" in p]
+
+
+def test_file_names_that_cannot_be_shown_are_problems(records, capsys):
+    """A file name with a byte that is not UTF-8 (Python: a lone surrogate) or a control character is named
+    escaped, in records/ and records/upstream/ alike; check's output stays UTF-8 text."""
+    folder = make(records)
+    (records / "upstream").mkdir()
+    try:
+        for where in (folder / "runs", records / "upstream"):
+            (where / os.fsdecode(b"bad\xff.txt")).write_text("x")
+            (where / "esc\x1b[2J.txt").write_text("x")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses such names")
+    assert leaderboard_main(["check", "--records", str(records)]) == 1
+    out = capsys.readouterr().out
+    out.encode("utf-8")  # printable as UTF-8: nothing raw
+    for where in (f"{folder.relative_to(records.parent)}/runs", "records/upstream"):
+        assert f"{where}/'bad\\udcff.txt': the name holds the lone surrogate U+DCFF at position 3" in out
+        assert f"{where}/'esc\\x1b[2J.txt': the name holds the control character U+001B at position 3" in out
+    assert "\x1b" not in out and len(out.splitlines()) == 4, out
 
 
 def test_record_text_is_shown_escaped(records, tmp_path):

@@ -167,13 +167,15 @@ def check_meta(meta: dict, record_path: str, today: datetime.date) -> list[str]:
 
 
 def scan(folder: Path, label: str) -> tuple[dict[str, os.DirEntry], list[str]]:
-    """A folder's entries by name (``os.scandir``: types without a stat per file) but its symbolic links, which are
-    problems: everything under records/ is a plain file or folder."""
+    """A folder's entries by name (``os.scandir``: types without a stat per file) but its symbolic links and names
+    that cannot be shown, which are problems: everything under records/ is a plain file or folder, named in text."""
     with os.scandir(folder) as entries:
         entries = sorted(entries, key=lambda e: e.name)
+    problems = [f"{label}/{e.name!r}: the name holds {bad}" for e in entries if (bad := unprintable(e.name))]
+    entries = [e for e in entries if not unprintable(e.name)]
     return ({e.name: e for e in entries if not e.is_symlink()},
-            [f"{label}/{e.name}: is a symbolic link (records/ holds plain files and folders only)" for e in entries
-             if e.is_symlink()])
+            problems + [f"{label}/{e.name}: is a symbolic link (records/ holds plain files and folders only)"
+                        for e in entries if e.is_symlink()])
 
 
 def _run_ids(runs_dir: Path, label: str) -> tuple[list[str], list[str]]:
@@ -430,8 +432,9 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     problems += duplicate_problems(records) + beats_problems(records)
     upstream_dir, upstream, history = root / UPSTREAM_DIR_NAME, [], []
     if upstream_dir.is_dir() and not upstream_dir.is_symlink():  # (find_record_folders reports a link)
-        upstream, history, upstream_problems = check_upstream_dir(upstream_dir)
-        problems += upstream_problems
+        entries, scan_problems = scan(upstream_dir, f"records/{UPSTREAM_DIR_NAME}")
+        upstream, history, upstream_problems = check_upstream_dir(upstream_dir, entries)
+        problems += scan_problems + upstream_problems
     return CheckResult(records, problems, warnings, upstream, history)
 
 

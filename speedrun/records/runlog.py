@@ -63,9 +63,10 @@ FACTS = {
 }
 OPTIONAL_FACTS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
                   "schedule_changes": (list,)}
-# Unicode's control characters (category Cc: escape sequences, CR...) and the bidirectional overrides and isolates,
-# which reorder what a terminal or a browser shows
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+# Unicode's control characters (category Cc: escape sequences, CR...), the bidirectional overrides and isolates,
+# which reorder what a terminal or a browser shows, and lone surrogates (a JSON "\ud800", a file name's undecodable
+# byte), which no UTF-8 output can hold
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\ud800-\udfff]")
 TRACK_DATA_KIND = {"synth": "synth", "fineweb10B": "download"}  # a track's data -> its runs' manifest kind
 
 
@@ -268,10 +269,12 @@ def parse_text_log(text: str, keep_sources: bool = False) -> TextLog:
 
 
 def unprintable(text: str, allow_newlines: bool = False) -> str | None:
-    """The first control character in ``text`` (escape sequences, CR, bidi overrides...), described; or None."""
+    """The first control character in ``text`` (escape sequences, CR, bidi overrides, lone surrogates...),
+    described; or None."""
     for m in CONTROL_CHARACTERS.finditer(text):
         if not (m[0] == "\n" and allow_newlines):
-            return f"the control character U+{ord(m[0]):04X} at position {m.start()}"
+            what = "lone surrogate" if "\ud800" <= m[0] <= "\udfff" else "control character"
+            return f"the {what} U+{ord(m[0]):04X} at position {m.start()}"
     return None
 
 

@@ -192,13 +192,13 @@ def read_history(path: Path, where: str) -> tuple[list[dict], list[str]]:
     return history, problems
 
 
-def check_upstream_dir(folder: Path) -> tuple[list[Run], list[dict], list[str]]:
+def check_upstream_dir(folder: Path, entries: dict) -> tuple[list[Run], list[dict], list[str]]:
     """Every imported log in ``folder`` read again, and the public record history: (the valid runs, the
-    history, problems)."""
+    history, problems). ``entries``: the folder's entries by name, its links and unprintable names left out."""
     runs, history, problems = [], [], []
-    for entry in sorted(folder.iterdir()):
+    for entry in (Path(e.path) for e in entries.values()):
         where = f"records/{folder.name}/{entry.name}"
-        if entry.is_symlink() or not entry.is_file() or (entry.suffix != ".txt" and entry.name != HISTORY_NAME):
+        if not entry.is_file() or (entry.suffix != ".txt" and entry.name != HISTORY_NAME):
             problems.append(f"{where}: unexpected entry (records/{folder.name}/ holds imported <name>.txt logs and "
                             f"{HISTORY_NAME})")
         elif entry.name == HISTORY_NAME:
