@@ -487,6 +487,13 @@ def test_rejects_a_code_snapshot_path_that_escapes_the_repository(records):
     assert_one_problem_like(records, "runs/f0.txt:", "code path '../outside.py' escapes the repository")
 
 
+def test_rejects_a_code_snapshot_path_with_a_control_character(records):
+    make(records, runs=good_runs("f", code={"speedrun/\x1b[2Jmodel.py": "x = 1\n"}))
+    problem = assert_one_problem_like(records, "runs/f0.txt:3: the code path 'speedrun/\\x1b[2Jmodel.py' holds the "
+                                               "control character U+001B at position 9")
+    assert "\x1b" not in "".join(problems_of(records)), problem
+
+
 def test_check_reports_a_path_outside_the_records_folder(records, tmp_path, capsys):
     make(records)
     assert leaderboard_main(["check", "--records", str(records), str(tmp_path)]) == 1

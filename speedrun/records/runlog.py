@@ -219,6 +219,8 @@ def parse_text_log(text: str, keep_sources: bool = False) -> TextLog:
         if not (header := CODE_HEADER.match(line)):
             raise LogFormatError(lineno, f"expected a code section header or the code_sha256 line, got {line[:80]!r}")
         path, sha, n, eol = header[1], header[2], int(header[3]), header[4]
+        if bad := unprintable(path):  # a path is shown (problems, reproduce's report) and becomes a file name
+            raise LogFormatError(lineno, f"the code path {path!r} holds {bad}")
         if path in files:
             raise LogFormatError(lineno, f"the code snapshot holds {path} twice")
         body = end = pos + len(line) + 1
