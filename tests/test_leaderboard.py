@@ -250,7 +250,7 @@ def test_rejects_an_incomplete_config(records):
 
 
 def test_rejects_nan_inf_and_negative_numbers(records):
-    folder = make(records)
+    folder = make(records, runs=good_runs("f", n=5))
     edit_run_facts(folder / "runs/f0.txt", lambda f: (f.update(peak_memory_mib=-3.0), f["env"].update(cpu_count=-2)))
     edit_run_facts(folder / "runs/f1.txt", lambda f: f.update(tokens_per_second=float("inf")))
     edit_run_facts(folder / "runs/f2.txt", lambda f: f["train_losses"].__setitem__(3, -0.5))
@@ -259,6 +259,14 @@ def test_rejects_nan_inf_and_negative_numbers(records):
     assert_one_problem_like(records, "runs/f0.json: negative number -2 in env.cpu_count")
     assert_one_problem_like(records, "runs/f1.txt: malformed JSON: non-finite number Infinity (strict JSON has none)")
     assert_one_problem_like(records, "runs/f2.json: negative number -0.5 in train_losses[3]")
+    for path in (folder / "runs/f3.txt", folder / "runs/f3.json"):  # too large for a double: read as infinity
+        path.write_text(re.sub(r'("tokens_per_second": )[0-9.e+-]+', r"\g<1>1e999", path.read_text()))
+        path.write_text(re.sub(r'("train_losses": \[\n *)[0-9.e+-]+', r"\g<1>1e999", path.read_text()))
+    for path in (folder / "runs/f4.txt", folder / "runs/f4.json"):
+        path.write_text(re.sub(r'("val_optimal_loss": )[0-9.e+-]+', r"\g<1>1e999", path.read_text()))
+    assert_one_problem_like(records, "runs/f3.json: non-finite number inf in tokens_per_second")
+    assert_one_problem_like(records, "runs/f3.json: non-finite number inf in train_losses[0]")
+    assert_one_problem_like(records, "runs/f4.json: non-finite number inf in data.val_optimal_loss")
     edit(folder / "runs/f2.txt", line, line.replace("val_loss:", "val_loss:-"))
     assert_one_problem_like(records, f"runs/f2.txt:{lineno}: malformed step line")
 
@@ -433,6 +441,24 @@ def test_record_text_is_shown_escaped(records, tmp_path):
     board = (tmp_path / "LEADERBOARD.md").read_text()
     assert "&lt;img src=x onerror=alert(1)&gt; \\| \\[click\\](http://evil) \\*x\\*" in board
     assert "<img" not in board
+
+
+def test_numbers_too_long_for_a_float_are_problems_not_crashes(records):
+    """A 400-digit time or loss would overflow a float in the checks' arithmetic (OverflowError, for every record):
+    step lines take at most 15 digits, JSON integers at most 19 (a seed's), upstream logs' lines as ours."""
+    folder = make(records)
+    lineno, line = step_line(folder / "runs/f0.txt", "step:20/20 val_loss:")
+    edit(folder / "runs/f0.txt", line, re.sub(r"train_time:\d+", "train_time:" + "9" * 16, line))
+    for path in (folder / "runs/f1.txt", folder / "runs/f1.json"):
+        path.write_text(re.sub(r'("final_val_loss": )[0-9.]+', r"\g<1>" + "9" * 400, path.read_text()))
+    assert_one_problem_like(records, f"runs/f0.txt:{lineno}: malformed step line")
+    assert_one_problem_like(records, "runs/f1.txt: malformed JSON: integer 999999999999… has more than 19 digits")
+    lines = upstream_log().split("\n")
+    upstream_lineno = next(i for i, line in enumerate(lines, start=1) if line.startswith("step:20/20 val_loss:"))
+    lines[upstream_lineno - 1] = re.sub(r"train_time:\d+", "train_time:" + "9" * 400, lines[upstream_lineno - 1])
+    with pytest.raises(ValueError, match="malformed step line") as error:
+        upstream_facts("\n".join(lines), "long.txt")
+    assert error.value.lineno == upstream_lineno
 
 
 def test_rejects_missing_final_step_validation(records):

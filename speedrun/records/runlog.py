@@ -38,8 +38,10 @@ SECTION = "====== {} ======"
 ENV_LINE, CONFIG_LINE, LOG_LINE, SUMMARY_LINE = (SECTION.format(s) for s in ("environment", "config", "log", "summary"))
 CODE_HEADER = re.compile(r"^====== code: (\S+) sha256=([0-9a-f]{64}) lines=(\d+) eol=(yes|no) ======$")
 CODE_HASH_LINE = re.compile(r"^====== code_sha256: ([0-9a-f]{64}) ======$")
-STEP_LINE = re.compile(r"^step:(\d+)/(\d+)(?: val_loss:(\d+\.\d{4}|nan|inf))? train_time:(\d+)ms "
-                       r"step_avg:(nan|\d+\.\d{2})ms$")
+# (at most 9 digits in a step, 15 in a loss or a time: 10^9 steps or 30,000 years are no run's, and longer numbers
+# would overflow a float)
+STEP_LINE = re.compile(r"^step:(\d{1,9})/(\d{1,9})(?: val_loss:(\d{1,15}\.\d{4}|nan|inf))? train_time:(\d{1,15})ms "
+                       r"step_avg:(nan|\d{1,15}\.\d{2})ms$")
 SEED_LINE = re.compile(r'\n    "seed": -?\d+,(?=\n)')  # in the config section's "train" object (not its last key)
 STEP_LINES = re.compile(STEP_LINE.pattern, re.MULTILINE)  # every step line of a section, in one scan
 
@@ -284,7 +286,13 @@ def _not_json(name: str):
     raise ValueError(f"non-finite number {name} (strict JSON has none)")
 
 
-STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)  # NaN, Infinity and -Infinity are not JSON
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19:  # a seed (below 2**63) has 19 digits; a far longer one would overflow a float
+        raise ValueError(f"integer {text[:12]}… has more than 19 digits")
+    return int(text)
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_not_json, parse_int=_bounded_int)  # no NaN, Infinity or -Infinity
 
 
 def parse_json_object(text: str, first_lineno: int = 1) -> dict:
@@ -449,13 +457,17 @@ def _config_problem(key: str) -> str | None:
 
 
 def check_numbers(run: Run) -> list[str]:
-    """No negative measurement: a time, a loss or a count is never below 0 (a non-finite number cannot be read:
-    strict JSON; the step lines' are checked with them)."""
+    """No negative measurement: a time, a loss or a count is never below 0; and none infinite (strict JSON has no
+    Infinity, but a number too large for a double, such as 1e999, reads as one; the step lines' numbers are checked
+    with them)."""
     facts, label = run.facts, run.json_label
     fields = [*facts.items(), *((f"{name}.{k}", v) for name in ("data", "env") for k, v in facts[name].items())]
-    problems = [f"{label}: negative number {v} in {k}" for k, v in fields if type(v) in NUM and v < 0]
-    if (losses := facts["train_losses"]) and not min(losses) >= 0:  # (min is NaN only if the first loss is)
-        problems += [f"{label}: negative number {v} in train_losses[{i}]" for i, v in enumerate(losses) if v < 0]
+    problems = [f"{label}: {'negative' if v < 0 else 'non-finite'} number {v} in {k}" for k, v in fields
+                if type(v) in NUM and not 0 <= v < math.inf]
+    losses = facts["train_losses"]  # (min and max pass over the NaN a diverged run ends with)
+    if losses and not (min(losses) >= 0 and max(losses) < math.inf):
+        problems += [f"{label}: {'negative' if v < 0 else 'non-finite'} number {v} in train_losses[{i}]"
+                     for i, v in enumerate(losses) if v < 0 or v == math.inf]
     return problems
 
 

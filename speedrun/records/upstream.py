@@ -33,8 +33,8 @@ HISTORY_SOURCE = "the README of github.com/KellerJordan/modded-nanogpt"
 UPSTREAM_CODE_NAME = "train_gpt.py"  # the script logs its own source
 UPSTREAM_TRACK = TRACKS["8xH100-3.28"]
 SEPARATOR = re.compile(r"^={20,}$")
-STEP_PATTERN = re.compile(r"^step:(\d+)/(\d+)(?: val_loss:(\S+)| train_loss:\S+)? train_time:(\d+(?:\.\d+)?)ms "
-                          r"step_avg:\S*ms$")
+STEP_PATTERN = re.compile(r"^step:(\d{1,9})/(\d{1,9})(?: val_loss:(\S+)| train_loss:\S+)? "
+                          r"train_time:(\d{1,15}(?:\.\d+)?)ms step_avg:\S*ms$")  # (digits: as runlog.STEP_LINE's)
 PYTHON_PATTERN = re.compile(r"^Running Python (\S+)", re.IGNORECASE)
 TORCH_PATTERN = re.compile(r"^Running PyTorch (\S+)(?: compiled for CUDA (\S+))?", re.IGNORECASE)
 CUDA_SUFFIX = re.compile(r"\+cu(\d+)(\d)$")  # a torch build's "+cu124": CUDA 12.4
