@@ -413,6 +413,10 @@ def test_rejects_control_characters_in_a_runs_environment(records):
     make(records, runs=runs)
     assert_one_problem_like(records, "runs/f0.json: env.torch holds the control character U+001B at position 4")
     assert not [p for p in problems_of(records) if "nvidia_smi" in p or "\x1b" in p]
+    edit_run_facts(records / "tiny-cpu/2025-01-01_first/runs/f1.txt",
+                   lambda facts: facts["env"].update(gpu_name='=HYPERLINK("http://x")'))
+    assert_one_problem_like(records, "runs/f1.json: env.gpu_name '=HYPERLINK(\"http://x' starts with '=' (a "
+                                     "spreadsheet formula in runs.csv)")
 
 
 def test_file_names_that_cannot_be_shown_are_problems(records, capsys):
