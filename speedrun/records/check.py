@@ -171,8 +171,9 @@ def scan(folder: Path, label: str) -> tuple[dict[str, os.DirEntry], list[str]]:
     that cannot be shown, which are problems: everything under records/ is a plain file or folder, named in text."""
     with os.scandir(folder) as entries:
         entries = sorted(entries, key=lambda e: e.name)
-    problems = [f"{label}/{e.name!r}: the name holds {bad}" for e in entries if (bad := unprintable(e.name))]
-    entries = [e for e in entries if not unprintable(e.name)]
+    unshown = {e.name: bad for e in entries if (bad := unprintable(e.name))}
+    problems = [f"{label}/{name!r}: the name holds {bad}" for name, bad in unshown.items()]
+    entries = [e for e in entries if e.name not in unshown]
     return ({e.name: e for e in entries if not e.is_symlink()},
             problems + [f"{label}/{e.name}: is a symbolic link (records/ holds plain files and folders only)"
                         for e in entries if e.is_symlink()])
@@ -282,8 +283,8 @@ def _outcome_problem(record: Record) -> str | None:
         return (f"{label}: an ml record needs at least {stats.MIN_ML_RUNS} finished runs for the loss test, it "
                 f"has {s.runs_finished}")
     by_seed = defaultdict(list)
-    for run in sorted(record.runs, key=lambda r: r.run_id):
-        by_seed[run.facts["seed"]] += [run.run_id] if run.finished else []
+    for run in sorted((r for r in record.runs if r.finished), key=lambda r: r.run_id):
+        by_seed[run.facts["seed"]].append(run.run_id)
     if shared := {seed: ids for seed, ids in by_seed.items() if len(ids) > 1}:
         # runs of one seed repeat one sample (bit for bit where training is deterministic): the test would count
         # the same luck several times

@@ -474,12 +474,16 @@ def check_numbers(run: Run) -> list[str]:
 def check_env_text(run: Run) -> list[str]:
     """The environment's texts (versions, GPU names, platform) are shown and go into runs.csv: no control characters
     in them (but the newlines of nvidia-smi's table), none that a spreadsheet reads as a formula."""
-    env, label = run.facts["env"], run.json_label
-    problems = [f"{label}: env.{k} holds {bad}" for k, v in env.items()
-                if type(v) is str and (bad := unprintable(v, allow_newlines=k == "nvidia_smi"))]
-    return problems + [f"{label}: env.{k} {v[:20]!r} starts with {v[0]!r} (a spreadsheet formula in runs.csv)"
-                       for k, v in env.items() if type(v) is str and v.startswith(("=", "+", "-", "@"))
-                       and k != "nvidia_smi"]  # (its table starts with "+---"; it is not in runs.csv)
+    problems = []
+    for k, v in run.facts["env"].items():
+        if type(v) is not str:
+            continue
+        if bad := unprintable(v, allow_newlines=k == "nvidia_smi"):
+            problems.append(f"{run.json_label}: env.{k} holds {bad}")
+        if v.startswith(("=", "+", "-", "@")) and k != "nvidia_smi":  # (its table starts "+---"; not in runs.csv)
+            problems.append(f"{run.json_label}: env.{k} {v[:20]!r} starts with {v[0]!r} (a spreadsheet formula in "
+                            "runs.csv)")
+    return problems
 
 
 def check_code(run: Run) -> list[str]:
