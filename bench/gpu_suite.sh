@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Everything one GPU can tell us, in one command, with no network. Which to run (device time includes the
 # machine's start, a few minutes):
-#   bench/gpu_suite.sh --smoke      < 3 min: the environment, every Triton kernel configuration launched once
-#                                   on the card, the model check (Triton = torch on CUDA), one compiled
-#                                   training step per kernel set. Run this when less than 10 minutes are left.
+#   bench/gpu_suite.sh --smoke      < 4 min: the environment, every Triton kernel configuration of record #89's
+#                                   ops launched once on the card, the model check (Triton = torch on CUDA), one
+#                                   compiled training step per kernel set. Run this when less than 10 minutes are
+#                                   left.
 #   bench/gpu_suite.sh              < 10 min: the smoke steps' substance and more:
 #     1. environment report (nvidia-smi, versions)                          -> env.txt
 #     2. GPU tests: tests/kernels on CUDA (fp32, fp16, bf16), the model check, the compile-graph check,
 #        the loader tests, every `gpu`-marked test (in parallel when pytest-xdist is there) -> tests.txt
-#     3. speedrun bench launch: every kernel configuration of the AOT table, once   -> launch.md
+#     3. speedrun bench launch: every kernel configuration of record #89's ops, once   -> launch.md
 #     4. speedrun bench kernels --quick, record #89's ops at its shapes -> kernels.csv, kernels.txt, kernels_<op>.png
-#     5. speedrun bench train, sub3min with --kernels triton and torch: step times, graph breaks -> train.md
-#     6. speedrun bench train, record89 (the default race), --kernels triton and torch, eager -> record89/train.md
+#     5. speedrun bench train, sub3min with --kernels triton, compiled: step times, graph breaks -> train.md
+#     6. speedrun bench train, record89 (the default race), --kernels triton, eager  -> record89/train.md
 #     7. speedrun bench converge: a shortened sub3min run per kernel set, val curves compared
 #                                                                -> converge.md, converge.png, converge_logs/
 #     8. a markdown summary of all of it                         -> summary.md
@@ -106,32 +107,36 @@ elif [ "$DRY_RUN" = 1 ]; then
     step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset sub3min-tiny --steps 2 \
         --val-every 1 --seq-len 128 --val-tokens 4096 --out "$OUT"
 elif [ "$SMOKE" = 1 ]; then
-    # budgets: 45 + 45 + 75 s = 2.75 min at the most
+    # budgets: 30 + 75 + 45 + 75 s = 3.75 min at the most (launching every op's configurations cold took over
+    # 45 s on the H100, bench/results/2026-11-27_1547_nvidia-h100-80gb-hbm3)
     step environment env.txt 30 env_report
-    step "bench launch" launch.log 45 "${SB[@]}" launch --out "$OUT"
+    step "bench launch" launch.log 75 "${SB[@]}" launch --op "$KERNEL_OPS" --out "$OUT"
     step "model check" tests.txt 45 "${PYTEST[@]}" tests/test_kernels_in_model.py -m gpu
     # the tiny preset: a compile of the 124M model takes ~45 s per kernel set (bench/results/2026-11-27_*)
     step "bench train" train.log 75 "${SB[@]}" train --preset sub3min-tiny --kernels triton,torch --steps 2 --warmup 1 \
         --profile-steps 0 --out "$OUT"
 else
-    # budgets: 110 + 45 + 120 + 140 + 60 + 80 s = 9.25 min at the most, under the 10-minute limit of one command
+    # budgets: 30 + 210 + 45 + 90 + 90 + 35 + 55 s = 9.25 min at the most, under the 10-minute limit of one
+    # command. Measured on the H100 (bench/results/2026-11-27_1547_nvidia-h100-80gb-hbm3): the tests ~210 s
+    # with 8 workers (cold Triton compiles), bench kernels 83 s, record #89's Triton step 18 s to warm up
     step environment env.txt 30 env_report
-    step tests tests.txt 110 "${PYTEST[@]}" tests/kernels tests/test_model.py tests/test_kernels_in_model.py \
+    step tests tests.txt 210 "${PYTEST[@]}" tests/kernels tests/test_model.py tests/test_kernels_in_model.py \
         tests/test_compile_graph.py tests/data/test_loader.py -m "gpu or not slow"
-    step "bench launch" launch.log 45 "${SB[@]}" launch --out "$OUT"
+    step "bench launch" launch.log 45 "${SB[@]}" launch --op "$KERNEL_OPS" --out "$OUT"
     # no torch_compile variant (a compile per op and shape would eat the budget); flex: the library attention
-    step "bench kernels" kernels.log 120 "${SB[@]}" kernels --quick --op "$KERNEL_OPS" --variant torch,triton,flex \
+    step "bench kernels" kernels.log 90 "${SB[@]}" kernels --quick --op "$KERNEL_OPS" --variant torch,triton,flex \
         --out "$OUT"
-    # triton first: the torch set's reference attention makes its steps take seconds at T = 65,536
-    step "bench train" train.log 140 "${SB[@]}" train --preset sub3min --kernels triton,torch --steps 3 --warmup 1 \
+    # the triton set only: the torch set's dense reference attention makes its steps take seconds at
+    # T = 65,536, a baseline no one would race (bench kernels times each op against PyTorch's)
+    step "bench train" train.log 90 "${SB[@]}" train --preset sub3min --kernels triton --steps 3 --warmup 1 \
         --profile-steps 1 --out "$OUT"
     # record #89, uncompiled (its compile would take the budget): one step at the last stage's batch and
-    # windows per kernel set, triton first (the torch references take seconds per step at this size)
-    step "bench train record89" record89.log 60 "${SB[@]}" train --preset record89 --kernels triton,torch \
+    # windows, the triton set only (the torch set's references did not finish a step in 40 s on the H100)
+    step "bench train record89" record89.log 35 "${SB[@]}" train --preset record89 --kernels triton \
         --steps 1 --warmup 1 --profile-steps 0 --no-compile --out "$OUT/record89"
     # eager (no compile): this step checks that the kernel sets train alike, not their speed (~1 s per step
-    # for the torch set at this length on an H100)
-    step "bench converge" converge.log 80 "${SB[@]}" converge --preset sub3min --steps 30 --val-every 10 --seq-len 8192 \
+    # for the torch set at this length on an H100: 30 steps and the start took ~40 s)
+    step "bench converge" converge.log 55 "${SB[@]}" converge --preset sub3min --steps 15 --val-every 5 --seq-len 8192 \
         --val-tokens 262144 --no-compile --out "$OUT"
 fi
 "$PY" -m speedrun.bench.summary "$OUT"

@@ -25,9 +25,11 @@ Triton variant, where it differs from the reference:
 * no host sync anywhere (the count of non-ignored targets and the mean's division are device tensor ops),
   so it can be captured in a CUDA graph.
 * memory: the forward writes dz into a NEW (N, V) buffer in z's dtype (z itself is never written: the
-  caller may still need it); the backward scales that buffer by grad_output in place and hands it over as
-  z's gradient, so no second (N, V) buffer is ever allocated. The price: dz is rounded to z's dtype
-  before that scaling (exact when grad_output is 1, as in training), and no second backward.
+  caller may still need it); the backward scales that buffer by grad_output in place (in fp32, one more
+  rounding to z's dtype) and hands it over as z's gradient, so no second (N, V) buffer is ever allocated.
+  The price: dz is rounded to z's dtype before that scaling (exact when grad_output is 1, as in training),
+  and no second backward. Every rounding to bf16 is to nearest even, under the CPU interpreter too
+  (kernels/triton_rounding.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from kernels.common import interpreter_tile, interpreting, new_empty, triton_usa
 try:
     import triton
     import triton.language as tl
+
+    from kernels.triton_rounding import round_mantissa
 except ImportError:  # no triton: only the reference is registered
     triton = None
 
@@ -108,6 +112,14 @@ if triton is not None:
         return cap * tl.where(x >= 0, r, e * r), (cap * inv_scale) * e * r * r
 
     @triton.jit
+    def _rounded_for(v, ptr):
+        """fp32 ``v`` cast to the element type of ``ptr``, rounded to nearest even (bf16 through
+        round_mantissa, since the CPU interpreter's own cast truncates)."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            v = round_mantissa(v, 16)
+        return v.to(ptr.dtype.element_ty)
+
+    @triton.jit
     def _softcapped_chunk(z_rows, offs, V, cap, inv_scale):
         """Softcapped fp32 logits (rows, len(offs)) of the columns ``offs`` of the rows at ``z_rows``
         (pointers (rows, 1)); columns >= V are -inf."""
@@ -125,6 +137,7 @@ if triton is not None:
         V, cap, inv_scale, ignore_index,
         BLOCK_V: tl.constexpr, FIXED_SHIFT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr,
     ):
+        cap, inv_scale = tl.cast(cap, tl.float32), tl.cast(inv_scale, tl.float32)  # Inductor may pass floats as fp64
         row = tl.program_id(0).to(tl.int64)  # int64 offsets: N * V exceeds 2^31 at the recipe's shapes
         z_row = z_ptr + row * z_row_stride
         dz_row = dz_ptr + row * V
@@ -177,7 +190,7 @@ if triton is not None:
                     l, dl = _softcap_and_grad(zf.to(tl.float32), cap, inv_scale)
                     p = tl.exp(l - lse)
                     g = (p - tl.where(offs == t, 1.0, 0.0)) * dl * gscale
-                    tl.store(dz_row + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+                    tl.store(dz_row + offs, _rounded_for(g, dz_ptr), mask=mask)
 
     @triton.jit
     def _ce_fwd_rows_kernel(
@@ -191,6 +204,7 @@ if triton is not None:
         GPU always runs _ce_fwd_kernel. Same math row by row; ignored rows are computed and then zeroed
         (no per-row branch), and rows past N read row N - 1 (finite data, no NaN) and are never stored.
         """
+        cap, inv_scale = tl.cast(cap, tl.float32), tl.cast(inv_scale, tl.float32)  # as in _ce_fwd_kernel
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rows < N
         rows_in = tl.minimum(rows, N - 1)
@@ -234,7 +248,27 @@ if triton is not None:
                 p = tl.exp(l - lse[:, None])
                 g = (p - tl.where(offs[None, :] == t[:, None], 1.0, 0.0)) * dl * gscale[:, None]
                 g = tl.where(ignored[:, None], 0.0, g)  # exactly 0, whatever z holds (even inf / NaN)
-                tl.store(dz_rows + offs[None, :], g.to(dz_ptr.dtype.element_ty), mask=r_ok[:, None] & mask)
+                tl.store(dz_rows + offs[None, :], _rounded_for(g, dz_ptr), mask=r_ok[:, None] & mask)
+
+    @triton.jit
+    def _ce_scale_rows_kernel(
+        dz_ptr,  # (N, V) contiguous, in place: row r times g[r * g_stride]
+        g_ptr, g_stride,  # fp32 grad_output: g_stride 0 for one value (mean, sum), else (N,) with that stride
+        N, V,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """The backward: dz *= grad_output, the product in fp32 rounded once to dz's dtype (PyTorch's
+        ``dz.mul_(g)`` would first round g itself to dz's dtype on a GPU). BLOCK_R rows per program: 1 on a
+        GPU, more under the CPU interpreter (as _ce_fwd_rows_kernel)."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rows < N
+        g = tl.load(g_ptr + rows * g_stride, mask=r_ok, other=0.0)
+        dz_rows = dz_ptr + rows[:, None] * V
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            mask = r_ok[:, None] & (offs < V)[None, :]
+            d = tl.load(dz_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dz_rows + offs[None, :], _rounded_for(d * g[:, None], dz_ptr), mask=mask)
 
 
 def _launch_config(V: int, block_v: int | None) -> tuple[int, int]:
@@ -245,7 +279,7 @@ def _launch_config(V: int, block_v: int | None) -> tuple[int, int]:
     flight on an H100 -- about its L2, so sweep 2 should mostly re-read z from L2, not HBM. Under the CPU
     interpreter the chunk is up to 128 * kernels.common.INTERPRETER_TILE wide (4096 by default, read now)."""
     if block_v is None:
-        block_v = min(128 * interpreter_tile() if interpreting() else 4096, triton.next_power_of_2(V))
+        block_v = min(128 * interpreter_tile() if interpreting() else 4096, max(16, triton.next_power_of_2(V)))
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     return block_v, 1 if interpreting() else 16
@@ -303,6 +337,21 @@ def cross_entropy_fwd_triton(z, targets, cap, scale, ignore_index, reduction, co
     return loss, dz
 
 
+def scale_rows_triton(dz, grad_output):
+    """dz (N, V) contiguous, scaled in place by ``grad_output`` (0-dim: every row; (N,): one value per row)
+    with one rounding to dz's dtype (_ce_scale_rows_kernel). Returns dz."""
+    N, V = dz.shape
+    g = grad_output.float()
+    if N > 0 and V > 0:
+        BLOCK_V, num_warps = _launch_config(V, None)
+        rows = _interpreter_rows(N, BLOCK_V) if interpreting() else 1
+        _ce_scale_rows_kernel[(triton.cdiv(N, rows),)](
+            dz, g, g.stride(0) if g.dim() else 0, N, V, BLOCK_R=rows, BLOCK_V=BLOCK_V, num_warps=num_warps)
+    if not torch.compiler.is_compiling():  # what mul_ would do: a saved dz now reads as modified in place
+        torch.autograd.graph.increment_version(dz)
+    return dz
+
+
 class CrossEntropyTriton(torch.autograd.Function):
     """Forward: the fused kernel (loss and dz in one launch; dz saved for backward).
 
@@ -326,7 +375,7 @@ class CrossEntropyTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (dz,) = ctx.saved_tensors
-        dz.mul_(grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output)
+        scale_rows_triton(dz, grad_output)
         return dz, None, None, None, None, None, None, None
 
 

@@ -200,6 +200,7 @@ if triton is not None:
     ):
         """BLOCK_R rows per program. Softcapped logits lie in (0, 23): the LSE shifts by the constant 23 (no
         running max). Rows past T read row T - 1 and are never stored."""
+        g_mul = tl.cast(g_mul, tl.float32)  # Inductor may pass floats as fp64
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rows < T
         rows_in = tl.minimum(rows, T - 1)

@@ -126,6 +126,7 @@ if triton is not None:
         Grid (T*T, batch) with T = cdiv(M, BLOCK); program (i, j) with i > j does nothing, (i, j) with
         i < j writes tiles (i, j) and (j, i).
         """
+        alpha, beta = tl.cast(alpha, tl.float32), tl.cast(beta, tl.float32)  # Inductor may pass floats as fp64
         pid = tl.program_id(0)
         z = tl.program_id(1).to(tl.int64)
         num_t = tl.cdiv(M, BLOCK)

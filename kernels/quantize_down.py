@@ -52,7 +52,9 @@ def quantize_down_torch(w: torch.Tensor, next_scale, bootstrap: bool):
     """Reference (see the module docstring)."""
     check_quantize_down_args(w, next_scale, bootstrap)
     amax = w.abs().amax(dim=(-2, -1))
-    used = (amax.clamp(min=AMAX_FLOOR) / E4M3_MAX).float() if bootstrap else next_scale
+    # a tensor divisor: PyTorch on a GPU multiplies by the reciprocal of a Python-number divisor (one bit off
+    # the spec's division; seen on the H100, 2026-11-27)
+    used = (amax.clamp(min=AMAX_FLOOR) / amax.new_tensor(E4M3_MAX)).float() if bootstrap else next_scale
     w8 = to_e4m3(w.float() / used[..., None, None])
     return w8, used, amax.float().clamp(min=AMAX_FLOOR) * (WEIGHT_HEADROOM / E4M3_MAX)
 
@@ -100,6 +102,7 @@ if triton is not None:
         FLOOR: tl.constexpr, CURRENT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """scale[l] from the max of tile_max[l, :]; CURRENT with ROUND_BF16 rounds as bf16 arithmetic does."""
+        factor = tl.cast(factor, tl.float32)  # Inductor may pass floats as fp64
         row = tl.program_id(0)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, n, BLOCK):

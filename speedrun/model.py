@@ -92,6 +92,11 @@ def value_embed_layers(cfg: ModelConfig) -> list[int | None]:
 # ---------------------------------------------------------------------------------------------
 
 
+# FP8Linear's scales: module constants, since dynamo (torch 2.11) cannot read a class attribute of an
+# autograd.Function inside its traced forward (a graph break on the GPU suite's H100, 2026-11-27)
+FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
+
+
 class FP8Linear(torch.autograd.Function):
     """out = x @ w^T with x (N, K) bf16 and w (M, K) fp32, computed in FP8 on the tensor cores.
 
@@ -104,17 +109,14 @@ class FP8Linear(torch.autograd.Function):
     dance below produces exactly those layouts. Needs N, K, M multiples of 16 (the caller checks).
     """
 
-    X_SCALE = 2.0
-    W_SCALE = 32.0
-
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, grad_scale: float) -> torch.Tensor:
-        x8 = (x * FP8Linear.X_SCALE).to(torch.float8_e4m3fn).contiguous()  # row-major (no-op normally)
-        w8 = (w * FP8Linear.W_SCALE).to(torch.float8_e4m3fn)
+        x8 = (x * FP8_X_SCALE).to(torch.float8_e4m3fn).contiguous()  # row-major (no-op normally)
+        w8 = (w * FP8_W_SCALE).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(
             x8, w8.T,
-            scale_a=_fp32_scalar(1 / FP8Linear.X_SCALE, x.device),
-            scale_b=_fp32_scalar(1 / FP8Linear.W_SCALE, x.device),
+            scale_a=_fp32_scalar(1 / FP8_X_SCALE, x.device),
+            scale_b=_fp32_scalar(1 / FP8_W_SCALE, x.device),
             out_dtype=torch.bfloat16, use_fast_accum=True,
         )
         ctx.save_for_backward(x8, w8)
@@ -128,12 +130,12 @@ class FP8Linear(torch.autograd.Function):
         g8 = (grad * ctx.grad_scale).to(torch.float8_e5m2).contiguous()
         dx = torch._scaled_mm(
             g8, w8.T.contiguous().T,
-            scale_a=inv_grad_scale, scale_b=_fp32_scalar(1 / FP8Linear.W_SCALE, grad.device),
+            scale_a=inv_grad_scale, scale_b=_fp32_scalar(1 / FP8_W_SCALE, grad.device),
             out_dtype=torch.bfloat16, use_fast_accum=False,
         )
         dw = torch._scaled_mm(
             g8.T.contiguous(), x8.T.contiguous().T,
-            scale_a=inv_grad_scale, scale_b=_fp32_scalar(1 / FP8Linear.X_SCALE, grad.device),
+            scale_a=inv_grad_scale, scale_b=_fp32_scalar(1 / FP8_X_SCALE, grad.device),
             out_dtype=torch.float32, use_fast_accum=False,
         )
         return dx, dw, None

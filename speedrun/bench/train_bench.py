@@ -118,7 +118,10 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
 
         breaks = None
         if cfg.train.compile:
-            inputs, targets = (torch.stack([p[i] for p in pairs[:per_forward]]) for i in (0, 1))
+            # explain runs the forward eagerly, keeping what the backward needs: traced on the first
+            # EXPLAIN_TOKENS tokens (the same code path), since the torch set's dense reference attention at
+            # the recipe's 65,536 took all of an H100's memory (bench/results/2026-11-27_1547_nvidia-h100-80gb-hbm3)
+            inputs, targets = (torch.stack([p[i][:EXPLAIN_TOKENS] for p in pairs[:per_forward]]) for i in (0, 1))
             breaks = graph_breaks(raw_model, inputs, targets, window=window)
             log(f"  {cfg.train.kernels}: {len(breaks)} graph break(s)" + "".join(f"\n    {b}" for b in breaks))
             if breaks and cfg.train.kernels != "torch":  # compile_model's fullgraph=True would fail: not timed
@@ -128,6 +131,9 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
         row = _time_steps(cfg, device, one_step, cfg.data.tokens_per_step, fpt * cfg.data.tokens_per_step, steps,
                           warmup, profile_steps, log)
         return dict(row, graph_breaks=breaks)
+
+
+EXPLAIN_TOKENS = 8192
 
 
 def graph_breaks(model: torch.nn.Module, *args, **kwargs) -> list[str]:

@@ -62,3 +62,51 @@ def test_an_oversized_configuration_fails():
     assert out.returncode == 0, out.stderr[-2000:]
     shared, status = out.stdout.split(maxsplit=1)
     assert int(shared) > 300_000 and "shared memory; sm_80 has 166912" in status, out.stdout
+
+
+FP64_FLOATS = """
+from triton._C.libtriton import ir
+from triton.compiler import make_backend
+from speedrun.bench import aot
+checked, bad = set(), []
+for fn, args, kwargs, _ in aot.capture():
+    target, source, options, row, key = aot.specialise(fn, args, kwargs, "sm_90")
+    floats = [name for name, kind in source.signature.items() if kind == "fp32"]
+    if not floats or key in checked:
+        continue
+    checked.add(key)
+    for name in floats:
+        source.signature[name] = "fp64"
+    backend = make_backend(target)
+    options = backend.parse_options(options.__dict__)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    try:
+        module = source.make_ir(target, options, backend.get_codegen_implementation(options),
+                                backend.get_module_map(), context)
+    except Exception as e:
+        bad.append(f"{fn.__name__} [{row.config}]: {str(e).splitlines()[-1]}")
+        continue
+    fp64_ops = [line.strip() for line in str(module).splitlines() if "f64" in line
+                and not line.strip().startswith("tt.func") and "arith.truncf" not in line]
+    if fp64_ops:
+        bad.append(f"{fn.__name__} [{row.config}]: fp64 arithmetic: {fp64_ops[0][:100]}")
+print(len(checked))
+print("\\n".join(bad))
+"""
+
+
+def test_kernels_take_inductors_fp64_floats():
+    """torch.compile (Inductor, torch 2.11 on the GPU machine) types a Triton kernel's Python float arguments as
+    fp64, where Triton's own launcher says fp32. Every kernel must then build the same fp32 arithmetic: cast at
+    entry, no fp64 op after it (the H100 run of 2026-11-27 failed to compile the cross-entropy kernel: a
+    loop-carried sum turned fp64). Builds each launch's Triton IR with fp64 floats, for sm_90, no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", FP64_FLOATS], cwd=aot.REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    checked, *bad = out.stdout.strip().split("\n")
+    assert int(checked) >= 60, out.stdout  # the syrk, cross-entropy, MTP and quantisation kernels' launches
+    assert not [b for b in bad if b], "\n".join(bad)

@@ -4,7 +4,7 @@ formulas (recipe-frontier.md 2.10, 6 rows 6-10) with the FP8 roundings done on t
 
 import pytest
 import torch
-from kernel_testing import DEVICE, needs_triton, on_device
+from kernel_testing import DEVICE, assert_close_where_roundings_may_flip, needs_triton, on_device
 from test_fp8 import E4M3, round_to
 
 import kernels
@@ -61,9 +61,15 @@ def test_forward_and_backward(variant, act_scale):
     post8 = e4m3(torch.clamp((post.float() * (1 / act)).double(), max=448))
     want = bf16((act * down_scale).double() * (post8 @ down8.double()))
     assert out.dtype == torch.bfloat16
-    assert ((out.double() - want).abs() <= 2**-8 * want.abs()).all()
-    assert (out.double() == want).float().mean() > 0.95
-    assert amax == post.max().float()
+    # the Triton variant on a GPU: Hopper's FP8 dots accumulate with fewer bits (as the record's kernel does)
+    fast_fp8 = variant == "triton" and DEVICE.type == "cuda"
+    if fast_fp8:
+        assert_close_where_roundings_may_flip(out, want, 2**-5, "out")
+        assert (amax - post.max()).abs() <= 2**-7 * post.max()
+    else:
+        assert ((out.double() - want).abs() <= 2**-8 * want.abs()).all()
+        assert (out.double() == want).float().mean() > 0.95
+        assert amax == post.max().float()
     # reference backward (bf16 function at the FP8 forward's pre and post)
     grad = torch.randn(24, 16, generator=g).bfloat16()
     out.backward(grad)
@@ -72,7 +78,10 @@ def test_forward_and_backward(variant, act_scale):
     dpre = bf16(2 * u * torch.relu(pre))
     for got, ref in ((dw_proj, post.T @ grad.double()), (dw_fc, dpre.T @ x.double()), (dx, dpre @ w_fc.double())):
         assert got.dtype == torch.bfloat16
-        assert ((got.double() - ref).abs() <= 2**-7 * ref.abs().max()).all()
+        if fast_fp8:  # pre and post, the backward's inputs, may differ by a rounding
+            assert_close_where_roundings_may_flip(got, ref, 2**-5)
+        else:
+            assert ((got.double() - ref).abs() <= 2**-7 * ref.abs().max()).all()
 
 
 def _run(variant, x, w_fc, w_proj, act_scale, grad):
@@ -91,13 +100,20 @@ def _run(variant, x, w_fc, w_proj, act_scale, grad):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_equals_the_reference_on_ragged_tiles(act_scale, dtype):
     """T = 70, hidden 160, d 48: ragged row, column and K tiles. Every rounding of the Triton epilogue is the
-    reference's, so the results differ only by fp32 summation order (bf16: where it flips a rounding, at
-    most one bf16 step anywhere and on at most 1% of the entries); post_amax agrees."""
+    reference's, so on the CPU the results differ only by fp32 summation order (bf16: where it flips a
+    rounding, at most one bf16 step anywhere and on at most 1% of the entries); post_amax agrees. On a GPU
+    the FP8 dots accumulate with Hopper's fewer bits (as the record's do): a relative error of 2^-5."""
     w_fc, w_proj = weights(3, hidden=160, d=48)
     g = torch.Generator().manual_seed(4)
     x, grad = (torch.randn(70, 48, generator=g).bfloat16().to(dtype) for _ in range(2))
     ref = _run("torch", x, w_fc.to(dtype), w_proj.to(dtype), act_scale, grad)
     tri = _run("triton", x, w_fc.to(dtype), w_proj.to(dtype), act_scale, grad)
+    if DEVICE.type == "cuda":
+        assert (tri[1] - ref[1]).abs() <= 2**-7 * ref[1]
+        for name, r, t in zip(("out", "dx", "dw_fc", "dw_proj"), ref[:1] + ref[2:], tri[:1] + tri[2:], strict=True):
+            assert t.dtype == r.dtype == dtype, name
+            assert_close_where_roundings_may_flip(t, r, 2**-5, name)
+        return
     assert (tri[1] - ref[1]).abs() <= 1e-6 * ref[1]
     for name, r, t in zip(("out", "dx", "dw_fc", "dw_proj"), ref[:1] + ref[2:], tri[:1] + tri[2:], strict=True):
         assert t.dtype == r.dtype == dtype, name

@@ -4,7 +4,7 @@ which uses the full weight sum S in the last K - 1 rows (not autograd's)."""
 
 import pytest
 import torch
-from kernel_testing import DEVICE, needs_triton, on_device
+from kernel_testing import DEVICE, assert_close_where_roundings_may_flip, needs_triton, on_device
 
 import kernels
 from kernels import mtp_cross_entropy as mce
@@ -93,13 +93,19 @@ def test_triton_bf16_within_twice_the_references_error():
 @needs_triton
 def test_triton_fp8_equals_the_reference_for_a_uniform_grad_out():
     """The same FP8 logits and the same e5m2 gradient (stored in the forward as e5m2(G / (0.75/448)), which
-    a uniform grad_out maps to itself): equal up to fp32 summation order (the LSE's and the matmuls')."""
+    a uniform grad_out maps to itself): equal up to fp32 summation order (the LSE's and the matmuls'). On a
+    GPU the logits come from torch._scaled_mm, which sums in its own order, so a bf16 logit and then an e5m2
+    gradient entry may round the other way: the loss within a bf16 step, the gradients within 2^-5."""
     x, w, y = inputs(64, 32, 512, seed=13, dtype=torch.bfloat16, x_scale=2.0, w_scale=0.3)
     grad_out = torch.full((64,), 0.125, device=DEVICE)
     ref = _loss_and_grads("torch", x, w, y, (1.0, 0.5, 0.25), True, grad_out)
     tri = _loss_and_grads("triton", x, w, y, (1.0, 0.5, 0.25), True, grad_out)
-    for r, t in zip(ref, tri, strict=True):  # loss, dx, dw
-        assert (r - t).abs().max() <= 1e-5 * r.abs().max()
+    for name, r, t in zip(("loss", "dx", "dw"), ref, tri, strict=True):
+        if DEVICE.type == "cuda" and name != "loss":
+            assert_close_where_roundings_may_flip(t, r, 2**-5, name)
+        else:
+            tolerance = 2**-8 if DEVICE.type == "cuda" else 1e-5
+            assert (r - t).abs().max() <= tolerance * r.abs().max(), name
 
 
 @needs_triton

@@ -45,4 +45,4 @@ def test_rounding_equals_torchs_cast(fmt, dtype, largest, subnormal):
     _round_kernel[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), FORMAT=fmt, BLOCK=256)
     want = x.to(dtype).float()
     assert torch.equal(out, want), x[out != want][:5]
-    assert out.device == DEVICE
+    assert out.device.type == DEVICE.type  # "cuda:0" on a GPU, DEVICE is "cuda"
