@@ -31,13 +31,16 @@ def scaled_mm(a8: torch.Tensor, b8: torch.Tensor, scale, out_dtype: torch.dtype)
     return (scale * (a8.float() @ b8.float())).to(out_dtype)
 
 
-def scaled_mm_fast(a8: torch.Tensor, b8: torch.Tensor, scale, out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_mm_fast(a8: torch.Tensor, b8: torch.Tensor, scale, out_dtype: torch.dtype,
+                   fast_accum: bool = False) -> torch.Tensor:
     """What ``scaled_mm`` computes, by torch._scaled_mm on a CUDA GPU where its rules allow it (every
     dimension a multiple of 16; a8 is made row-major and b8 column-major, as it requires), else by the
-    emulation. For the Triton variants' library matmuls."""
+    emulation. For the Triton variants' library matmuls. ``fast_accum``: Hopper's reduced-precision
+    accumulation, as record #89's FP8 lm_head forward and MLP down product use (recipe-frontier.md section 6);
+    the emulation sums in fp32."""
     if a8.is_cuda and all(n % 16 == 0 for n in (*a8.shape, b8.shape[1])):
         one = torch.ones((), dtype=torch.float32, device=a8.device)
         scale = torch.as_tensor(scale, dtype=torch.float32, device=a8.device).reshape(())
         return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=scale, scale_b=one,
-                                out_dtype=out_dtype)
+                                out_dtype=out_dtype, use_fast_accum=fast_accum)
     return scaled_mm(a8, b8, scale, out_dtype)

@@ -103,7 +103,7 @@ VARIANTS = {"torch": mlp_fp8_torch}
 #                                                its epilogue; one max(post) per program
 #   post_amax = max(partials)                    torch (the reduce-to-scale step; activation_scale() of it
 #                                                is the next call's act_scale)
-#   out = act_scale down_scale post8 @ down8     torch._scaled_mm on a GPU (kernels/fp8.py: scaled_mm_fast)
+#   out = act_scale down_scale post8 @ down8     torch._scaled_mm on a GPU, fast accumulation (fp8.scaled_mm_fast)
 #   backward: d_pre = bf16(2 bf16(g w_proj^T) relu(pre))   kernels/mlp.py's matmul, EPILOGUE_DRELU_PRE
 #             dw_proj = post^T g, dw_fc = d_pre^T x, dx = d_pre w_fc             torch matmuls (bf16)
 #
@@ -194,7 +194,7 @@ if triton is not None:
             dq = (up_scale * a / E4M3_MAX).float().reshape(())
             inv_act = (1 / act_scale).float().reshape(())
             pre, post, post8, post_amax = _up_projection(x8, up8, dq, inv_act, x.dtype)
-            out = scaled_mm_fast(post8, down8, act_scale * down_scale, x.dtype)
+            out = scaled_mm_fast(post8, down8, act_scale * down_scale, x.dtype, fast_accum=True)
             ctx.save_for_backward(x, w_fc, w_proj, pre, post)
             ctx.mark_non_differentiable(post_amax)
             return out, post_amax

@@ -34,11 +34,12 @@ Variants: ``torch`` (the reference: rows in chunks, so no (T, V) fp32 tensor is 
 recomputes each chunk's logits; FP8 products emulated exactly, kernels/fp8.py) and, when Triton imports,
 ``triton`` (the record's design, below).
 
-Triton variant: the head matmul is a library call (x @ w, or torch._scaled_mm for ``fp8``); one kernel then
-reads each row's logits twice (the LSE, then the gradient) and writes the row's loss and its gradient G
-for grad_out = 1, in the forward pass, without a host sync. G is stored in x's dtype, or for ``fp8`` as the
-record's e5m2(g / (0.75/448)) (spec 2.11 item 5). The backward scales G's rows by grad_out (in place) and
-runs the two matmuls. Where it differs from the reference:
+Triton variant: the head matmul is a library call (x @ w, or for ``fp8`` torch._scaled_mm with fast
+accumulation, as the record's); one kernel then reads each row's logits twice (the LSE, then the gradient)
+and writes the row's loss and its gradient G for grad_out = 1, in the forward pass, without a host sync.
+G is stored in x's dtype, or for ``fp8`` as the record's e5m2(g / (0.75/448)) (spec 2.11 item 5). The
+backward scales G's rows by grad_out (in place) and runs the two matmuls. Where it differs from the
+reference:
 
 * bf16/fp16: G is rounded to x's dtype before dx = G w^T and dw = x^T G (the reference keeps it in fp32);
   the tests hold dx and dw to 2x the reference's own error against fp64.
@@ -278,7 +279,7 @@ if triton is not None:
             if fp8:
                 w8 = to_e4m3(w / W_SCALE)
                 x8 = to_e4m3(x / X_SCALE)
-                u = scaled_mm_fast(x8, w8, torch.tensor(XW_SCALE, device=x.device), x.dtype)
+                u = scaled_mm_fast(x8, w8, torch.tensor(XW_SCALE, device=x.device), x.dtype, fast_accum=True)
                 loss, g = _launch_mtp_ce(u, targets, weights, torch.float8_e5m2, 1 / GRAD_SCALE)
                 ctx.save_for_backward(x8, w8, g)
             else:
