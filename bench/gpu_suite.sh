@@ -16,9 +16,10 @@
 #     7. speedrun bench converge: a shortened sub3min run per kernel set, val curves compared
 #                                                                -> converge.md, converge.png, converge_logs/
 #     8. a markdown summary of all of it                         -> summary.md
-# Results go to $OUT if set, else bench/results/<date>_<gpu>/ (commit that folder). Every step runs even if
-# one fails, each within a time budget (a step over it gets Ctrl-C, so pytest and the trainer still write
-# what they have, and counts as failed); the script then exits non-zero and summary.md names the failures.
+# Results go to $OUT if set, else bench/results/<date>_<gpu>/, or <date>_<time>_<gpu>/ if that holds an
+# earlier run's (commit that folder). Every step runs even if one fails, each within a time budget (a step
+# over it gets Ctrl-C, so pytest and the trainer still write what they have, and counts as failed); the
+# script then exits non-zero and summary.md names the failures.
 #
 #   --dry-run     the same pipeline on the CPU with tiny settings (CI runs both modes this way): it checks
 #                 the script, not the GPU; its times mean nothing

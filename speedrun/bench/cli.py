@@ -12,7 +12,8 @@ def add_common_arguments(p: argparse.ArgumentParser, with_compile: bool = False)
         p.add_argument("--compile", dest="compile", action="store_true", default=None, help="default on CUDA")
         p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/)")
+    p.add_argument("--out", metavar="DIR", default=None, help="results folder (default: bench/results/<date>_<gpu>/, "
+                   "or <date>_<time>_<gpu>/ if that holds results)")
 
 
 def _command(module: str, function: str):

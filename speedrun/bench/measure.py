@@ -150,11 +150,15 @@ def slug(text: str) -> str:
 
 
 def results_dir(device: torch.device, out: str | None = None) -> Path:
-    """``out`` if given, else bench/results/<date>_<device slug>/ in the repository; created."""
+    """``out`` if given, else bench/results/<date>_<device slug>/ in the repository, or <date>_<HHMMSS>_<slug>/
+    when that folder already holds an earlier run's results (UTC; never written into); created."""
     if out:
         path = Path(out)
     else:
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-        path = REPO_ROOT / "bench" / "results" / f"{date}_{slug(device_name(device))}"
+        now = datetime.datetime.now(datetime.timezone.utc)
+        results, name = REPO_ROOT / "bench" / "results", slug(device_name(device))
+        path = results / f"{now:%Y-%m-%d}_{name}"
+        if path.exists() and any(path.iterdir()):
+            path = results / f"{now:%Y-%m-%d_%H%M%S}_{name}"
     path.mkdir(parents=True, exist_ok=True)
     return path

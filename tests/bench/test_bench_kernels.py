@@ -273,3 +273,20 @@ def test_an_unwritten_output_element_is_caught(monkeypatch):
     prob = kc.problem(case, torch.float32, CPU)
     status, detail, err, _ = kb.correctness(case, prob, ["forgets_one"], torch.float32, CPU, False)["forgets_one"]
     assert status == "wrong" and err == math.inf
+
+
+def test_a_second_run_on_the_same_day_gets_its_own_results_folder(tmp_path, monkeypatch):
+    """The default folder is bench/results/<date>_<device>/; a later run that day must not write into an
+    earlier run's results (the suite's second H100 run of 2026-11-27 would have)."""
+    from speedrun.bench import measure
+
+    monkeypatch.setattr(measure, "REPO_ROOT", tmp_path)
+    cpu = torch.device("cpu")
+    first = measure.results_dir(cpu)
+    assert first.parent == tmp_path / "bench" / "results" and first.is_dir()
+    assert measure.results_dir(cpu) == first  # still empty: the same folder
+    (first / "kernels.csv").write_text("earlier results\n")
+    second = measure.results_dir(cpu)
+    assert second != first and second.is_dir() and second.name.endswith(first.name.split("_", 1)[1])
+    assert (first / "kernels.csv").read_text() == "earlier results\n"
+    assert measure.results_dir(cpu, str(tmp_path / "mine")) == tmp_path / "mine"
