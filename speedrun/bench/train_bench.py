@@ -92,6 +92,9 @@ def staged_step(cfg: RunConfig, device: torch.device, calls: int, seed: int, wor
     return (lambda: race.train_step(step_at)), plan.batch_tokens, race.step_flops(step_at)
 
 
+EXPLAIN_TOKENS = 8192  # the tokens per sequence graph_breaks traces (see bench_kernel_set)
+
+
 def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: int, profile_steps: int,
                      log=print) -> dict:
     """Time ``steps`` optimizer steps of ``cfg`` (its kernel set, compile flag) after ``warmup`` untimed ones."""
@@ -131,9 +134,6 @@ def bench_kernel_set(cfg: RunConfig, device: torch.device, steps: int, warmup: i
         row = _time_steps(cfg, device, one_step, cfg.data.tokens_per_step, fpt * cfg.data.tokens_per_step, steps,
                           warmup, profile_steps, log)
         return dict(row, graph_breaks=breaks)
-
-
-EXPLAIN_TOKENS = 8192
 
 
 def graph_breaks(model: torch.nn.Module, *args, **kwargs) -> list[str]:

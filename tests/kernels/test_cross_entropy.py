@@ -14,10 +14,9 @@ with k the number of roundings to z's dtype: 1 when grad_output is 1 (the kernel
 once, like PyTorch's own gradient, which is also rounded to z's dtype, error <= u |x|); 2 when
 grad_output is not 1 (the backward scales the already rounded dz in fp32 and rounds again, see
 CrossEntropyTriton). The kernels round to nearest even under the CPU interpreter too (its own fp32 -> bf16
-cast truncates; kernels/triton_rounding.py), so the bounds are the GPU's.
-With a single correct rounding (k == 1) dz must also meet the brief's
-rule, max error <= 2 * PyTorch's own max error in that dtype (the GPU recipe-shape test checks exactly
-this on real bf16 hardware rounding).
+cast truncates; kernels/triton_rounding.py), so the bounds are the GPU's. With a single correct rounding
+(k == 1) dz must also meet the brief's rule, max error <= 2 * PyTorch's own max error in that dtype (the GPU
+recipe-shape test checks exactly this on real bf16 hardware rounding).
 """
 
 from __future__ import annotations
