@@ -28,7 +28,6 @@ def on_device(*tensors: torch.Tensor):
     return moved[0] if len(moved) == 1 else moved
 
 
-
 def assert_close_where_roundings_may_flip(got: torch.Tensor, want: torch.Tensor, rel: float, name: str = ""):
     """||got - want|| / ||want|| <= rel. For a GPU, where the library's matmuls sum in another order than the
     reference (and Hopper's FP8 tensor cores accumulate with fewer bits, as the record's kernels do), so that
