@@ -3,7 +3,8 @@
 The fast test uses a record whose code snapshot is a stand-in `speedrun/cli.py` that writes a run log
 the way the trainer does (in a second), so the whole path runs: check the record, restore the
 snapshot over a copy of the working tree, launch `python -m speedrun.cli train` there with the
-logged options, collect the logs, write the report. The slow test does the same with real training.
+logged options, collect the logs, write the report. The slow test runs the real trainer from a real
+record's snapshot (10 steps of it).
 """
 
 import json
@@ -107,9 +108,15 @@ def test_reproduce_runs_the_snapshot_and_writes_the_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_run):
-    """End to end on tiny-cpu with real training (the shared real run, then one reproduction): minutes."""
+def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_run, monkeypatch):
+    """End to end on tiny-cpu with real training: the shared real run made a record, and the real trainer runs
+    from that record's code snapshot. The reproduction trains 10 of the record's 300 steps (the whole run took
+    over 3 of the suite's 15 minutes); comparing whole runs is the fast test's, with the stand-in trainer."""
+    from speedrun.records import reproduce as reproduce_mod
     from speedrun.records.cli import main as leaderboard_main
+
+    monkeypatch.setattr(reproduce_mod, "train_arguments",
+                        lambda *args: [*train_arguments(*args), "--steps", "10"])  # (the last --steps counts)
 
     data, logs = tiny_track_run
     records = tmp_path / "records"
@@ -124,6 +131,8 @@ def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_
     report = (out / "report.md").read_text()
     assert all_valid, report
     assert "Every reproduced run's code hash equals the record's" in report
+    (new_log,) = (out / "runs").glob("*.json")
+    assert json.loads(new_log.read_text())["val_curve"][-1]["step"] == 10
 
 
 @pytest.mark.usefixtures("synthetic_track_data")  # the stand-in logs claim the synthetic val data
