@@ -188,11 +188,6 @@ def supports_fp8() -> bool:
     return cap is not None and cap >= (8, 9)
 
 
-def is_hopper() -> bool:
-    cap = cuda_capability()
-    return cap is not None and cap[0] == 9
-
-
 class _NoBackward(torch.autograd.Function):
     """Carries a result that has no gradient: differentiating it raises (instead of a silently wrong one)."""
 
