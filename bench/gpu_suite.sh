@@ -105,9 +105,9 @@ elif [ "$DRY_RUN" = 1 ]; then
         --out "$OUT"
     step "bench train record89" record89.log 300 "${SB[@]}" train --device cpu --preset record89-tiny --kernels torch \
         --steps 1 --warmup 0 --profile-steps 0 --out "$OUT/record89"
-    # one step, one 1,024-token validation batch: the interpreted Triton set takes ~6 s a step here
+    # one step, no warm-up, one 1,024-token validation batch: the interpreted Triton set takes ~6 s a step here
     step "bench converge" converge.log 300 "${SB[@]}" converge --device cpu --preset sub3min-tiny --steps 1 \
-        --val-every 1 --seq-len 128 --val-tokens 1024 --out "$OUT"
+        --warmup-steps 0 --val-every 1 --seq-len 128 --val-tokens 1024 --out "$OUT"
 elif [ "$SMOKE" = 1 ]; then
     # budgets: 30 + 75 + 45 + 75 s = 3.75 min at the most (launching every op's configurations cold took over
     # 45 s on the H100, bench/results/2026-11-27_1547_nvidia-h100-80gb-hbm3)

@@ -31,6 +31,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqs-per-forward", type=positive_int, default=None,
                    help="sequences per forward pass (default: the preset's; the math does not change)")
     p.add_argument("--seed", type=seed, default=None, help="random seed (default: the preset's)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None, metavar="N",
+                   help="untimed training steps before the clock starts, to compile and warm caches; the model, "
+                        "optimizers and data are restored after them (default: the preset's)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile")

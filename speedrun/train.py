@@ -501,8 +501,9 @@ def resolve_config(args, cuda: bool) -> RunConfig:
     cfg = get_preset(args.preset or (DEFAULT_GPU_PRESET if cuda else DEFAULT_CPU_PRESET))
     # command-line option -> (config section, field); options left unset keep the preset's value
     overrides = {"steps": ("train", "num_steps"), "val_every": ("train", "val_every"), "seed": ("train", "seed"),
-                 "val_tokens": ("data", "val_tokens"), "seq_len": ("data", "seq_len"),
-                 "seqs_per_forward": ("data", "seqs_per_forward"), "data": ("data", "data_dir")}
+                 "warmup_steps": ("train", "warmup_steps"), "val_tokens": ("data", "val_tokens"),
+                 "seq_len": ("data", "seq_len"), "seqs_per_forward": ("data", "seqs_per_forward"),
+                 "data": ("data", "data_dir")}
     if cfg.schedule is not None:
         for option in ("seq_len", "seqs_per_forward"):
             if getattr(args, option) is not None:

@@ -69,7 +69,11 @@ def test_train_arguments_and_seeds_come_from_the_logs(tmp_path):
     assert args[:12] == ["--preset", "sub3min-tiny", "--steps", "20", "--val-every", "5",
                          "--seq-len", str(data["seq_len"]), "--val-tokens", str(data["val_tokens"]), "--seed", "7"]
     assert "--no-compile" in args and args[args.index("--device") + 1] == "cpu" and "--data" not in args
+    assert "--warmup-steps" not in args  # the preset's (a record's older trainer may not know the option)
     assert seeds_for(record, 2) == [0, 1] and seeds_for(record, 5) == [0, 1, 2, 3, 4]
+    changed = {**facts, "config": {**facts["config"], "train": {**facts["config"]["train"], "warmup_steps": 0}}}
+    args = train_arguments(changed, seed=7, log_dir=tmp_path / "logs")
+    assert args[args.index("--warmup-steps") + 1] == "0"
 
 
 @pytest.mark.usefixtures("synthetic_track_data")  # the stand-in logs claim the synthetic val data

@@ -76,12 +76,13 @@ def test_timing_excludes_warmup_and_validation(synth_dir, tmp_path, monkeypatch)
 
 
 def test_warmup_restores_initial_state(synth_dir, tmp_path):
-    """A run with warm-up steps sees exactly what a run without them sees."""
-    cfg, env, data_dir, target, track = make_run(synth_dir, "--steps", "3", "--val-every", "3")
+    """A run with warm-up steps (``--warmup-steps``) sees exactly what a run without them sees."""
     losses = []
     for warmup in (0, 2):
-        c = train_mod.dataclasses.replace(cfg, train=train_mod.dataclasses.replace(cfg.train, warmup_steps=warmup))
-        result = train_mod.train(c, env, data_dir, target, track, log_dir=tmp_path, echo=False)
+        cfg, env, data_dir, target, track = make_run(synth_dir, "--steps", "3", "--val-every", "3", "--warmup-steps",
+                                                     str(warmup))
+        assert cfg.train.warmup_steps == warmup
+        result = train_mod.train(cfg, env, data_dir, target, track, log_dir=tmp_path, echo=False)
         losses.append(json.loads(result.json_path.read_text())["train_losses"])
     assert losses[0] == losses[1]
 

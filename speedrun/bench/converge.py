@@ -44,7 +44,7 @@ def run_one(kernel_set: str, args, data_dir: Path, log_dir: Path) -> dict:
            "--steps", str(args.steps), "--val-every", str(args.val_every), "--data", repo_or_absolute_path(data_dir),
            "--log-dir", repo_or_absolute_path(log_dir), "--quiet"]
     for option, value in (("--seq-len", args.seq_len), ("--val-tokens", args.val_tokens),
-                          ("--device", args.device)):
+                          ("--warmup-steps", args.warmup_steps), ("--device", args.device)):
         if value is not None:
             cmd += [option, str(value)]
     if args.compile is not None:
@@ -103,7 +103,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from speedrun.args import positive_int
+    from speedrun.args import non_negative_int, positive_int
 
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="default: sub3min on GPU, sub3min-tiny on CPU (presets with Triton kernels for every op)")
@@ -111,6 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=positive_int, default=25, help="validate every N steps (default: 25)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="override the preset's sequence length")
     p.add_argument("--val-tokens", type=positive_int, default=None, help="override the validation token count")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None, metavar="N",
+                   help="untimed warm-up steps of each run (default: the preset's; eager runs need none)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="token shards (default: data/fineweb10B when present, else the synthetic language)")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest allowed val-loss difference (0.05)")

@@ -90,8 +90,10 @@ def train_arguments(facts: dict, seed: int, log_dir: Path) -> list[str]:
             "--seq-len", str(data["seq_len"]), "--val-tokens", str(data["val_tokens"]), "--seed", str(seed),
             "--kernels", train["kernels"], "--compile" if train["compile"] else "--no-compile",
             "--device", facts["env"]["device"], "--log-dir", str(log_dir), "--quiet"]
-    default_data = get_preset(config["preset"]).data.data_dir
-    return args + (["--data", data["data_dir"]] if data["data_dir"] != default_data else [])
+    preset = get_preset(config["preset"])  # options a record's own trainer may predate: only where they differ
+    args += ["--data", data["data_dir"]] if data["data_dir"] != preset.data.data_dir else []
+    return args + (["--warmup-steps", str(train["warmup_steps"])] if train["warmup_steps"] != preset.train.warmup_steps
+                   else [])
 
 
 def launcher(world_size: int, python: str) -> list[str]:
