@@ -93,7 +93,7 @@ if [ "$DRY_RUN" = 1 ] && [ "$SMOKE" = 1 ]; then
     step "bench launch" launch.log 120 "${SB[@]}" launch --device cpu --op varlen_attention --out "$OUT"
     step "model check" tests.txt 300 "${PYTEST[@]}" tests/test_kernels_in_model.py -m "not slow"
     step "bench train" train.log 300 "${SB[@]}" train --device cpu --preset sub3min-tiny --kernels triton,torch \
-        --steps 1 --warmup 1 --profile-steps 0 --seq-len 128 --out "$OUT"
+        --steps 1 --warmup 0 --profile-steps 0 --seq-len 128 --out "$OUT"
 elif [ "$DRY_RUN" = 1 ]; then
     step environment env.txt 60 env_report
     step tests tests.txt 300 "${PYTEST[@]}" -m gpu tests/kernels
@@ -101,7 +101,7 @@ elif [ "$DRY_RUN" = 1 ]; then
     # two of the ops (tests/bench/test_bench_kernels.py runs every op's quick bench): the step, not the ops
     step "bench kernels" kernels.log 300 "${SB[@]}" kernels --quick --device cpu --variant torch,triton \
         --op quantize_down,mlp_fp8 --out "$OUT"
-    step "bench train" train.log 300 "${SB[@]}" train --device cpu --steps 1 --warmup 1 --profile-steps 1 --seq-len 128 \
+    step "bench train" train.log 300 "${SB[@]}" train --device cpu --steps 1 --warmup 0 --profile-steps 1 --seq-len 128 \
         --out "$OUT"
     step "bench train record89" record89.log 300 "${SB[@]}" train --device cpu --preset record89-tiny --kernels torch \
         --steps 1 --warmup 0 --profile-steps 0 --out "$OUT/record89"

@@ -116,11 +116,10 @@ def test_eight_tiny_steps_same_losses_with_triton(tmp_path):
     for variant in ("torch", "triton"):
         args = build_parser().parse_args(["train", "--preset", "sub3min-tiny", "--data", str(data), "--seq-len", "128",
                                           "--val-tokens", "2048", "--steps", str(steps), "--val-every", str(steps // 2),
-                                          "--kernels", variant])
+                                          "--warmup-steps", "0", "--kernels", variant])
         cfg = train_mod.resolve_config(args, cuda=False)
         env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
         cfg, data_dir, manifest = train_mod.prepare_data(cfg, env)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=0))
         result = train_mod.train(cfg, env, data_dir, None, None, log_dir=tmp_path / variant, echo=False)
         facts = json.loads(result.json_path.read_text())
         losses[variant] = facts["train_losses"] + [p["val_loss"] for p in facts["val_curve"]]
