@@ -89,8 +89,12 @@ def test_triton_kernels_match_torch_in_the_model_fp32(device):
 @pytest.mark.gpu
 def test_triton_kernels_within_twice_torchs_bf16_error_in_the_model():
     """bf16 on the GPU (Tri Dao's rule): against the fp32 torch run, the triton set's loss and each gradient
-    err by at most 2x what the torch set errs in bf16 (plus 1e-6 of the gradient's scale, for gradients
-    PyTorch happens to get exactly)."""
+    err by at most 2x what the torch set errs in bf16, plus one bf16 step (ulp) at the gradient's scale.
+
+    The step is for the scalar parameters' gradients (two numbers each): PyTorch's own error on two numbers is
+    luck. On the CPU the torch set's bf16 error on the eight ``lambdas`` gradients ranges from 0.25 to 11
+    steps; on an H100 the triton set erred 1.25 steps on ``blocks.3.attn.lambdas``, where PyTorch erred 0.3.
+    For the weight matrices' gradients the torch set's error is many steps, so the step changes little."""
     inputs, targets = model_batch()
     loss_ref, grads_ref = loss_and_grads("torch", "cuda", torch.float32, inputs, targets)
     loss_torch, grads_torch = loss_and_grads("torch", "cuda", torch.bfloat16, inputs, targets)
@@ -99,8 +103,8 @@ def test_triton_kernels_within_twice_torchs_bf16_error_in_the_model():
     for name in grads_ref:
         own = (grads_torch[name] - grads_ref[name]).abs().max()
         err = (grads_tri[name] - grads_ref[name]).abs().max()
-        floor = 1e-6 * grads_ref[name].abs().max()
-        assert err <= 2 * own + floor, f"{name}: triton bf16 error {err:.3g} > 2 x torch's {own:.3g}"
+        step = torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(grads_ref[name].abs().max()))
+        assert err <= 2 * own + step, f"{name}: triton bf16 error {err:.3g} > 2 x torch's {own:.3g} + {step:.3g}"
 
 
 @pytest.mark.slow

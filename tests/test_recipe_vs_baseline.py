@@ -3,7 +3,7 @@ fewer steps than preset `tiny-adamw` (nanoGPT's recipe at the same size, on the 
 300-step budget).
 
 The recipe's side is the suite's shared real run of the tiny preset (conftest.py: tiny_track_run, which
-validates every 50 steps on the track's 131,072 val tokens); the baseline trains here on the same data
+validates at steps 0, 150 and 300 on the track's 131,072 val tokens); the baseline trains here on the same data
 with the same validation. The recipe must cross the target at some validation step; the baseline must
 not have crossed it by then, and must be behind at every validation after step 0.
 """
@@ -34,7 +34,8 @@ def test_recipe_reaches_the_target_in_fewer_steps_than_adamw(tmp_path, tiny_trac
     recipe_steps = [p["step"] for p in recipe_curve if p["val_loss"] <= target]
     assert recipe_steps, f"the recipe never reached {target}: {recipe_curve}"
 
-    args = build_parser().parse_args(["train", "--preset", "tiny-adamw", "--data", str(data_root / "synth")])
+    args = build_parser().parse_args(["train", "--preset", "tiny-adamw", "--data", str(data_root / "synth"),
+                                       "--val-every", "150"])
     cfg = train_mod.resolve_config(args, cuda=False)
     env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     cfg, data_dir, manifest = train_mod.prepare_data(cfg, env)
