@@ -35,6 +35,28 @@ def test_readme_links_point_at_committed_files():
     assert links and not missing, f"README.md links to missing files: {missing}"
 
 
+def test_readme_performance_numbers_are_the_results_files():
+    """Numbers a user sees are measured, not typed: every kernel time ("<n> ms") in README's Performance section is,
+    as rounded there, the median of a row of kernels.csv in a results folder its bullet links to, and every
+    record time ("<mean> ± <sd>") is in LEADERBOARD.md (which `leaderboard.py build` computes from the logs)."""
+    import csv
+    import re
+
+    performance = (REPO / "README.md").read_text().split("\n## Performance\n")[1].split("\n## ")[0]
+    unsourced, times_checked = [], 0
+    for bullet in re.split(r"\n(?=- )", performance):
+        medians = [float(row["median_ms"]) for folder in set(re.findall(r"\(bench/results/([^/)]+)/", bullet))
+                   if (table := REPO / "bench/results" / folder / "kernels.csv").exists()
+                   for row in csv.DictReader(table.open()) if row["median_ms"]]
+        for shown in re.findall(r"(\d+(?:\.\d+)?) ms\b", bullet):
+            decimals = len(shown.partition(".")[2])
+            times_checked += 1
+            if not any(f"{m:.{decimals}f}" == shown for m in medians):
+                unsourced.append(f"{shown} ms")
+    board = (REPO / "LEADERBOARD.md").read_text()
+    unsourced += [f"{t} s" for t in re.findall(r"\d+\.\d+ ± \d+\.\d+(?= s)", performance) if f"| {t} |" not in board]
+    assert times_checked and not unsourced, f"README's Performance numbers without a source: {unsourced}"
+
 def test_the_project_has_no_import_cycles():
     """No module imports, at its top level, a module that imports it back (directly or through others): each
     one reads on its own, and `python -m` of any of them cannot half-initialise another."""
