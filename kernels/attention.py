@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.common import interpreter_block, interpreting, new_empty, triton_usable
+from kernels.common import compile_static, interpreter_block, interpreting, new_empty, triton_usable
 
 try:
     import triton
@@ -172,7 +172,7 @@ def attention_flex(q, k, v, doc_ids, window_blocks, scale, block_size=128):
         return (kj <= qi) & same_doc & (kj // block_size >= qi // block_size - window + 1)
 
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = compile_static(flex_attention)
     block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device, _compile=True)
     out = _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
     return out.transpose(1, 2)

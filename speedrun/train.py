@@ -221,7 +221,7 @@ def compile_model(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     ops read the attention window on the host, which splits the graph by design."""
     if not cfg.train.compile:
         return model
-    return torch.compile(model, dynamic=False, fullgraph=cfg.train.kernels != "torch")
+    return kernels.common.compile_static(model, fullgraph=cfg.train.kernels != "torch")  # (its recompile limit)
 
 
 def recipe_ops(cfg: RunConfig) -> tuple[str, ...]:

@@ -274,3 +274,39 @@ def test_an_absolute_data_path_inside_the_clone_is_logged_relative_to_it(synth_d
     facts = json.loads(result.json_path.read_text())
     assert facts["config"]["data"]["data_dir"] == synth_dir.name == facts["data"]["dir"]
     assert str(synth_dir.parent) not in result.log_path.read_text()
+
+
+def test_a_compiled_model_compiles_every_shape_it_meets(monkeypatch):
+    """Past dynamo's recompile limit (8 by default) a model runs eagerly from then on or, compiled whole as a
+    Triton run's is (fullgraph=True), fails. Record #89's warm-up meets about that many versions of its model
+    (each stage's batch, train and eval, the tied and the untied head) and the record raises the limit to 64
+    (kernels.common.RECOMPILE_LIMIT): a model called at 12 shapes is compiled 12 times (dynamo's own tracing, a
+    backend that only counts)."""
+    import dataclasses
+
+    import torch._dynamo
+
+    from speedrun.config import get_preset
+
+    class Doubler(torch.nn.Module):  # its own code object: no other test's compiled entries
+        def forward(self, x):
+            return 2 * x
+
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile_(model, backend=counting_backend, **options))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default (restored afterwards)
+    cfg = get_preset("record89-tiny")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True, kernels="triton"))
+    model = train_mod.compile_model(Doubler(), cfg)
+    try:
+        for rows in range(1, 13):
+            assert torch.equal(model(torch.ones(rows, 3)), torch.full((rows, 3), 2.0))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 12

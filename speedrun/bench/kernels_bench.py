@@ -65,7 +65,7 @@ _compiled: dict[str, object] = {}
 def variant_fn(op: str, variant: str):
     if variant == COMPILED:
         if op not in _compiled:
-            _compiled[op] = torch.compile(kernels.get(op, "torch"), dynamic=False)
+            _compiled[op] = kernels.common.compile_static(kernels.get(op, "torch"))
         return _compiled[op]
     return kernels.get(op, variant)
 
