@@ -179,10 +179,10 @@ def triton_usable(device: torch.device) -> bool:
 
 
 # Dynamo compiles a function again for every new input shape or Python value it specialised on (record #89's
-# model: each stage's batch, train and eval, the tied and the untied head; the torch kernel set: each layer's
-# attention and MLP, frames of their own; a benchmark: every size). Past its recompile limit (8 by default) the
-# function runs eagerly from then on, or, under fullgraph=True, fails. Record #89 raises the limit to 64 (spec
-# recipe-frontier.md, "Compilation").
+# model: each stage's batch and number of MTP weights, train and eval; under the torch kernel set, whose graph
+# splits, each layer's attention and MLP as frames of their own; a benchmark: every size and dtype). Past its
+# recompile limit (8 by default) the function runs eagerly from then on or, under fullgraph=True, fails. Record
+# #89 raises the limit to 64 (spec recipe-frontier.md, "Compilation").
 RECOMPILE_LIMIT = 64
 
 
@@ -190,6 +190,7 @@ def compile_static(fn, **options):
     """``torch.compile(fn, dynamic=False, **options)``, compiled again for up to RECOMPILE_LIMIT shapes."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(fn, dynamic=False, **options)
+
 
 def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None

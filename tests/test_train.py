@@ -278,8 +278,9 @@ def test_an_absolute_data_path_inside_the_clone_is_logged_relative_to_it(synth_d
 
 def test_a_compiled_model_compiles_every_shape_it_meets(monkeypatch):
     """Past dynamo's recompile limit (8 by default) a model runs eagerly from then on or, compiled whole as a
-    Triton run's is (fullgraph=True), fails. Record #89's warm-up meets about that many versions of its model
-    (each stage's batch, train and eval, the tied and the untied head) and the record raises the limit to 64
+    Triton run's is (fullgraph=True), fails. Record #89's model meets several versions of itself (each stage's
+    batch and MTP weights, train and eval; with the torch set, whose graph splits, each layer's attention and MLP
+    are frames of their own: record89-tiny hit the limit within 3 steps) and the record raises the limit to 64
     (kernels.common.RECOMPILE_LIMIT): a model called at 12 shapes is compiled 12 times (dynamo's own tracing, a
     backend that only counts)."""
     import dataclasses
