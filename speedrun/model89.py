@@ -131,7 +131,9 @@ class GPT89(nn.Module):
         self.register_buffer("_window_values", torch.full((2,), cfg.attn_block_size, dtype=torch.int32),
                              persistent=False)  # (short, long) in tokens
         self.register_buffer("_mtp_weight_values", torch.tensor([1.0, 0.0, 0.0]), persistent=False)
-        self.attn_scale, self._yarn_window, self.mtp_weights = ATTN_SCALE_START, None, (1.0,)
+        # only the number of MTP weights is a Python value (dynamo specialises on it: a new model version at a
+        # stage change); their values, new every step, would be one too, and dynamo would recompile every step
+        self.attn_scale, self._yarn_window, self.n_mtp = ATTN_SCALE_START, None, 1
         self.fp8 = cfg.fp8_lm_head
         # FP8 state (spec 2.3), per MLP slot: the delayed scales (saved, restored by the warm-up reset) and
         # the quantised weights (rebuilt from the weights: quantize_fp8)
@@ -215,7 +217,7 @@ class GPT89(nn.Module):
         gets no YaRN update). Plans must come in step order from step 0 on (or after reset_schedule_state)."""
         if not 1 <= len(plan.mtp_weights) <= len(self._mtp_weight_values):
             raise ValueError(f"step {plan.step}: {len(plan.mtp_weights)} MTP weights; the model takes 1 to 3")
-        self.mtp_weights = plan.mtp_weights
+        self.n_mtp = len(plan.mtp_weights)
         self._mtp_weight_values[:len(plan.mtp_weights)] = torch.tensor(plan.mtp_weights, dtype=torch.float32)
         self._window_values.copy_(torch.tensor(plan.window_tokens, dtype=torch.int32))
         long = plan.window_tokens[1]
@@ -321,7 +323,7 @@ class GPT89(nn.Module):
         x = x + mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * cache[9] + mu[3] * ve[0][None] + mu[4] * cache[3]
         x = norm(x)[0]
         if self.training:  # the lm_head, softcap and MTP loss (2.11)
-            weights = self._mtp_weight_values[:len(self.mtp_weights)]
+            weights = self._mtp_weight_values[:self.n_mtp]
             return self.ops["mtp_cross_entropy"](x, self.lm_head, targets, weights, fp8=self.fp8)
         logits = x @ self.lm_head.type_as(x)  # eval (2.12): plain cross-entropy of the softcapped logits
         z = (23 * torch.sigmoid((logits.float() + 5) / 7.5)).to(logits.dtype).float()

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 import kernels
+import kernels.common
 from speedrun import REPO_ROOT
 from speedrun.bench.aot import gpu_path
 
@@ -27,21 +28,15 @@ class Traced(Exception):
     """Raised by the trace-only backend instead of running the graph."""
 
 
-def trace_model(preset: str, dtype_name: str, fp8: bool, training: bool, stage_change: bool = False) -> dict:
-    """In the child process: trace ``preset``'s model at a small size with the triton set; {"graphs",
-    "triton_launches"} or {"error"}. ``stage_change`` (record89-tiny): trace at the last step of a stage, then
-    call again at the next stage's first step (new windows, attention scale and YaRN frequencies, the same
-    number of MTP weights), which must reuse the graph."""
-    import torch
+def trace_only_backend(fp8: bool):
+    """In the child process: make dynamo and our launchers take Triton as usable (and FP8 as supported when
+    ``fp8``); returns (graphs, backend): a backend that keeps each graph dynamo compiles in ``graphs`` and
+    raises Traced instead of running it."""
     import torch.utils._triton
 
-    torch.utils._triton.has_triton = lambda: True  # dynamo's test for "Triton kernels can be traced here"
     import speedrun.model
-    import speedrun.model89
-    from speedrun import schedule
-    from speedrun.config import get_preset, sub3min_tiny
-    from speedrun.model import GPT, TRAINING_OPS
 
+    torch.utils._triton.has_triton = lambda: True  # dynamo's test for "Triton kernels can be traced here"
     speedrun.model.supports_fp8 = lambda: fp8
     graphs = []
 
@@ -51,16 +46,35 @@ def trace_model(preset: str, dtype_name: str, fp8: bool, training: bool, stage_c
         def run(*args):
             raise Traced()
         return run
+    return graphs, backend
 
+
+def triton_launches(graph) -> int:
+    """Kernel launches in a traced graph (the forward's, and every autograd.Function backward's dynamo traced)."""
+    import torch
+
+    return sum(1 for gm in graph.modules() if isinstance(gm, torch.fx.GraphModule)
+               for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target))
+
+
+def trace_model(preset: str, dtype_name: str, fp8: bool, training: bool) -> dict:
+    """In the child process: trace ``preset``'s model at a small size with the triton set; {"graphs",
+    "triton_launches"} or {"error"}."""
+    import torch
+
+    import speedrun.model89
+    from speedrun import schedule
+    from speedrun.config import get_preset, sub3min_tiny
+    from speedrun.model import GPT, TRAINING_OPS
+
+    graphs, backend = trace_only_backend(fp8)
     g = torch.Generator().manual_seed(0)
-    if preset == "record89-tiny":  # its FP8 MLP and lm_head when fp8 (the GPU's bf16 path)
+    if preset == "record89-tiny":
         cfg = get_preset(preset)
         model_cfg = dataclasses.replace(cfg.model, fp8_lm_head=fp8)
         model = speedrun.model89.GPT89(model_cfg, kernels.resolve("triton", speedrun.model89.TRAINING_OPS),
                                        dtype=getattr(torch, dtype_name)).train(training)
-        first = STAGE_CHANGE - 1 if stage_change else 0
-        for step in range(first + 1):
-            model.set_plan(schedule.plan(cfg, step))
+        model.set_plan(schedule.plan(cfg, 0))
         tokens = torch.randint(0, model_cfg.vocab_size - 1, (97,), generator=g)
         args = (tokens[:-1].int(), tokens[1:], torch.tensor([0, 40, 96, 96], dtype=torch.int32),
                 torch.randint(0, model_cfg.bigram_vocab_size - 1, (96,), generator=g).int())
@@ -74,29 +88,70 @@ def trace_model(preset: str, dtype_name: str, fp8: bool, training: bool, stage_c
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     try:
         with gpu_path():  # the launchers' GPU path on CPU tensors (speedrun bench aot's capture does the same)
-            if stage_change:
-                try:
-                    compiled(*args, **kwargs)
-                except Traced:
-                    model.set_plan(schedule.plan(cfg, STAGE_CHANGE))
             compiled(*args, **kwargs)
     except Traced:
-        launches = sum(1 for gm in graphs[0].modules() if isinstance(gm, torch.fx.GraphModule)
-                       for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target))
-        return {"graphs": len(graphs), "triton_launches": launches}
+        return {"graphs": len(graphs), "triton_launches": triton_launches(graphs[0])}
     except Exception as e:  # the trace failed: dynamo's message names the break
         return {"error": f"{type(e).__name__}: {e}"}
     return {"error": "the compiled model ran instead of stopping at the trace-only backend"}
 
 
-STAGE_CHANGE = 294  # record89-tiny's last stage starts here: windows (320, 704) -> (384, 832), YaRN; 1 MTP weight
-CASES = [  # (preset, dtype, fp8, training, stage_change)
-    ("sub3min-tiny", "float32", False, True, False),
-    ("sub3min-tiny", "bfloat16", True, True, False),  # the race: bf16 with the FP8 lm_head of an H100
-    ("sub3min-tiny", "bfloat16", True, False, False),  # validation (eval mode)
-    ("record89-tiny", "float32", False, True, False),
-    ("record89-tiny", "bfloat16", True, True, False),  # record #89 on an H100: FP8 MLP and lm_head
-    ("record89-tiny", "float32", False, True, True),  # a schedule change is not a recompile
+def versions_over_the_run() -> dict:
+    """In the child process: record89-tiny's model (the triton set, bf16 with FP8, as on an H100) called as a run
+    calls it at every step, with each step's plan and shapes (its validation first where the plan validates,
+    then one micro-step), traced only. {"versions": how many versions dynamo compiled, "expected": the distinct
+    (mode, tokens, cu_seqlens entries, MTP weights) among those calls, "triton_launches": per version} or
+    {"error"}."""
+    import torch
+
+    import speedrun.model89
+    from speedrun import schedule
+    from speedrun.config import get_preset
+
+    versions, backend = trace_only_backend(fp8=True)
+    cfg = get_preset("record89-tiny")
+    model = speedrun.model89.GPT89(cfg.model, kernels.resolve("triton", speedrun.model89.TRAINING_OPS),
+                                   dtype=torch.bfloat16)
+    compiled = kernels.common.compile_static(model, backend=backend, fullgraph=True)  # as the trainer compiles
+    g = torch.Generator().manual_seed(0)
+    val_tokens = cfg.schedule.val_batch_tokens // cfg.data.batch_slots
+    calls = set()
+
+    def call(step: int, tokens: int, slots: int, *key):
+        calls.add((tokens, slots, *key))
+        inputs = torch.randint(0, cfg.model.vocab_size - 1, (tokens + 1,), generator=g)
+        cu_seqlens = torch.full((slots,), tokens, dtype=torch.int32)
+        cu_seqlens[:2] = torch.tensor([0, tokens // 2])
+        bigram = torch.randint(0, cfg.model.bigram_vocab_size - 1, (tokens,), generator=g).int()
+        try:
+            compiled(inputs[:-1].int(), inputs[1:], cu_seqlens, bigram)
+        except Traced:
+            pass
+        if len(versions) > len(calls):  # stop at the first needless version (not after RECOMPILE_LIMIT of them)
+            raise RuntimeError(f"step {step}: version {len(versions)} for {len(calls)} distinct shapes and modes")
+
+    try:
+        with gpu_path():
+            for step in range(cfg.train.num_steps + 1):
+                plan = schedule.plan(cfg, step)
+                model.set_plan(plan)
+                if plan.validate:
+                    model.eval()
+                    with torch.no_grad():
+                        call(step, val_tokens, schedule.cu_seqlens_slots(val_tokens), "eval")
+                    model.train()
+                if plan.training:
+                    call(step, plan.tokens_per_rank, plan.cu_slots, "train", len(plan.mtp_weights))
+    except Exception as e:  # dynamo's message names the break, or a version too many
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"versions": len(versions), "expected": len(calls), "triton_launches": list(map(triton_launches, versions))}
+
+
+CASES = [  # (preset, dtype, fp8, training); record #89 on an H100 (bf16, FP8): versions_over_the_run
+    ("sub3min-tiny", "float32", False, True),
+    ("sub3min-tiny", "bfloat16", True, True),  # the race: bf16 with the FP8 lm_head of an H100
+    ("sub3min-tiny", "bfloat16", True, False),  # validation (eval mode)
+    ("record89-tiny", "float32", False, True),
 ]
 
 
@@ -112,11 +167,26 @@ def traces() -> list[dict]:
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
 def test_triton_kernel_set_traces_into_one_graph(traces, case):
-    result = traces[case]
+    result = traces["cases"][case]
     assert "error" not in result, result["error"][:3000]
-    assert result["graphs"] == 1  # with stage_change: the second call reused the first call's graph
+    assert result["graphs"] == 1
     # every kernel launch of the forward and the backward is in the graph (none was inlined or skipped)
     assert result["triton_launches"] >= 10
+
+
+def test_a_run_compiles_one_model_version_per_shape_and_mode(traces):
+    """Record #89 on an H100 (bf16, FP8 MLP and lm_head), traced through all of record89-tiny's 300 steps and 7
+    validations: one model version per distinct shape, MTP weight count and mode, none per step or per stage
+    change (the windows, attention scale, rotary and MTP weights are device tensors; the MTP weights as Python
+    floats made a version per step, and a fullgraph model fails past kernels.common.RECOMPILE_LIMIT). Each
+    version holds every kernel launch of its forward and backward."""
+    from kernels.common import RECOMPILE_LIMIT
+
+    result = traces["versions"]
+    assert "error" not in result, result["error"][:3000]
+    assert result["versions"] == result["expected"] < RECOMPILE_LIMIT
+    assert result["expected"] == 4  # the training batches of stages 0, 1 and 2-3 (the extension), validation
+    assert all(n >= 10 for n in result["triton_launches"]), result["triton_launches"]
 
 
 if __name__ == "__main__":
@@ -127,4 +197,5 @@ if __name__ == "__main__":
 
         torch._dynamo.reset()
         results.append(trace_model(*case))
-    print(json.dumps(results))
+    torch._dynamo.reset()
+    print(json.dumps({"cases": results, "versions": versions_over_the_run()}))
