@@ -5,7 +5,9 @@ still trace them: a child process (without TRITON_INTERPRET, whose kernels dynam
 tells dynamo and our launchers that Triton is usable, traces the model's forward, in which dynamo also
 traces every autograd.Function's backward, with fullgraph=True, and stops before anything runs. A graph
 break anywhere (a kernel launch dynamo cannot trace, a host read) fails the trace with dynamo's own
-message. This caught torch 2.11 failing on the MLP's autotuner (kernels/mlp.py).
+message. This caught torch 2.11 failing on the MLP's autotuner (kernels/mlp.py). Record #89's model is also
+traced through a whole tiny run, every step's plan and shapes, counting the versions dynamo compiles: this
+caught a version per step (the MTP weights as Python floats), which a GPU run would have failed on.
 """
 
 import dataclasses
