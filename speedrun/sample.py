@@ -8,6 +8,7 @@ is read as space-separated token ids and its output is printed as ids.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,14 +18,23 @@ from speedrun.config import RunConfig, window_blocks
 from speedrun.model import GPT
 
 
+def load_failure(error: Exception) -> str:
+    """Why torch.load failed, in one line: its messages go on for lines of advice about weights_only and
+    miniz; what failed is the unpickler's own reason, or else the message's first sentence."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    return " ".join(text.split()).split(". ", 1)[0][:200]
+
+
 def load_checkpoint(path) -> tuple[GPT, RunConfig]:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # (torch warns about a foreign pickle's protocol before it fails)
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say what it is, not a pickle traceback
-        raise SystemExit(f"{path}: not a speedrun checkpoint ({type(e).__name__}: {e})") from None
+        raise SystemExit(f"{path}: not a speedrun checkpoint ({type(e).__name__}: {load_failure(e)})") from None
     if not isinstance(state, dict) or not {"config", "model"} <= set(state):
         raise SystemExit(f"{path}: not a speedrun checkpoint (expected 'config' and 'model' entries)")
     try:

@@ -6,6 +6,7 @@ process as the user would and checks the message, the exit code and that nothing
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -308,6 +309,25 @@ def test_sample_from_a_damaged_checkpoint(case, checkpoint, tmp_path, capsys):
     damage(state)
     torch.save(state, tmp_path / "bad.pt")
     assert_user_error(["sample", "--checkpoint", str(tmp_path / "bad.pt"), "--prompt", "5"], capsys, fragment)
+
+
+NOT_CHECKPOINTS = {  # name: (the file's bytes from the real checkpoint's, torch.load's reason in the message)
+    "text": (lambda raw: b"# a README, not a checkpoint\n", "UnpicklingError: Unsupported operand 35)"),
+    "foreign pickle": (lambda raw: pickle.dumps({"config": {}, "model": Path("x")}, protocol=4),
+                       "UnpicklingError: Unsupported operand 149)"),
+    "cut short": (lambda raw: raw[:len(raw) // 2], "RuntimeError: PytorchStreamReader failed reading zip archive"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_CHECKPOINTS)
+def test_sample_from_a_file_that_is_no_checkpoint(case, checkpoint, tmp_path, capsys):
+    """torch.load's own message runs over many lines of advice (and a foreign pickle warns first): the user gets
+    one line with the loader's reason."""
+    make, fragment = NOT_CHECKPOINTS[case]
+    (tmp_path / "bad.pt").write_bytes(make(checkpoint.read_bytes()))
+    err = assert_user_error(["sample", "--checkpoint", str(tmp_path / "bad.pt")], capsys,
+                            f"{tmp_path / 'bad.pt'}: not a speedrun checkpoint", fragment)
+    assert len(err.strip().splitlines()) == 1 and "weights_only" not in err and "miniz" not in err, err
 
 
 def test_data_synth_into_a_file_or_a_folder_of_other_shards(tmp_path, capsys):
