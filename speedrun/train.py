@@ -218,10 +218,11 @@ def compile_model(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     """``model`` under torch.compile when cfg.train.compile. Every kernel set but ``torch`` compiles with
     fullgraph=True: one graph for the whole step, or an error at the first step naming what broke it (the
     Triton kernel sets are checked to trace whole: tests/test_compile_graph.py). The torch set's reference
-    ops read the attention window on the host, which splits the graph by design."""
+    ops read the attention window on the host, which splits the graph by design. Each batch shape and sequence
+    layout of the plan compiles once (compile_static raises dynamo's limit of versions above their number)."""
     if not cfg.train.compile:
         return model
-    return kernels.common.compile_static(model, fullgraph=cfg.train.kernels != "torch")  # (its recompile limit)
+    return kernels.common.compile_static(model, fullgraph=cfg.train.kernels != "torch")
 
 
 def recipe_ops(cfg: RunConfig) -> tuple[str, ...]:
