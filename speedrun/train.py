@@ -303,10 +303,10 @@ def train(cfg: RunConfig, env: dist.DistEnv, data_dir: Path, target: float | Non
         try:
             path = save_model_checkpoint(checkpoint, race.raw_model, cfg, run_id, progress.step)
         except OSError as e:
-            raise UserError(f"the run's log is complete ({relative_to_repo(log.txt_path)}), but saving the "
+            raise UserError(f"the run's log is complete ({repo_or_absolute_path(log.txt_path)}), but saving the "
                             f"checkpoint failed: {e.strerror or e}", checkpoint) from e
         if echo:
-            print(f"checkpoint: {relative_to_repo(path)}")
+            print(f"checkpoint: {repo_or_absolute_path(path)}")
     return result
 
 
@@ -544,7 +544,7 @@ def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, di
         raise UserError("no such data folder" if not data_dir.exists() else "the data path is not a folder",
                         data_dir)
     if not list_shards(data_dir, "train") or not list_shards(data_dir, "val"):
-        raise SystemExit(f"no train/val shards in {relative_to_repo(data_dir)}: get the FineWeb shards with "
+        raise SystemExit(f"no train/val shards in {repo_or_absolute_path(data_dir)}: get the FineWeb shards with "
                          "`speedrun data download`, make shards from text with `speedrun data tokenize`, or "
                          "run `./run.sh --preset sub3min-tiny` (synthetic data, no download)")
     manifest = read_manifest(data_dir) or {}
@@ -607,13 +607,14 @@ def train_command(args) -> int:
             print(f"speedrun: preset {cfg.preset}, track {track.name if on_track else 'none (off-track data)'}, "
                   f"target {target if target is not None else 'none'}, kernels {cfg.train.kernels}, "
                   f"compile {cfg.train.compile}, {env.world_size} process(es) on {env.device.type}, "
-                  f"data {relative_to_repo(data_dir)}")
+                  f"data {repo_or_absolute_path(data_dir)}")
         result = train(cfg, env, data_dir, target, track.name if on_track else None, log_dir=log_dir,
                        quiet=args.quiet, save_checkpoint=checkpoint)
     finally:
         dist.shutdown()
     if env.is_main:
-        print(f"log: {relative_to_repo(result.log_path)}  (machine-readable: {relative_to_repo(result.json_path)})")
+        log, facts = (repo_or_absolute_path(p) for p in (result.log_path, result.json_path))
+        print(f"log: {log}  (machine-readable: {facts})")
     if result.status == "aborted":
         return 130
     return 0 if result.status in ("success", "completed") else 1

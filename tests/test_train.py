@@ -182,7 +182,9 @@ def test_sample_from_a_checkpoint(synth_dir, tmp_path, capsys):
     main(["train", "--preset", "sub3min-tiny", "--data", str(synth_dir), "--seq-len", str(SEQ_LEN), "--val-tokens",
           str(VAL_TOKENS), "--steps", "1", "--log-dir", str(tmp_path), "--quiet", "--save-checkpoint",
           str(tmp_path / "ck.pt")])
-    capsys.readouterr()
+    # outside the repository the log is named by its absolute path, one the user can open
+    log = next(tmp_path.resolve().glob("*.txt"))
+    assert f"log: {log}  (machine-readable: {log.with_suffix('.json')})" in capsys.readouterr().out
     assert main(["sample", "--checkpoint", str(tmp_path / "ck.pt"), "--prompt", "5 17 99",
                  "--max-new-tokens", "6", "--seed", "1"]) == 0
     ids = capsys.readouterr().out.split()

@@ -156,6 +156,13 @@ def test_bad_data_is_one_line_before_anything_runs(case, data, tmp_path, capsys)
     assert not [p for p in tmp_path.rglob(".*") if p.name.startswith(".") and p.suffix == ".tmp"]
 
 
+def test_a_folder_without_shards_is_named_so_the_user_can_find_it(tmp_path, capsys):
+    """Outside the repository a folder is named by its absolute path (not its last component alone)."""
+    (tmp_path / "empty").mkdir()
+    assert_user_error(train_argv(tmp_path / "empty", tmp_path / "logs"), capsys,
+                      f"no train/val shards in {(tmp_path / 'empty').resolve()}: ")
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_shard(data, tmp_path, capsys):
     train_shards(data)[0].chmod(0)
