@@ -258,6 +258,19 @@ class GPT89(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
                 bigram: torch.Tensor) -> torch.Tensor:
+        x = self.final_hidden(inputs, cu_seqlens, bigram)
+        if self.training:  # the lm_head, softcap and MTP loss (2.11)
+            weights = self._mtp_weight_values[:self.n_mtp]
+            return self.ops["mtp_cross_entropy"](x, self.lm_head, targets, weights, fp8=self.fp8)
+        return F.cross_entropy(self.logits(x), targets, reduction="none")  # eval (2.12)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The softcapped logits (T, padded_vocab_size) fp32 that evaluation scores (2.12), of final_hidden's x."""
+        logits = x @ self.lm_head.type_as(x)
+        return (23 * torch.sigmoid((logits.float() + 5) / 7.5)).to(logits.dtype).float()
+
+    def final_hidden(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor, bigram: torch.Tensor) -> torch.Tensor:
+        """The normed hidden state (T, dim) the lm_head reads: every layer, then the post-loop MUDD."""
         c, dt = self.cfg, self.dtype
         T, bd = inputs.size(0), c.bigram_dim
         lam = self.scalars
@@ -321,13 +334,7 @@ class GPT89(nn.Module):
                 self._mlp_down_act_scales[:N_LAYERS] = activation_scale(torch.stack(post_amax))
         mu = self._mudd(x, 1, 5)  # post-loop MUDD (2.9)
         x = x + mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * cache[9] + mu[3] * ve[0][None] + mu[4] * cache[3]
-        x = norm(x)[0]
-        if self.training:  # the lm_head, softcap and MTP loss (2.11)
-            weights = self._mtp_weight_values[:self.n_mtp]
-            return self.ops["mtp_cross_entropy"](x, self.lm_head, targets, weights, fp8=self.fp8)
-        logits = x @ self.lm_head.type_as(x)  # eval (2.12): plain cross-entropy of the softcapped logits
-        z = (23 * torch.sigmoid((logits.float() + 5) / 7.5)).to(logits.dtype).float()
-        return F.cross_entropy(z, targets, reduction="none")
+        return norm(x)[0]
 
     def _mlp(self, i: int, normed: torch.Tensor, post_amax: list) -> torch.Tensor:
         """MLP(normed) = relu(normed W1^T)^2 W2 of layer i; FP8 in training (spec 2.10)."""

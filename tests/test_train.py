@@ -197,6 +197,59 @@ def test_sample_from_a_checkpoint(synth_dir, tmp_path, capsys):
     assert "not a speedrun checkpoint" in capsys.readouterr().err
 
 
+def test_sample_from_a_record89_checkpoint(tmp_path, capsys):
+    """Record #89's model samples as it validated: its rotary (YaRN at every stage change), attention scale and
+    windows are not in its weights, so loading replays the trainer's set_plan calls to the checkpoint's step;
+    the next-token scores are the logits the validation loss is the cross-entropy of."""
+    import torch.nn.functional as F
+
+    import kernels
+    from speedrun import schedule
+    from speedrun.cli import main
+    from speedrun.config import get_preset
+    from speedrun.data.packed import bigram_hash
+    from speedrun.model89 import GPT89
+    from speedrun.sample import load_checkpoint, next_token_logits
+
+    cfg = get_preset("record89-tiny")
+    torch.manual_seed(0)
+    model = GPT89(cfg.model, kernels.resolve("torch"), dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # no zero weights (the record starts some at 0): every part shapes the output
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    plans = schedule.full_plan(cfg)
+    for plan in plans:  # as the trainer calls it: every step in order, then the final validation's plan
+        model.set_plan(plan)
+    train_mod.save_model_checkpoint(tmp_path / "ck.pt", model, cfg, "r89", cfg.train.num_steps)
+
+    ids = torch.randint(0, cfg.model.vocab_size, (300,), generator=g, dtype=torch.int32)
+    ids[0] = cfg.model.eot_token
+    targets = torch.randint(0, cfg.model.vocab_size, (300,), generator=g)
+    args = (ids, targets, torch.tensor([0, 300], dtype=torch.int32),
+            torch.from_numpy(bigram_hash(ids.numpy(), cfg.model.bigram_vocab_size)))
+    loaded, loaded_cfg, step = load_checkpoint(tmp_path / "ck.pt")
+    assert step == cfg.train.num_steps and loaded_cfg == cfg and not loaded.training
+    with torch.no_grad():
+        want = model.eval()(*args)
+        assert torch.equal(loaded(*args), want)
+        scores = next_token_logits(loaded, loaded_cfg, step, ids.tolist())
+    assert scores.shape == (cfg.model.vocab_size,)
+    assert F.cross_entropy(scores[None], targets[-1:]).item() == pytest.approx(want[-1].item(), rel=1e-6)
+    # the replay matters: the final plan alone leaves the rotary and the attention scale of step 0
+    fresh = GPT89(cfg.model, kernels.resolve("torch"), dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    fresh.attn_scale = plans[-1].attn_scale  # (what set_plan checks)
+    fresh.set_plan(plans[-1])
+    with torch.no_grad():
+        assert not torch.allclose(fresh.eval()(*args), want, rtol=1e-3)
+
+    assert main(["sample", "--checkpoint", str(tmp_path / "ck.pt"), "--prompt", "5 17 99", "--max-new-tokens", "4",
+                 "--seed", "1"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out[:3] == ["5", "17", "99"] and 3 < len(out) <= 7 and all(0 <= int(t) < 2047 for t in out)
+
+
 def _train_args(synth_dir, log_dir, seqs_per_forward) -> list[str]:
     return ["-m", "speedrun.cli", "train", "--preset", "sub3min-tiny", "--data", str(synth_dir),
             "--seq-len", str(SEQ_LEN), "--val-tokens", str(VAL_TOKENS), "--steps", "4", "--val-every", "2",

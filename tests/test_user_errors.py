@@ -306,6 +306,8 @@ CHECKPOINT_DAMAGE = {  # name: (change to the saved dict, fragment)
     "config wrong": (lambda s: s["config"].update(model="x"), "its config is not a run config"),
     "weight missing": (lambda s: s["model"].pop("embed.weight"), "its weights do not fit its config"),
     "extra weight": (lambda s: s["model"].update(extra=torch.zeros(1)), "its weights do not fit its config"),
+    "step past the run": (lambda s: s.update(step=2), "its step 2 is not one of its run's 0..1"),
+    "step missing": (lambda s: s.pop("step"), "its step None is not one of its run's 0..1"),
 }
 
 
