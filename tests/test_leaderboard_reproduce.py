@@ -7,6 +7,7 @@ logged options, collect the logs, write the report. The slow test runs the real 
 record's snapshot (10 steps of it).
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 from synthetic_records import write_synthetic_record
 
+import speedrun.train as train_mod
 from speedrun import REPO_ROOT
+from speedrun.cli import build_parser
+from speedrun.config import PRESETS, get_preset
 from speedrun.errors import UserError
 from speedrun.records.check import find_record
 from speedrun.records.reproduce import reproduce, seeds_for, train_arguments
@@ -74,6 +78,21 @@ def test_train_arguments_and_seeds_come_from_the_logs(tmp_path):
     changed = {**facts, "config": {**facts["config"], "train": {**facts["config"]["train"], "warmup_steps": 0}}}
     args = train_arguments(changed, seed=7, log_dir=tmp_path / "logs")
     assert args[args.index("--warmup-steps") + 1] == "0"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_trainer_takes_reproduces_arguments_back_to_the_logged_config(preset, tmp_path):
+    """For every preset, the command reproduce runs, read by the trainer's own parser, gives the logged config
+    back (record #89's presets refuse --seq-len: their stages set the sequence lengths)."""
+    cfg = get_preset(preset)
+    logged = dataclasses.replace(cfg, train=dataclasses.replace(  # every option reproduce may pass, changed
+        cfg.train, num_steps=cfg.train.num_steps // 2, val_every=7, seed=5, kernels="torch", compile=False,
+        warmup_steps=cfg.train.warmup_steps + 1), data=dataclasses.replace(
+        cfg.data, val_tokens=2 * cfg.data.val_tokens, data_dir="elsewhere/shards",
+        **({} if cfg.schedule else {"seq_len": cfg.data.seq_len // 2, "seqs_per_forward": 2})))
+    facts = {"config": logged.to_dict(), "env": {"device": "cpu"}}
+    args = build_parser().parse_args(["train", *train_arguments(facts, seed=5, log_dir=tmp_path)])
+    assert train_mod.resolve_config(args, cuda=False).to_dict() == logged.to_dict()
 
 
 @pytest.mark.usefixtures("synthetic_track_data")  # the stand-in logs claim the synthetic val data

@@ -83,15 +83,19 @@ def materialize(run: Run, dest: Path, data_root: Path) -> str:
 
 
 def train_arguments(facts: dict, seed: int, log_dir: Path) -> list[str]:
-    """The ``speedrun train`` options that give the logged config (the rest comes from the preset)."""
+    """The ``speedrun train`` options that give the logged config (the rest comes from the preset; a staged
+    recipe's stages set its sequence lengths, so it takes no --seq-len)."""
     config = facts["config"]
     train, data = config["train"], config["data"]
     args = ["--preset", config["preset"], "--steps", str(train["num_steps"]), "--val-every", str(train["val_every"]),
-            "--seq-len", str(data["seq_len"]), "--val-tokens", str(data["val_tokens"]), "--seed", str(seed),
+            *(["--seq-len", str(data["seq_len"])] if config.get("schedule") is None else []),
+            "--val-tokens", str(data["val_tokens"]), "--seed", str(seed),
             "--kernels", train["kernels"], "--compile" if train["compile"] else "--no-compile",
             "--device", facts["env"]["device"], "--log-dir", str(log_dir), "--quiet"]
     preset = get_preset(config["preset"])  # options a record's own trainer may predate: only where they differ
     args += ["--data", data["data_dir"]] if data["data_dir"] != preset.data.data_dir else []
+    args += ["--seqs-per-forward", str(data["seqs_per_forward"])] if (
+        data.get("seqs_per_forward", 1) != preset.data.seqs_per_forward) else []
     return args + (["--warmup-steps", str(train["warmup_steps"])] if train["warmup_steps"] != preset.train.warmup_steps
                    else [])
 
