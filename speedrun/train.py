@@ -540,13 +540,13 @@ def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, di
             from speedrun.data.synth import ensure_synth
             ensure_synth(data_dir)
         dist.barrier()
+    get_data = ("get the FineWeb shards with `speedrun data download`, make shards from text with `speedrun data "
+                "tokenize`, or run `./run.sh --preset sub3min-tiny` (synthetic data, no download)")
     if not data_dir.is_dir():
-        raise UserError("no such data folder" if not data_dir.exists() else "the data path is not a folder",
-                        data_dir)
+        raise UserError(f"no such data folder: {get_data}" if not data_dir.exists() else
+                        "the data path is not a folder", data_dir)
     if not list_shards(data_dir, "train") or not list_shards(data_dir, "val"):
-        raise SystemExit(f"no train/val shards in {repo_or_absolute_path(data_dir)}: get the FineWeb shards with "
-                         "`speedrun data download`, make shards from text with `speedrun data tokenize`, or "
-                         "run `./run.sh --preset sub3min-tiny` (synthetic data, no download)")
+        raise SystemExit(f"no train/val shards in {repo_or_absolute_path(data_dir)}: {get_data}")
     manifest = read_manifest(data_dir) or {}
     vocab_size, eot = data_vocab(data_dir)
     if (vocab_size, eot) != (cfg.model.vocab_size, cfg.model.eot_token):

@@ -194,7 +194,8 @@ def test_data_path_is_taken_from_the_current_folder(data, tmp_path, capsys, monk
     argv = train_argv(Path("here/synth"), tmp_path / "logs", "--steps", "1")
     assert main(argv) == 1  # trained (not converged): the relative path was found from here
     capsys.readouterr()
-    err = assert_user_error(train_argv(Path("nope"), tmp_path / "logs"), capsys, "no such data folder")
+    err = assert_user_error(train_argv(Path("nope"), tmp_path / "logs"), capsys,
+                            "no such data folder: get the FineWeb shards with `speedrun data download`")
     assert str(tmp_path / "nope") in err
 
 
