@@ -1,7 +1,8 @@
 """The GPU suite's summary: one markdown file made from the files the suite's steps wrote.
 
     python -m speedrun.bench.summary DIR    reads DIR/{steps.tsv, env.txt, tests.txt, launch.md, kernels.csv,
-                                            train.md, converge.md} and writes DIR/summary.md
+                                            train.md, record89/train.md, record89_compiled/train.md,
+                                            converge.md} and writes DIR/summary.md
 
 Every number in it is read from those files. A section appears when its step ran (steps.tsv) or its file
 exists; a file its step should have written is named as missing, never filled in.
@@ -120,6 +121,9 @@ def summary(folder: Path) -> str:
          lambda: _section_table(folder, "train.md", True)),
         (("bench train record89",), "record89/train.md", "## Training step, record #89 (source: record89/train.md)",
          lambda: _section_table(folder, "record89/train.md", True)),
+        (("bench train record89 compiled",), "record89_compiled/train.md",
+         "## Training step, record #89 compiled (source: record89_compiled/train.md)",
+         lambda: _section_table(folder, "record89_compiled/train.md", True)),
         (("bench converge",), "converge.md", "## Convergence, --kernels torch vs triton (source: converge.md)",
          lambda: _section_table(folder, "converge.md", False)),
     ]

@@ -1,5 +1,5 @@
 """bench/gpu_suite.sh in its dry-run mode (the whole pipeline on the CPU, which is also the end-to-end test of
-`speedrun bench train` and `speedrun bench converge`), its summary, and the convergence comparison."""
+`speedrun bench train`), its summary, `speedrun bench converge` end to end, and the convergence comparison."""
 
 from __future__ import annotations
 
@@ -43,25 +43,39 @@ def test_gpu_suite_dry_run(tmp_path):
     proc = subprocess.run(["bash", str(SUITE), "--dry-run"], cwd=REPO_ROOT, env=_suite_env(out),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("env.txt", "tests.txt", "launch.md", "kernels.csv", "kernels.txt", "train.md", "converge.md",
-                 "converge.png", "summary.md", "steps.tsv"):
+    for name in ("env.txt", "tests.txt", "launch.md", "kernels.csv", "kernels.txt", "record89/train.md",
+                 "record89_compiled/train.md", "summary.md", "steps.tsv"):
         assert (out / name).is_file(), name
+    steps = [line.split("\t")[0] for line in (out / "steps.tsv").read_text().splitlines()]
+    assert steps == ["environment", "tests", "bench launch", "bench kernels", "bench train record89",
+                     "bench train record89 compiled"]
     text = (out / "summary.md").read_text()
-    assert "Dry run on a CPU" in text and "FAILED" not in text
-    assert "| bench kernels | ok |" in text and "| bench converge | ok |" in text and "| bench launch | ok |" in text
-    assert "| bench train record89 | ok |" in text and "## Training step, record #89" in text
-    assert "preset record89-tiny" in (out / "record89" / "train.md").read_text()
-    assert "| torch | False |" in text and "| triton | False |" in text  # the train table, both kernel sets
-    assert "PASS" in text and "missing" not in text
-    train = (out / "train.md").read_text()
-    assert "Synthetic tokens" in train and "where the time goes: kernels torch" in train
-    assert len(list((out / "converge_logs").rglob("*.json"))) == 2
+    assert "Dry run on a CPU" in text and "FAILED" not in text and "missing" not in text
+    assert "| bench kernels | ok |" in text and "| bench launch | ok |" in text
+    assert "| bench train record89 | ok |" in text and "## Training step, record #89 (source" in text
+    assert "| bench train record89 compiled | ok |" in text and "## Training step, record #89 compiled" in text
+    assert "| torch | False |" in text and "| torch | True |" in text  # the two train tables
+    train = (out / "record89" / "train.md").read_text()
+    assert "preset record89-tiny" in train and "Synthetic tokens" in train
+    assert "where the time goes: kernels torch" in train
+
+
+@pytest.mark.slow
+def test_bench_converge_end_to_end(tmp_path):
+    """`speedrun bench converge` on the CPU: the tiny preset once per kernel set (one step, no warm-up, one
+    1,024-token validation batch; the interpreted Triton set takes ~6 s a step here), curves compared."""
+    assert main(["bench", "converge", "--device", "cpu", "--preset", "sub3min-tiny", "--steps", "1", "--warmup-steps",
+                 "0", "--val-every", "1", "--seq-len", "128", "--val-tokens", "1024", "--out", str(tmp_path)]) == 0
+    assert "PASS" in (tmp_path / "converge.md").read_text() and (tmp_path / "converge.png").is_file()
+    assert len(list((tmp_path / "converge_logs").rglob("*.json"))) == 2
 
 
 def test_gpu_suite_refuses_unknown_options_and_a_missing_gpu(tmp_path):
     proc = subprocess.run(["bash", str(SUITE), "--fast"], cwd=REPO_ROOT, env=_suite_env(tmp_path),
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+    help_text = subprocess.run(["bash", str(SUITE), "--help"], capture_output=True, text=True).stdout
+    assert help_text.startswith("Everything one GPU") and help_text.rstrip().endswith("its times mean nothing")
     proc = subprocess.run(["bash", str(SUITE)], cwd=REPO_ROOT, env=_suite_env(tmp_path), capture_output=True,
                           text=True)
     try:
