@@ -62,9 +62,9 @@ def test_gpu_suite_dry_run(tmp_path):
 @pytest.mark.slow
 def test_bench_converge_end_to_end(tmp_path):
     """`speedrun bench converge` on the CPU: the tiny preset once per kernel set (one step, no warm-up, one
-    1,024-token validation batch; the interpreted Triton set takes ~6 s a step here), curves compared."""
+    512-token validation batch; the interpreted Triton set takes ~6 s a step here), curves compared."""
     assert main(["bench", "converge", "--device", "cpu", "--preset", "sub3min-tiny", "--steps", "1", "--warmup-steps",
-                 "0", "--val-every", "1", "--seq-len", "128", "--val-tokens", "1024", "--out", str(tmp_path)]) == 0
+                 "0", "--val-every", "1", "--seq-len", "64", "--val-tokens", "512", "--out", str(tmp_path)]) == 0
     assert "PASS" in (tmp_path / "converge.md").read_text() and (tmp_path / "converge.png").is_file()
     assert len(list((tmp_path / "converge_logs").rglob("*.json"))) == 2
 
