@@ -8,9 +8,7 @@ import torch
 
 import kernels
 import kernels.common
-import speedrun.train as train_mod
-from speedrun import dist
-from speedrun.cli import build_parser
+from speedrun.cli import main
 from speedrun.config import sub3min_tiny
 from speedrun.data.synth import generate_synth
 from speedrun.model import GPT, TRAINING_OPS
@@ -109,35 +107,26 @@ def test_triton_kernels_within_twice_torchs_bf16_error_in_the_model():
 
 @pytest.mark.slow
 @needs_interpreter
-def test_eight_tiny_steps_same_losses_with_triton(tmp_path):
-    """The trainer with every hot op Triton (under the interpreter, ~6 s a step here) against the torch set:
-    8 steps, validating at 0, 4 and 8 (20 steps took 2 minutes of the suite's 15 and, past the second update,
-    add only chaos-limited agreement; the per-op gradients are compared exactly by the tests above)."""
-    steps = 8
-    data = tmp_path / "synth"
+def test_tiny_steps_same_losses_with_triton_through_bench_converge(tmp_path):
+    """The trainer with every hot op Triton (under the interpreter, ~6 s a step here) against the torch set, as
+    `speedrun bench converge` runs them (end to end: a `speedrun train` process per kernel set, the curves
+    compared, its report and plot): 4 steps, validating at 0, 2 and 4. (20 steps took 2 minutes of the suite's
+    15 and, past the second update, add only chaos-limited agreement; the per-op gradients are compared
+    exactly by the tests above.)"""
+    steps = 4
+    data, out = tmp_path / "synth", tmp_path / "converge"
     generate_synth(data, seed=3, train_tokens=200_000, val_tokens=2048)
+    assert main(["bench", "converge", "--device", "cpu", "--preset", "sub3min-tiny", "--data", str(data), "--steps",
+                 str(steps), "--val-every", str(steps // 2), "--seq-len", "128", "--val-tokens", "2048",
+                 "--warmup-steps", "0", "--out", str(out)]) == 0
+    assert "PASS" in (out / "converge.md").read_text() and (out / "converge.png").is_file()
     losses = {}
     for variant in ("torch", "triton"):
-        args = build_parser().parse_args(["train", "--preset", "sub3min-tiny", "--data", str(data), "--seq-len", "128",
-                                          "--val-tokens", "2048", "--steps", str(steps), "--val-every", str(steps // 2),
-                                          "--warmup-steps", "0", "--kernels", variant])
-        cfg = train_mod.resolve_config(args, cuda=False)
-        env = dist.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-        cfg, data_dir, manifest = train_mod.prepare_data(cfg, env)
-        result = train_mod.train(cfg, env, data_dir, None, None, log_dir=tmp_path / variant, echo=False)
-        facts = json.loads(result.json_path.read_text())
+        (log,) = (out / "converge_logs" / variant).glob("*.json")
+        facts = json.loads(log.read_text())
+        assert facts["config"]["train"]["kernels"] == variant
         losses[variant] = facts["train_losses"] + [p["val_loss"] for p in facts["val_curve"]]
     assert len(losses["torch"]) == steps + 3
-    # fp32 everywhere, and the kernels round differently (e.g. the fused cross-entropy's gradient differs
-    # from PyTorch's in the last bit or two: max error vs fp64 2.5e-7 relative, PyTorch's 1.7e-7). Until
-    # the second update the losses agree to rounding. After it, training amplifies rounding noise in the
-    # cross-entropy gradient chaotically (the lm_head / embedding path): PyTorch against itself drifts by
-    # 4e-4 to 2.7e-3 within 20 steps with relative noise of 1e-7 injected into that gradient (3
-    # seeds), and by 1.3e-3 with 1 vs 2 CPU threads; triton against torch drifts by 3.8e-3, all of it from
-    # the cross-entropy (swapping in only the triton cross-entropy gives the same losses; only the triton
-    # attention, MLP or Newton-Schulz: below 2e-7; noise of 1e-5 in the MLP's output gradient: 5e-7).
-    # All measured with this test's data and settings, over 20 steps. So: rounding-level agreement where
-    # there is nothing to amplify yet, 1e-2 after.
     torch_losses, triton_losses = losses["torch"], losses["triton"]
     for i in (0, 1, steps):  # the first two training losses, the first validation loss
         assert triton_losses[i] == pytest.approx(torch_losses[i], rel=1e-6), (i, torch_losses, triton_losses)

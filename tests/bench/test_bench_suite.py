@@ -1,5 +1,6 @@
 """bench/gpu_suite.sh in its dry-run mode (the whole pipeline on the CPU, which is also the end-to-end test of
-`speedrun bench train`), its summary, `speedrun bench converge` end to end, and the convergence comparison."""
+`speedrun bench train`), its summary, and the convergence comparison (`speedrun bench converge` runs end to end
+in tests/test_kernels_in_model.py)."""
 
 from __future__ import annotations
 
@@ -57,16 +58,6 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "| torch | False |" in text and "| torch | True |" in text  # the two train tables
     train = (out / "record89" / "train.md").read_text()
     assert "preset record89-tiny" in train and "Synthetic tokens" in train
-
-
-@pytest.mark.slow
-def test_bench_converge_end_to_end(tmp_path):
-    """`speedrun bench converge` on the CPU: the tiny preset once per kernel set (one step, no warm-up, one
-    512-token validation batch; the interpreted Triton set takes ~6 s a step here), curves compared."""
-    assert main(["bench", "converge", "--device", "cpu", "--preset", "sub3min-tiny", "--steps", "1", "--warmup-steps",
-                 "0", "--val-every", "1", "--seq-len", "64", "--val-tokens", "512", "--out", str(tmp_path)]) == 0
-    assert "PASS" in (tmp_path / "converge.md").read_text() and (tmp_path / "converge.png").is_file()
-    assert len(list((tmp_path / "converge_logs").rglob("*.json"))) == 2
 
 
 def test_gpu_suite_refuses_unknown_options_and_a_missing_gpu(tmp_path):
