@@ -65,8 +65,8 @@ def load_checkpoint(path) -> tuple[GPT | GPT89, RunConfig, int]:
         raise SystemExit(f"{path}: the weights hold NaN or infinite values ({', '.join(bad[:3])}): "
                          "a diverged model cannot be sampled")
     if isinstance(model, GPT89):  # the trainer's set_plan calls up to this step (see the module docstring)
-        for plan in schedule.full_plan(cfg)[:step + 1]:
-            model.set_plan(plan)
+        for s in range(step + 1):
+            model.set_plan(schedule.plan(cfg, s))
     return model.eval(), cfg, step
 
 
