@@ -83,7 +83,9 @@ case "$cmd" in
         prepare_env dev
         cd "$ROOT"
         set +e
-        "$VENV/bin/python" -m pytest "$@"
+        # Two workers: much of the suite is single-threaded Python (Triton's interpreter, the records'
+        # checks); tests/conftest.py says how the tests are shared between them. `-n 0` runs in one process.
+        "$VENV/bin/python" -m pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@"
         rc=$?
         set -e
         if [ "$rc" -eq 5 ]; then

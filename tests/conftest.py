@@ -6,6 +6,13 @@ import shutil
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (./run.sh test runs two workers on what is often a 2-core machine) every worker and the
+# processes its tests start compute on one thread: with the default thread per core, the two workers' idle
+# torch/BLAS threads spin on each other's cores, and a run that takes 10 s alone took 320 s.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+
 import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 
@@ -42,15 +49,35 @@ def tiktoken_cache(shared_data, monkeypatch) -> pathlib.Path:
     return cache
 
 
+def pytest_configure(config):
+    if "PYTEST_XDIST_WORKER" in os.environ:  # torch or numpy may be loaded already, before the variables above
+        from kernels.common import limit_interpreter_threads
+
+        limit_interpreter_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    _group_for_workers(items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _group_for_workers(items):
+    """How pytest-xdist shares the suite between the workers of `./run.sh test` (`-n 2 --dist loadgroup
+    --no-loadscope-reorder`: groups are handed out in this order): a file's tests stay on one worker, so its
+    module fixtures are built once; the tests of the shared real run (tiny_track_run) form one group, and it
+    goes first, because it is the longest chain of the suite (~5 minutes)."""
+    shares_run = [item for item in items if "tiny_track_run" in getattr(item, "fixturenames", ())]
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("tiny_track_run" if item in shares_run else item.path.stem))
+    items[:] = shares_run + [item for item in items if item not in shares_run]
 
 
 @pytest.fixture(scope="session")
