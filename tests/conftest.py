@@ -82,26 +82,33 @@ def _group_for_workers(items):
 
 @pytest.fixture(scope="session")
 def tiny_track_run(tmp_path_factory):
-    """One real run of the `tiny` preset on the CPU track, as a user runs it: the synthetic language
-    generated into a temporary data root, then `speedrun train --preset sub3min-tiny --val-every 150` (about 3
-    minutes on 2 cores; a validation on the track's 131,072 tokens takes ~4.6 s here, so the preset's cadence
-    of 50 would add 20 s to this run and as much to the AdamW baseline that shares it). Returns (data_root,
-    logs_dir); logs_dir holds the run's .txt and .json. Shared by the slow tests that need a real on-track run,
-    so the suite pays for it once."""
+    """Real runs on the CPU track, as a user runs them: the synthetic language generated into a temporary data
+    root, then `speedrun train --preset sub3min-tiny --val-every 150` (the recipe) and, at the same time in a
+    second process, the same with `--preset tiny-adamw` (nanoGPT's recipe, the baseline that
+    tests/test_recipe_vs_baseline.py compares with), each on one thread: ~5 minutes for both on 2 cores. A
+    validation on the track's 131,072 tokens takes ~4.6 s here, so the presets' cadence of 50 would add 20 s
+    to each run. Returns (data_root, logs_dir, baseline_logs_dir); each logs folder holds one run's .txt and
+    .json. Shared by the slow tests that need a real on-track run, so the suite pays for it once."""
     import subprocess
     import sys
 
     root = tmp_path_factory.mktemp("tiny_track")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    data, logs = root / "data", root / "logs"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    data = root / "data"
     synth = subprocess.run([sys.executable, "-m", "speedrun.cli", "data", "synth", "--out", str(data / "synth")],
                            cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert synth.returncode == 0, synth.stderr
-    train = subprocess.run([sys.executable, "-m", "speedrun.cli", "train", "--preset", "sub3min-tiny", "--data",
-                            str(data / "synth"), "--val-every", "150", "--log-dir", str(logs), "--quiet"],
-                           cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert train.returncode == 0, train.stdout + train.stderr
-    return data, logs
+    runs = {}
+    for preset in ("sub3min-tiny", "tiny-adamw"):
+        output = root / f"{preset}.out"
+        with open(output, "w") as out:
+            runs[preset] = output, subprocess.Popen(
+                [sys.executable, "-m", "speedrun.cli", "train", "--preset", preset, "--data", str(data / "synth"),
+                 "--val-every", "150", "--log-dir", str(root / preset), "--quiet"],
+                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    for output, process in runs.values():
+        assert process.wait() == 0, output.read_text()
+    return data, root / "sub3min-tiny", root / "tiny-adamw"
 
 
 @pytest.fixture

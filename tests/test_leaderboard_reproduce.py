@@ -141,7 +141,7 @@ def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_
     monkeypatch.setattr(reproduce_mod, "train_arguments",
                         lambda *args: [*train_arguments(*args), "--steps", "10"])  # (the last --steps counts)
 
-    data, logs = tiny_track_run
+    data, logs, _ = tiny_track_run
     records = tmp_path / "records"
     assert leaderboard_main(["submit", *map(str, logs.glob("*.txt")), "--records", str(records), "--track",
                              "tiny-cpu", "--title", "Tiny baseline", "--author", "Test", "--kind", "systems",
