@@ -106,8 +106,9 @@ def tiny_track_run(tmp_path_factory):
                 [sys.executable, "-m", "speedrun.cli", "train", "--preset", preset, "--data", str(data / "synth"),
                  "--val-every", "150", "--log-dir", str(root / preset), "--quiet"],
                 cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    for output, process in runs.values():
-        assert process.wait() == 0, output.read_text()
+    for preset, (output, process) in runs.items():
+        # the trainer exits 1 on a run that ends above the target, as the baseline does (its test checks that)
+        assert process.wait() == (0 if preset == "sub3min-tiny" else 1), output.read_text()
     return data, root / "sub3min-tiny", root / "tiny-adamw"
 
 
