@@ -6,13 +6,6 @@ import shutil
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 
-# Under pytest-xdist (./run.sh test runs two workers on what is often a 2-core machine) every worker and the
-# processes its tests start compute on one thread: with the default thread per core, the two workers' idle
-# torch/BLAS threads spin on each other's cores, and a run that takes 10 s alone took 320 s.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = "1"
-
 import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 
@@ -50,10 +43,15 @@ def tiktoken_cache(shared_data, monkeypatch) -> pathlib.Path:
 
 
 def pytest_configure(config):
-    if "PYTEST_XDIST_WORKER" in os.environ:  # torch or numpy may be loaded already, before the variables above
+    """Under pytest-xdist (./run.sh test runs two workers on what is often a 2-core machine) every worker and the
+    processes its tests start compute on one thread: with a thread per core, the two workers' idle torch/BLAS
+    threads spin on each other's cores (in one run a 10 s test took 320 s)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
         from kernels.common import limit_interpreter_threads
 
-        limit_interpreter_threads(1)
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # for the subprocesses
+            os.environ[name] = "1"
+        limit_interpreter_threads(1)  # for this process, whose torch and numpy may be loaded already
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
@@ -73,7 +71,7 @@ def _group_for_workers(items):
     """How pytest-xdist shares the suite between the workers of `./run.sh test` (`-n 2 --dist loadgroup
     --no-loadscope-reorder`: groups are handed out in this order): a file's tests stay on one worker, so its
     module fixtures are built once; the tests of the shared real run (tiny_track_run) form one group, and it
-    goes first, because it is the longest chain of the suite (~5 minutes)."""
+    goes first, because it is the longest chain of the suite (~7 minutes)."""
     shares_run = [item for item in items if "tiny_track_run" in getattr(item, "fixturenames", ())]
     for item in items:
         item.add_marker(pytest.mark.xdist_group("tiny_track_run" if item in shares_run else item.path.stem))
@@ -85,10 +83,11 @@ def tiny_track_run(tmp_path_factory):
     """Real runs on the CPU track, as a user runs them: the synthetic language generated into a temporary data
     root, then `speedrun train --preset sub3min-tiny --val-every 150` (the recipe) and, at the same time in a
     second process, the same with `--preset tiny-adamw` (nanoGPT's recipe, the baseline that
-    tests/test_recipe_vs_baseline.py compares with), each on one thread: ~5 minutes for both on 2 cores. A
-    validation on the track's 131,072 tokens takes ~4.6 s here, so the presets' cadence of 50 would add 20 s
-    to each run. Returns (data_root, logs_dir, baseline_logs_dir); each logs folder holds one run's .txt and
-    .json. Shared by the slow tests that need a real on-track run, so the suite pays for it once."""
+    tests/test_recipe_vs_baseline.py compares with), each on one thread: ~7 minutes for both on 2 cores
+    beside the other worker. A validation on the track's 131,072 tokens takes ~4.6 s here, so the presets'
+    cadence of 50 would add 20 s to each run. Returns (data_root, logs_dir, baseline_logs_dir); each logs
+    folder holds one run's .txt and .json. Shared by the slow tests that need a real on-track run, so the
+    suite pays for it once."""
     import subprocess
     import sys
 
