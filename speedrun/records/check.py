@@ -215,8 +215,9 @@ def _load_record(record: Record, today: datetime.date, keep_sources: bool) -> No
     elif (meta := read_json_object(record.folder / "record.json", where))[1]:
         record.problems.append(meta[1])
     else:
-        record.meta = meta[0]
-        record.problems += check_meta(record.meta, record.path, today)
+        problems = check_meta(meta[0], record.path, today)
+        record.meta = None if problems else meta[0]  # (the claims of a record.json with problems are not judged)
+        record.problems += problems
     if "README.md" not in entries or not entries["README.md"].is_file():
         record.problems.append(f"{label}/README.md: missing (the author's write-up)")
     if "runs" not in entries or not entries["runs"].is_dir():
