@@ -195,6 +195,18 @@ def manifest_entry(path) -> dict:
     return {"tokens": read_header(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def _is_loss(value) -> bool:
+    return type(value) in (int, float) and 0 <= value < float("inf")
+
+
+MANIFEST_FACTS = {
+    "kind": (lambda v: isinstance(v, str), "a string"),
+    "val_optimal_loss": (_is_loss, "a non-negative number"),
+    "val_optimal_loss_prefix": (lambda v: isinstance(v, dict) and all(map(_is_loss, v.values())),
+                                "an object of non-negative numbers (val tokens -> floor)"),
+}
+
+
 def read_manifest(folder) -> dict | None:
     """The folder's manifest, or None if it has none. A malformed manifest is an error."""
     path = Path(folder) / MANIFEST_NAME
@@ -215,7 +227,11 @@ def read_manifest(folder) -> dict | None:
                         f"(expected {MANIFEST_SCHEMA_VERSION})", path)
     if not isinstance(manifest.get("files"), dict):
         raise UserError("the manifest has no 'files' object", path)
+    for name, (valid, what) in MANIFEST_FACTS.items():  # what runs read from it and stamp into their logs
+        if name in manifest and not valid(manifest[name]):
+            raise UserError(f"the manifest's {name} must be {what}, got {json.dumps(manifest[name])[:40]}", path)
     return manifest
+
 
 
 def write_manifest(folder, manifest: dict) -> None:

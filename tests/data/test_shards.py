@@ -14,11 +14,13 @@ from speedrun.data.shards import (
     ShardError,
     manifest_entry,
     read_header,
+    read_manifest,
     read_shard,
     verify_command,
     write_manifest,
     write_shard,
 )
+from speedrun.errors import UserError
 
 
 def random_tokens(rng, n, high=50257):
@@ -295,6 +297,17 @@ def test_verify_malformed_manifest(tmp_path, rng, capsys):
     out = capsys.readouterr().out
     assert f"BAD  {tmp_path / 'd' / 'manifest.json'}: " in out and "not valid JSON" in out
     assert f"OK   {paths[0]}" in out  # the shards are still checked
+
+
+@pytest.mark.parametrize("field, value", [("val_optimal_loss_prefix", 2.5), ("val_optimal_loss_prefix", {"8": "x"}),
+                                          ("val_optimal_loss", -1), ("val_optimal_loss", None), ("kind", 7)])
+def test_manifest_facts_of_the_wrong_type_are_user_errors(tmp_path, rng, field, value):
+    """(Found by fuzzing a data folder: a non-object val_optimal_loss_prefix stopped the trainer with a TypeError.)"""
+    make_folder(tmp_path / "d", rng, count=1)
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+    with pytest.raises(UserError, match=f"the manifest's {field} must be"):
+        read_manifest(tmp_path / "d")
 
 
 def test_cli_verify(tmp_path, rng, capsys):
