@@ -65,13 +65,18 @@ def dumps(value) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
 
 
+def write_run(txt, head: str, facts: dict) -> None:
+    """The text log ``head`` + its summary, and the JSON: the facts in both, as the writer lays them out."""
+    txt.write_text(head + SUMMARY_TITLE + dumps(facts) + "\n")
+    txt.with_suffix(".json").write_text(dumps(facts) + "\n")
+
+
 def change_facts(rng, txt):
     """A random fact of a finished run, in its summary and JSON alike."""
     head, summary = txt.read_text().split(SUMMARY_TITLE)
     facts = json.loads(summary)
     facts = replaced(facts, rng.choice(list(paths_in(facts))), rng.choice(WRONG_VALUES), rng.random() < 0.2)
-    txt.write_text(head + SUMMARY_TITLE + dumps(facts) + "\n")
-    txt.with_suffix(".json").write_text(dumps(facts) + "\n")
+    write_run(txt, head, facts)
 
 
 def change_section(rng, txt):
@@ -82,8 +87,7 @@ def change_section(rng, txt):
                    rng.random() < 0.2)
     head = head.replace(SECTION_TITLES[name] + dumps(facts[name]), SECTION_TITLES[name] + dumps(new), 1)
     facts[name] = new
-    txt.write_text(head + SUMMARY_TITLE + dumps(facts) + "\n")
-    txt.with_suffix(".json").write_text(dumps(facts) + "\n")
+    write_run(txt, head, facts)
 
 
 def change_lines(rng, txt):

@@ -233,7 +233,6 @@ def read_manifest(folder) -> dict | None:
     return manifest
 
 
-
 def write_manifest(folder, manifest: dict) -> None:
     manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **manifest}
     atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
