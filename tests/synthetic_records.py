@@ -8,9 +8,11 @@ Nothing here is ever used to make a real record: those come from ``speedrun trai
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 from speedrun.config import get_preset
 from speedrun.data.shards import atomic_write_text
@@ -56,13 +58,25 @@ def synthetic_config(track: str, num_steps: int, val_every: int, seed: int, val_
 def write_synthetic_run(log_dir: Path, run_id: str, track: str = "tiny-cpu", seed: int = 0,
                         final_val_loss: float = 5.10, train_time_ms: float = 60_000.0, num_steps: int = 20,
                         val_every: int = 5, code: dict[str, str] | None = None, env: dict | None = None,
-                        outcome: str = "finished", stop_step: int | None = None,
-                        data_floor: float = SYNTH_FLOOR, val_tokens: int | None = None) -> tuple[Path, Path]:
-    """Write ``<run_id>.txt`` and ``.json`` of a run that ends as ``outcome``.
+                        outcome: str = "finished", stop_step: int | None = None, data_floor: float = SYNTH_FLOOR,
+                        val_sha256: str = SYNTH_VAL_SHA256, val_tokens: int | None = None,
+                        ended_at: str = "1990-01-01T12:00:00+00:00") -> tuple[Path, Path]:
+    """Write ``<run_id>.txt`` and ``.json`` of a run that ends as ``outcome`` at the UTC time ``ended_at`` (it
+    started a minute before its train time; a killed run's log says only when it started).
 
     outcome: "finished" (every step, status from the loss), "aborted" or "diverged" after ``stop_step``
     steps, or "running" (killed: no summary, status still running).
     """
+    end = datetime.datetime.fromisoformat(ended_at)
+    start = end - datetime.timedelta(milliseconds=train_time_ms, minutes=1)
+    clock = iter([start.isoformat(timespec="seconds"), ended_at])  # the writer stamps the start, then the end
+    with mock.patch("speedrun.runlog.utc_now", lambda: next(clock)):
+        return _write_run(log_dir, run_id, track, seed, final_val_loss, train_time_ms, num_steps, val_every, code,
+                          env, outcome, stop_step, data_floor, val_sha256, val_tokens)
+
+
+def _write_run(log_dir, run_id, track, seed, final_val_loss, train_time_ms, num_steps, val_every, code, env,
+               outcome, stop_step, data_floor, val_sha256, val_tokens) -> tuple[Path, Path]:
     config = synthetic_config(track, num_steps, val_every, seed, val_tokens)
     the_track = get_track(track)
     floor = data_floor if the_track.target_val_loss is None else None
@@ -72,7 +86,7 @@ def write_synthetic_run(log_dir: Path, run_id: str, track: str = "tiny-cpu", see
     log.facts["data"] = {"dir": "data/synth" if floor is not None else "data/fineweb10B",
                          "val_shard": "synth_val_000000.bin" if floor is not None else "fineweb_val_000000.bin",
                          "kind": "synth" if floor is not None else "download", "val_optimal_loss": floor,
-                         "val_shard_sha256": SYNTH_VAL_SHA256}
+                         "val_shard_sha256": val_sha256}
     last_step = num_steps if outcome == "finished" else (stop_step if stop_step is not None else num_steps // 2)
     val_steps = [s for s in range(1, num_steps + 1) if s == num_steps or s % val_every == 0]
     val_pause_ms = 0.25  # the device sync around a validation; the clock is stopped during the pass itself
@@ -125,10 +139,11 @@ def write_record_files(folder: Path, track: str, date: str, title: str = "A synt
 
 def write_synthetic_record(records_dir: Path, track: str, date: str, slug: str, runs: list[dict],
                            **meta) -> Path:
-    """A complete record folder: ``runs`` are keyword arguments for ``write_synthetic_run``."""
+    """A complete record folder: ``runs`` are keyword arguments for ``write_synthetic_run`` (by default each run
+    ended at noon (UTC) on the record's date)."""
     folder = records_dir / track / f"{date}_{slug}"
     (folder / "runs").mkdir(parents=True)
     write_record_files(folder, track, date, **meta)
     for spec in runs:
-        write_synthetic_run(folder / "runs", track=track, **spec)
+        write_synthetic_run(folder / "runs", track=track, **{"ended_at": f"{date}T12:00:00+00:00", **spec})
     return folder

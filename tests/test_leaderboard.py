@@ -499,6 +499,36 @@ def test_rejects_a_record_dated_in_the_future(records):
     assert_one_problem_like(records, f"record.json: date {tomorrow} is in the future")
 
 
+def test_rejects_a_record_dated_before_its_runs(records):
+    """Backdating a record would win rank ties (the earlier date first) and move it up its track's progression:
+    a record is dated on or after the day its last run ended, by the UTC times the trainer logs."""
+    late = good_runs("f", ended_at="2025-01-03T09:30:00+00:00")
+    make(records, runs=late + good_runs("g", n=1, seed_offset=3, loss=5.12))  # (g0 ends on the record's day)
+    problem = assert_one_problem_like(records, "2025-01-01_first: dated 2025-01-01, but its run f", "ended "
+                                      "2025-01-03T09:3", "(a record is dated on or after the day its runs ended)")
+    assert len(problems_of(records)) == 1, problem
+    shutil.rmtree(records / "tiny-cpu")
+    make(records, date="2025-01-03", runs=good_runs("f", ended_at="2025-01-03T23:59:59+00:00"))
+    assert problems_of(records) == []
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda f: f.pop("started_at"), "missing field 'started_at'"),
+    (lambda f: f.pop("finished_at"), "missing field 'finished_at'"),
+    (lambda f: f.update(started_at="2025-01-01 12:00"), "started_at '2025-01-01 12:00' is not a UTC time like "),
+    (lambda f: f.update(finished_at="2025-02-30T12:00:00+00:00"), "finished_at '2025-02-30T12:00:00+00:00' is not"),
+    (lambda f: f.update(finished_at="2025-01-01T01:00:00+02:00"), "finished_at '2025-01-01T01:00:00+02:00' is not"),
+    (lambda f: f.update(finished_at=None), "status success with finished_at None (the writer stamps the end"),
+    (lambda f: f.update(started_at="2025-01-01T12:00:00+00:00", finished_at="2025-01-01T11:59:59+00:00"),
+     "finished_at 2025-01-01T11:59:59+00:00 is before started_at 2025-01-01T12:00:00+00:00"),
+])
+def test_rejects_run_times_that_are_missing_or_malformed(records, change, fragment):
+    """Without its times a run could not be dated: the writer stamps both (finished_at null: a killed run)."""
+    folder = make(records)
+    edit_run_facts(folder / "runs/f1.txt", change)
+    assert_one_problem_like(records, "runs/f1.json: ", fragment)
+
+
 def test_rejects_paths_that_escape_or_break_the_layout(records, tmp_path):
     folder = make(records)
     edit_json(folder / "record.json", lambda m: m.update(beats="../../etc/passwd"))
@@ -551,15 +581,37 @@ def test_rejects_an_ml_record_whose_runs_share_a_seed(records):
     assert "seed 4" not in problem and len(problems_of(records)) == 1
     systems = records.parent / "systems-records"
     make(systems, runs=runs, kind="systems")  # the same runs as a systems record: a time needs no seeds
+    make(systems, "tested", runs=good_runs("t"))  # (the loss test of its math)
     assert problems_of(systems) == []
 
 
 def test_systems_records_are_exempt_from_the_test_but_must_reach_the_target(records):
+    make(records, "tested", runs=good_runs("t", loss=5.09))  # the math's loss test (an ml record), see the test below
     make(records, runs=good_runs("f", n=1), kind="systems")
     assert problems_of(records) == []
     make(records, "slow", date="2025-01-02", runs=good_runs("s", n=1, loss=TARGET + 0.05), kind="systems",
          beats="tiny-cpu/2025-01-01_first")
     assert_one_problem_like(records, "_slow: mean final val loss", "is above the target")
+
+
+def test_a_systems_record_needs_an_ml_record_of_its_math(records):
+    """A systems record is exempt from the loss test because its math passed it. A track's first record, or a
+    chain of systems records from it, that is "systems" would have no loss test behind it at all: one lucky run
+    below the target would do. Its math must be that of an ml record of its track that passes the test."""
+    make(records, runs=good_runs("f"), kind="systems")
+    make(records, "faster", date="2025-01-02", runs=good_runs("s", time_ms=40_000), kind="systems",
+         beats="tiny-cpu/2025-01-01_first")
+    for slug in ("first", "faster"):
+        assert_one_problem_like(records, f"_{slug}: a systems record is exempt from the loss test only where its "
+                                         "math passed it, but no valid ml record of tiny-cpu has its config (apart "
+                                         "from the systems knobs): submit it as an ml record")
+    assert len(problems_of(records)) == 2
+    make(records, "other-math", runs=good_runs("o", num_steps=15))  # an ml record of other math
+    assert len(problems_of(records)) == 2
+    make(records, "failing", runs=good_runs("x", loss=TARGET + 0.01, seed_offset=3))  # its math, but failing
+    assert len(problems_of(records)) == 3
+    make(records, "tested", runs=good_runs("t", val_every=4, seed_offset=6))  # its math, run otherwise: passes
+    assert [p for p in problems_of(records) if "_failing: fails the significance test" not in p] == []
 
 
 def test_a_systems_record_keeps_the_math_of_the_record_it_beats(records):
@@ -571,7 +623,7 @@ def test_a_systems_record_keeps_the_math_of_the_record_it_beats(records):
     problem = assert_one_problem_like(records, "_fewer/record.json: a systems record keeps the math of the record "
                                                "it beats", "differs from tiny-cpu/2025-01-01_first's in "
                                                "train.num_steps (submit it as an ml record")
-    assert "seed" not in problem and len(problems_of(records)) == 1
+    assert "seed" not in problem and len(problems_of(records)) == 2  # and no ml record has its math (see above)
     shutil.rmtree(records / "tiny-cpu/2025-01-02_fewer")
     make(records, "knobs", date="2025-01-02", runs=good_runs("k", time_ms=40_000, val_every=4, seed_offset=7),
          kind="systems", beats="tiny-cpu/2025-01-01_first")
@@ -873,6 +925,7 @@ def test_a_time_interval_reaching_below_zero_is_shown_from_zero(records, tmp_pat
     runs = [dict(run_id="w0", seed=0, final_val_loss=5.1, train_time_ms=10_000.0),
             dict(run_id="w1", seed=1, final_val_loss=5.1, train_time_ms=200_000.0)]
     make(records, "spread", runs=runs, kind="systems")
+    make(records, "tested", runs=good_runs("t"))  # the loss test of its math
     low, high = check_tree(records).records[0].stats.time_ci95_ms
     assert low < 0  # two runs far apart: the t-interval of the mean reaches below 0
     assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0

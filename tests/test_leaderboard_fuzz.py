@@ -24,16 +24,17 @@ TRIES = 100  # damaged trees per kind of change
 
 @pytest.fixture
 def tree(tmp_path, synthetic_track_data):
-    """Two tiny-cpu records, the second beating the first, and an 8xH100 one (the synthetic logs' val data
-    standing in for the tiny-cpu track's)."""
+    """Two tiny-cpu records, the second (systems) beating the first, and an 8xH100 one (the synthetic logs' val
+    data standing in for the tiny-cpu track's)."""
     records = tmp_path / "tree"
     runs = [dict(run_id=f"{p}{i}", seed=i, final_val_loss=5.10 + 0.001 * i, train_time_ms=t + 50 * i)
             for p, t in (("a", 60_000.0), ("b", 40_000.0)) for i in range(3)]
     write_synthetic_record(records, "tiny-cpu", "2025-01-01", "first", runs[:3])
-    write_synthetic_record(records, "tiny-cpu", "2025-01-02", "second", runs[3:], beats="tiny-cpu/2025-01-01_first")
+    write_synthetic_record(records, "tiny-cpu", "2025-01-02", "second", runs[3:], beats="tiny-cpu/2025-01-01_first",
+                           kind="systems")
     write_synthetic_record(records, "8xH100-3.28", "2025-01-03", "gpu", [
         dict(run_id=f"g{i}", seed=i, final_val_loss=3.27 - 0.001 * i, train_time_ms=180_000.0 + 9 * i)
-        for i in range(3)], kind="systems")
+        for i in range(3)])
     assert check_tree(records).problems == []
     return records
 

@@ -8,6 +8,7 @@ record's snapshot (10 steps of it).
 """
 
 import dataclasses
+import datetime
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from speedrun.config import PRESETS, get_preset
 from speedrun.errors import UserError
 from speedrun.records.check import find_record
 from speedrun.records.reproduce import reproduce, seeds_for, train_arguments
+from speedrun.tracks import TRACKS
 
 STAND_IN_CLI = '''"""A stand-in for `speedrun train` (reproduce test): writes a run log like the trainer's."""
 import argparse
@@ -142,13 +144,20 @@ def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_
                         lambda *args: [*train_arguments(*args), "--steps", "10"])  # (the last --steps counts)
 
     data, logs, _ = tiny_track_run
-    records = tmp_path / "records"
+    records, track = tmp_path / "records", TRACKS["tiny-cpu"]
+    # One run makes a systems record, which needs the loss test of its math: an ml record of three (stand-in)
+    # runs of the real run's config, on the track's data, of the same day (a track's first records)
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    write_synthetic_record(records, "tiny-cpu", today, "tested", [
+        dict(run_id=f"t{i}", seed=100 + i, final_val_loss=track.target() - 0.05 + 0.001 * i, num_steps=300,
+             val_every=150, data_floor=track.data_floor, val_sha256=track.val_data_sha256,
+             ended_at=f"{today}T00:00:00+00:00") for i in range(3)])
     assert leaderboard_main(["submit", *map(str, logs.glob("*.txt")), "--records", str(records), "--track",
                              "tiny-cpu", "--title", "Tiny baseline", "--author", "Test", "--kind", "systems",
                              "--description", "One real run of the tiny preset."]) == 0
     assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
     assert leaderboard_main(["show", "--records", str(records)]) == 0
-    record = next((records / "tiny-cpu").iterdir())
+    (record,) = (records / "tiny-cpu").glob("*_tiny-baseline")
     out, all_valid = reproduce(str(record), runs=1, out=tmp_path / "reproduction", records_dir=records,
                                data_root=data, echo=False)
     report = (out / "report.md").read_text()
@@ -186,7 +195,6 @@ def test_the_cpu_tracks_data_identity_and_a_forged_floor(tiny_track_run, tmp_pat
     from speedrun import train as train_mod
     from speedrun.config import get_preset
     from speedrun.data.shards import MANIFEST_NAME, file_sha256
-    from speedrun.tracks import TRACKS
 
     data = tiny_track_run[0] / "synth"
     manifest = json.loads((data / MANIFEST_NAME).read_text())

@@ -233,7 +233,7 @@ def _load_record(record: Record, today: datetime.date, keep_sources: bool) -> No
         if not problems:
             record.runs.append(run)
     if record.runs and len(record.runs) == len(run_ids):
-        record.problems += check_runs_agree(record)
+        record.problems += check_runs_agree(record) + _dated_before_runs(record)
         finished = [r for r in record.runs if r.finished]
         targets = {r.facts["target_val_loss"] for r in finished}
         record.stats = RecordStats(len(record.runs), [r.train_time_ms for r in finished],
@@ -251,6 +251,14 @@ def check_runs_agree(record: Record) -> list[str]:
                                   for v, ids in sorted(groups.items(), key=lambda kv: kv[1]))
             problems.append(f"{record.label}: its runs differ in {what}: {described}")
     return problems
+
+
+def _dated_before_runs(record: Record) -> list[str]:
+    """A record is dated on or after the (UTC) day its runs ended: backdated, it would win ties in rank and move up
+    its track's progression. (A killed run has no end: its start stands in.)"""
+    ended, run = max((r.facts["finished_at"] or r.facts["started_at"], r.run_id) for r in record.runs)
+    return [f"{record.label}: dated {record.date}, but its run {run} ended {ended} (a record is dated on or after the "
+            "day its runs ended)"] if ended[:10] > record.date else []
 
 
 def _short(value) -> str:
@@ -390,6 +398,25 @@ def beats_problems(records: list[Record]) -> list[str]:
         for (r, o), p in zip(tests, p_values, strict=True) if not p < stats.BEATS_SIGNIFICANCE_LEVEL]
 
 
+def ungrounded_systems_problems(records: list[Record]) -> list[str]:
+    """A systems record is exempt from the loss test because its math passed it: a valid ml record of its track has
+    its config but the systems knobs. (Else a track's first record, and every systems record after it, would have
+    no loss test behind them: one lucky run below the target would do.)"""
+    judged = [r for r in records if r.meta is not None and r.stats is not None and not r.problems]
+    tested = {(r.path.split("/")[0], _math_key(r.runs[0].config_key)) for r in judged if r.meta["kind"] == "ml"}
+    return [f"{r.label}: a systems record is exempt from the loss test only where its math passed it, but no valid ml "
+            f"record of {track} has its config (apart from the systems knobs): submit it as an ml record"
+            for r in judged if r.meta["kind"] == "systems" and (
+                track := r.path.split("/")[0], _math_key(r.runs[0].config_key)) not in tested]
+
+
+@functools.lru_cache(maxsize=4096)
+def _math_key(config_key: str) -> str:
+    """A config's math (the fields but the systems knobs) as one comparable text."""
+    fields = _config_fields(config_key)
+    return json.dumps({k: v for k, v in fields.items() if k not in SYSTEMS_KNOBS}, sort_keys=True)
+
+
 def math_changes(record: Record, other: Record) -> list[str]:
     """The config fields but the systems knobs in which two records' runs differ (the runs of one record agree)."""
     a, b = (_config_fields(r.runs[0].config_key) for r in (record, other))
@@ -431,7 +458,7 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     check_outcomes(records)
     for record in records:
         problems += record.problems
-    problems += duplicate_problems(records) + beats_problems(records)
+    problems += duplicate_problems(records) + beats_problems(records) + ungrounded_systems_problems(records)
     upstream_dir, upstream, history = root / UPSTREAM_DIR_NAME, [], []
     if upstream_dir.is_dir() and not upstream_dir.is_symlink():  # (find_record_folders reports a link)
         entries, scan_problems = scan(upstream_dir, f"records/{UPSTREAM_DIR_NAME}")

@@ -13,6 +13,7 @@ Problems are plain strings, one per problem, prefixed with the file (and line) t
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -61,10 +62,10 @@ FACTS = {
              "val_shard_sha256": (str, None)},
     "final_val_loss": (*NUM, None), "train_time_ms": (*NUM, None), "steps_done": (int,), "tokens_seen": (int,),
     "tokens_per_second": (*NUM, None), "mfu": (*NUM, None), "peak_memory_mib": (*NUM, None),
-    "diverged_at_step": (int, None), "message": (str, None),
+    "diverged_at_step": (int, None), "message": (str, None), "started_at": (str,), "finished_at": (str, None),
 }
-OPTIONAL_FACTS = {"checkpoint": (str, None), "started_at": (str,), "finished_at": (str, None),
-                  "schedule_changes": (list,)}
+OPTIONAL_FACTS = {"checkpoint": (str, None), "schedule_changes": (list,)}
+UTC_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00$")  # a run's start and end, as the writer stamps
 # Unicode's control characters (category Cc: escape sequences, CR...), the bidirectional overrides and isolates,
 # which reorder what a terminal or a browser shows, and lone surrogates (a JSON "\ud800", a file name's undecodable
 # byte), which no UTF-8 output can hold
@@ -471,6 +472,30 @@ def check_numbers(run: Run) -> list[str]:
     return problems
 
 
+def check_clock(run: Run) -> list[str]:
+    """When the run started and ended (which dates its record): UTC times as the writer stamps them, in order; no
+    end for a killed run, one for every run that ended."""
+    facts, label = run.facts, run.json_label
+    problems = [f"{label}: {key} {facts[key]!r} is not a UTC time like 2025-01-01T12:00:00+00:00"
+                for key in ("started_at", "finished_at") if facts[key] is not None and not _is_utc_time(facts[key])]
+    if problems:
+        return problems
+    if (facts["finished_at"] is None) != (facts["status"] == "running"):
+        return [f"{label}: status {facts['status']} with finished_at {facts['finished_at']} (the writer stamps the end "
+                "of every run that ended, and of no other)"]
+    end = facts["finished_at"]
+    return [f"{label}: finished_at {end} is before started_at {facts['started_at']}"] if (
+        end is not None and end < facts["started_at"]) else []
+
+
+def _is_utc_time(text: str) -> bool:
+    try:
+        datetime.datetime.fromisoformat(text)  # (a real date and time of day)
+    except ValueError:
+        return False
+    return UTC_TIME.match(text) is not None
+
+
 def check_env_text(run: Run) -> list[str]:
     """The environment's texts (versions, GPU names, platform) are shown and go into runs.csv: no control characters
     in them (but the newlines of nvidia-smi's table), none that a spreadsheet reads as a formula."""
@@ -609,7 +634,8 @@ def check_run(run: Run, track: Track | None = None) -> list[str]:
     problems = problems or check_config(run)
     if problems:
         return problems
-    problems = check_numbers(run) + check_env_text(run) + check_code(run) + check_steps(run) + check_derived(run)
+    problems = (check_numbers(run) + check_clock(run) + check_env_text(run) + check_code(run) + check_steps(run)
+                + check_derived(run))
     return problems or (check_run_on_track(run, track) if track is not None else [])
 
 
