@@ -585,6 +585,18 @@ def test_rejects_an_ml_record_whose_runs_share_a_seed(records):
     assert problems_of(systems) == []
 
 
+def test_rejects_an_ml_record_whose_runs_are_one_sample_under_several_seeds(records):
+    """Code that ignores --seed makes every run the same (bit for bit where training is deterministic): three
+    seeds then give the loss test one sample three times, and no spread (p = 0). Independent runs never log the
+    same training loss at every step."""
+    runs = [dict(run_id=f"s{i}", seed=i, final_val_loss=TARGET - 0.05, train_time_ms=60_000.0 + 1_000 * i)
+            for i in range(3)] + [dict(run_id="s3", seed=3, final_val_loss=TARGET - 0.04)]
+    make(records, runs=runs)
+    problem = assert_one_problem_like(records, "the loss test needs independent runs, but finished runs logged the "
+                                      "same training loss at every step (s0, s1, s2): their seeds made no difference")
+    assert len(problems_of(records)) == 1, problem
+
+
 def test_systems_records_are_exempt_from_the_test_but_must_reach_the_target(records):
     make(records, "tested", runs=good_runs("t", loss=5.09))  # the math's loss test (an ml record), see the test below
     make(records, runs=good_runs("f", n=1), kind="systems")

@@ -291,15 +291,20 @@ def _outcome_problem(record: Record) -> str | None:
     if s.runs_finished < stats.MIN_ML_RUNS:
         return (f"{label}: an ml record needs at least {stats.MIN_ML_RUNS} finished runs for the loss test, it "
                 f"has {s.runs_finished}")
-    by_seed = defaultdict(list)
+    by_seed, by_losses = defaultdict(list), defaultdict(list)
     for run in sorted((r for r in record.runs if r.finished), key=lambda r: r.run_id):
         by_seed[run.facts["seed"]].append(run.run_id)
+        by_losses[tuple(run.facts["train_losses"])].append(run.run_id)
     if shared := {seed: ids for seed, ids in by_seed.items() if len(ids) > 1}:
         # runs of one seed repeat one sample (bit for bit where training is deterministic): the test would count
         # the same luck several times
         return (f"{label}: the loss test needs independent runs, but finished runs share a seed ("
                 + "; ".join(f"seed {seed}: {', '.join(ids)}" for seed, ids in sorted(shared.items()))
                 + "): give each run its own --seed")
+    if same := [ids for losses, ids in by_losses.items() if len(ids) > 1 and len(losses) > 1]:
+        # one sample too, whatever the seeds say: runs of their own seeds never agree at every step to the last bit
+        return (f"{label}: the loss test needs independent runs, but finished runs logged the same training loss "
+                f"at every step ({'; '.join(', '.join(ids) for ids in same)}): their seeds made no difference")
     return None if s.p_value < stats.SIGNIFICANCE_LEVEL else (
         f"{label}: fails the significance test: mean final val loss {s.mean_loss:.4f} over {s.runs_finished} runs "
         f"is not below the target {s.target} at p < {stats.SIGNIFICANCE_LEVEL} (one-sided t-test p = "
