@@ -486,6 +486,22 @@ def test_rejects_steps_and_train_times_that_do_not_increase(records):
     assert_one_problem_like(records, "runs/s0.txt:", "train_time 9000ms does not increase")
 
 
+def test_rejects_a_run_that_finished_in_no_time(records, tmp_path):
+    """Without a validation at step 0 nothing stops every time of a log from being 0 ms; such a record passed
+    check and then stopped build (the progression plot's log scale) with a traceback."""
+    runs = [dict(run_id=f"f{i}", seed=i, final_val_loss=5.10 + 0.001 * i, train_time_ms=0.5, val_every=20)
+            for i in range(3)]  # every line's time rounds to 0 ms
+    folder = make(records, runs=runs)
+    for txt in sorted((folder / "runs").glob("*.txt")):
+        edit(txt, f"\n{step_line(txt, 'step:0/20 val_loss:')[1]}", "")
+        edit_run_facts(txt, lambda f: f.update(val_curve=f["val_curve"][1:]))
+    for i in range(3):
+        assert_one_problem_like(records, f"runs/f{i}.txt:", ": the run finished at train_time 0ms: no run trains in "
+                                "no time")
+    assert len(problems_of(records)) == 3
+    assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 1
+
+
 def test_rejects_a_step_avg_that_is_not_time_over_step(records):
     folder = make(records)
     lineno, line = step_line(folder / "runs/f0.txt", "step:8/20 train_time:")

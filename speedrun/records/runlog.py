@@ -608,6 +608,8 @@ def _check_outcome(run: Run) -> list[str]:
         return [f"{jlabel}: status diverged without diverged_at_step"] if (
             status == "diverged" and facts["diverged_at_step"] is None) else []
     problems, final, target = [], facts["final_val_loss"], facts["target_val_loss"]
+    if last.train_time_ms <= 0:  # (a time is what the board ranks by, on a log scale)
+        problems.append(f"{run.label}:{last.lineno}: the run finished at train_time 0ms: no run trains in no time")
     if final is None or abs(final - last.val_loss) > 0.00005 + 1e-9:
         problems.append(f"{jlabel}: final_val_loss {final} is not the text log's last-step val_loss "
                         f"{last.val_loss:.4f} (line {last.lineno})")
