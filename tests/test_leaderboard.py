@@ -865,6 +865,15 @@ def upstream_log(final_loss=3.2792, num_steps=20, gpus=8) -> str:
             + smi_rows + "\n" + "=" * 100 + "\n" + "\n".join(steps) + "\npeak memory allocated: 37653 MiB\n")
 
 
+def test_an_upstream_log_that_finished_in_no_time_is_refused(tmp_path, capsys):
+    text = re.sub(r"train_time:\d+ms", "train_time:0ms", upstream_log())
+    text = re.sub(r"step:(0|10)/20 val_loss:\S+ train_time:0ms step_avg:\S+\n", "", text)  # (times increase)
+    log = tmp_path / "zero.txt"
+    log.write_text(text)
+    assert leaderboard_main(["compare", str(log), str(log), "--plot", str(tmp_path / "c.svg")]) == 1
+    assert "zero.txt:48: the run finished at train_time 0ms: no run trains in no time" in capsys.readouterr().out
+
+
 def test_import_upstream_reads_public_logs(records, tmp_path, capsys):
     log = tmp_path / "c8cbdf48-220a-443b-b145-8ac6a32d4e07.txt"
     log.write_text(upstream_log())

@@ -97,6 +97,8 @@ def upstream_facts(text: str, name: str) -> dict:
             raise LogFormatError(lineno, f"val_loss {m[3]} is not a finite non-negative number")
         if curve and step <= curve[-1]["step"]:
             raise LogFormatError(lineno, f"validation step {step} does not increase (previous {curve[-1]['step']})")
+        if step == total and time_ms <= 0:  # (as our logs: speedrun/records/runlog.py, _check_outcome)
+            raise LogFormatError(lineno, "the run finished at train_time 0ms: no run trains in no time")
         if curve and time_ms < curve[-1]["train_time_ms"]:
             raise LogFormatError(lineno, f"train_time {m[4]}ms goes back (previous {curve[-1]['train_time_ms']:.0f}ms)")
         curve.append({"step": step, "val_loss": loss, "train_time_ms": time_ms})
