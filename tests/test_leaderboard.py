@@ -526,6 +526,9 @@ def test_rejects_a_record_dated_before_its_runs(records):
     shutil.rmtree(records / "tiny-cpu")
     make(records, date="2025-01-03", runs=good_runs("f", ended_at="2025-01-03T23:59:59+00:00"))
     assert problems_of(records) == []
+    killed = dict(run_id="k", seed=9, final_val_loss=5.2, outcome="running", ended_at="2025-01-04T00:02:00+00:00")
+    write_synthetic_run(records / "tiny-cpu/2025-01-03_first/runs", **killed)  # no end: its start, the 4th, dates it
+    assert_one_problem_like(records, "_first: dated 2025-01-03, but its run k started (killed) 2025-01-04T00:00:")
 
 
 @pytest.mark.parametrize("change, fragment", [

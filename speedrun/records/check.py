@@ -256,9 +256,11 @@ def check_runs_agree(record: Record) -> list[str]:
 def _dated_before_runs(record: Record) -> list[str]:
     """A record is dated on or after the (UTC) day its runs ended: backdated, it would win ties in rank and move up
     its track's progression. (A killed run has no end: its start stands in.)"""
-    ended, run = max((r.facts["finished_at"] or r.facts["started_at"], r.run_id) for r in record.runs)
-    return [f"{record.label}: dated {record.date}, but its run {run} ended {ended} (a record is dated on or after the "
-            "day its runs ended)"] if ended[:10] > record.date else []
+    run = max(record.runs, key=lambda r: (r.facts["finished_at"] or r.facts["started_at"], r.run_id))
+    what, when = ("ended", run.facts["finished_at"]) if run.facts["finished_at"] else (
+        "started (killed)", run.facts["started_at"])
+    return [f"{record.label}: dated {record.date}, but its run {run.run_id} {what} {when} (a record is dated on or "
+            "after the day its runs ended)"] if when[:10] > record.date else []
 
 
 def _short(value) -> str:
