@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from synthetic_records import synthetic_env, write_synthetic_record, write_synth
 from speedrun import REPO_ROOT
 from speedrun.records.check import check_tree
 from speedrun.records.cli import main as leaderboard_main
-from speedrun.records.stats import loss_p_value, mean_ci95, ratio_ci95, welch_test
+from speedrun.records.stats import loss_p_value, mean_ci95, ratio_ci95, speedup_p_values, welch_test
 from speedrun.records.upstream import upstream_facts
 from speedrun.tracks import TRACKS
 
@@ -99,6 +100,23 @@ def test_loss_p_value_is_scipys_one_sided_t_test():
     assert loss_p_value([3.27, 3.27, 3.27], 3.28) == 0.0  # no spread, below: certain
     assert loss_p_value([3.29, 3.29, 3.29], 3.28) == 1.0
     assert loss_p_value([3.27], 3.28) is None
+
+
+def test_a_side_without_spread_gives_scipys_values_without_a_warning():
+    """Three runs of one time (whole milliseconds: tiny runs) against three that differ: scipy's tests handle the
+    zero variance exactly but warn of precision loss, which check and build printed on every call."""
+    fast, constant = [40_000.0, 40_050.0, 40_100.0], [60_000.0] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = scipy.stats.ttest_ind(fast, constant, equal_var=False, alternative="less").pvalue
+        expected_loss = scipy.stats.ttest_1samp([5.1, 5.1, 5.2], 5.3, alternative="less").pvalue
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert speedup_p_values([(fast, constant)]) == [pytest.approx(expected, rel=1e-12)]
+        assert loss_p_value([5.1, 5.1, 5.2], 5.3) == pytest.approx(expected_loss, rel=1e-12)
+        assert welch_test(constant, fast).p_value == pytest.approx(2 * expected, rel=1e-9)
+        ratio, (low, high) = ratio_ci95(constant, fast)
+        assert ratio == pytest.approx(math.exp(np.mean(np.log(fast)) - math.log(60_000))) and low < ratio < high
 
 
 def test_mean_ci95_and_welch_match_scipy():

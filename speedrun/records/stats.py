@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -40,6 +41,14 @@ def _t975(df: int) -> float:
     return float(stats.t.ppf(0.975, df))
 
 
+def _quietly(test, *args, **options):
+    """``test(*args, **options)`` without scipy's warning of precision loss on a sample without spread (one side of
+    identical times, say), which its tests handle exactly: not news to print on every check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return test(*args, **options)
+
+
 def _batched(samples: list[tuple], test, no_spread) -> list[float]:
     """test(*arrays) for every tuple of samples, one call per tuple of sizes; no_spread(*samples) where every
     sample is constant."""
@@ -51,7 +60,7 @@ def _batched(samples: list[tuple], test, no_spread) -> list[float]:
             groups[tuple(len(s) for s in sample)].append(i)
     for index in groups.values():
         arrays = [np.array([samples[i][k] for i in index], dtype=np.float64) for k in range(len(samples[index[0]]))]
-        for i, value in zip(index, test(*arrays), strict=True):
+        for i, value in zip(index, _quietly(test, *arrays), strict=True):
             out[i] = value
     return out
 
@@ -95,7 +104,7 @@ def welch_test(a: list[float], b: list[float]) -> Welch | None:
     difference = math.fsum(b) / len(b) - math.fsum(a) / len(a)
     if len(set(a)) == 1 and len(set(b)) == 1:
         return Welch(difference, 1.0 if difference == 0 else 0.0, (difference, difference))
-    result = stats.ttest_ind(b, a, equal_var=False)
+    result = _quietly(stats.ttest_ind, b, a, equal_var=False)
     low, high = result.confidence_interval(0.95)
     return Welch(difference, float(result.pvalue), (float(low), float(high)))
 
@@ -111,8 +120,7 @@ def ratio_ci95s(pairs: list[tuple[list[float], list[float]]]) -> list[tuple[floa
             groups[(len(la), len(lb))].append(i)
     for index in groups.values():
         la, lb = np.array([logs[i][0] for i in index]), np.array([logs[i][1] for i in index])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ci = stats.ttest_ind(lb, la, axis=1, equal_var=False).confidence_interval(0.95)
+        ci = _quietly(lambda b, a: stats.ttest_ind(b, a, axis=1, equal_var=False).confidence_interval(0.95), lb, la)
         point = lb.mean(axis=1) - la.mean(axis=1)
         for k, i in enumerate(index):
             low, high = (ci.low[k], ci.high[k]) if np.isfinite(ci.low[k]) else (point[k], point[k])
