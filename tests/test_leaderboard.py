@@ -792,6 +792,23 @@ def test_show_prints_the_table(records, capsys):
     assert "tiny-cpu/2025-01-01_first" in out and "8xH100" not in out
 
 
+def test_show_leaves_out_every_record_with_a_problem(records, capsys):
+    """show says "records with problems are left out of the table above": those of problems found across
+    records too (a beats claim its runs do not support, run ids used twice), which it listed all the same."""
+    make(records)
+    make(records, "claim", date="2025-01-02", runs=good_runs("c", time_ms=59_990.0, loss=5.12),
+         beats="tiny-cpu/2025-01-01_first")
+    make(records, "copy", date="2025-01-02", runs=good_runs("f", time_ms=50_000.0, loss=5.13, seed_offset=3),
+         beats="tiny-cpu/2025-01-01_first")  # faster, but its run ids are the first record's
+    assert leaderboard_main(["show", "--records", str(records)]) == 1
+    out, err = capsys.readouterr()
+    table = out[:out.index("\nrecords/")]  # (the problems follow the table)
+    assert "_claim: claims to beat tiny-cpu/2025-01-01_first but its runs do not support it" in out
+    assert "_copy/runs/f0.txt: duplicate run id" in out
+    assert "tiny-cpu/2025-01-01_first" in table and "_claim" not in table and "_copy" not in table
+    assert "records with problems are left out of the table above" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # submit
 # ---------------------------------------------------------------------------------------------

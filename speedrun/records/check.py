@@ -37,6 +37,7 @@ SYSTEMS_KNOBS = {"preset", "train.seed", "train.kernels", "train.compile", "trai
                  "train.log_every", "data.data_dir", "data.seqs_per_forward", "schedule.val_batch_tokens"}
 RECORD_FOLDER_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9][a-z0-9-]{0,63})$")
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+RECORD_LABEL = re.compile(r"records/[^/:]+/[^/:]+")  # how a problem about a record begins: Record.label
 UPSTREAM_DIR_NAME = "upstream"
 GENERATED_FILES = ("README.md", "runs.csv", "index.html", *(f"progression-{t}.svg" for t in TRACKS))  # build's
 TEMP_PREFIX = "."  # submit builds a record in a hidden temp folder, then renames it into place
@@ -465,7 +466,11 @@ def check_tree(root: Path = RECORDS_DIR, today: datetime.date | None = None,
     check_outcomes(records)
     for record in records:
         problems += record.problems
-    problems += duplicate_problems(records) + beats_problems(records) + ungrounded_systems_problems(records)
+    across = duplicate_problems(records) + beats_problems(records) + ungrounded_systems_problems(records)
+    by_label = {r.label: r for r in records}
+    for problem in across:  # each names its record first: it leaves the record out of show's table, as its own do
+        by_label[RECORD_LABEL.match(problem)[0]].problems.append(problem)
+    problems += across
     upstream_dir, upstream, history = root / UPSTREAM_DIR_NAME, [], []
     if upstream_dir.is_dir() and not upstream_dir.is_symlink():  # (find_record_folders reports a link)
         entries, scan_problems = scan(upstream_dir, f"records/{UPSTREAM_DIR_NAME}")
