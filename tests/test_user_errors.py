@@ -163,6 +163,17 @@ def test_a_folder_without_shards_is_named_so_the_user_can_find_it(tmp_path, caps
                       f"no train/val shards in {(tmp_path / 'empty').resolve()}: ")
 
 
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_a_folder_with_one_kind_of_shard_says_which_is_missing(tmp_path, capsys, split):
+    folder = tmp_path / "half"
+    folder.mkdir()
+    write_shard(folder / f"fineweb_{split}_00000{int(split == 'train')}.bin",
+                np.random.default_rng(3).integers(0, 50257, 5000, dtype=np.uint16))
+    missing = "train" if split == "val" else "val"
+    assert_user_error(train_argv(folder, tmp_path / "logs"), capsys, f"no {missing} shard in {folder.resolve()}, "
+                      f"only {'its val shard' if split == 'val' else 'train shards'}: a run needs both")
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_shard(data, tmp_path, capsys):
     train_shards(data)[0].chmod(0)

@@ -336,6 +336,10 @@ def tokenize_command(inputs: list[str], out_dir: str, shard_tokens: int, txt_mod
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"{manifest['documents']:,} documents, {manifest['tokens']:,} tokens -> "
-          f"{len(manifest['files'])} shards in {out_dir} (check them with `speedrun data verify {out_dir}`)")
+    train = sum("_train_" in shard for shard in manifest["files"])
+    print(f"{manifest['documents']:,} documents, {manifest['tokens']:,} tokens -> 1 val + {train} train shard(s) in "
+          f"{out_dir} (check them with `speedrun data verify {out_dir}`)")
+    if not train:  # (the first shard_tokens tokens are the val shard, as in the published data)
+        print(f"warning: every token went into the val shard (its size is --shard-tokens {shard_tokens:,}): training "
+              "needs a train shard too; give more text or a smaller --shard-tokens", file=sys.stderr)
     return 0

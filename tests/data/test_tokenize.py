@@ -243,3 +243,17 @@ def test_a_signal_mid_run_cleans_up(signum, tmp_path, tiktoken_cache, monkeypatc
     assert code == 130 and "interrupted; nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
+
+
+def test_the_summary_counts_val_and_train_shards_and_warns_without_a_train_shard(tmp_path, tiktoken_cache, capsys):
+    """Too little text for --shard-tokens fills only the val shard; `speedrun train` then finds no train shard
+    and told the user to run tokenize, which they just had."""
+    (tmp_path / "in.txt").write_text("the speed run\nanother line of text\n" * 20, encoding="utf-8")
+    for shard_tokens, train in ((100_000, 0), (50, 3)):
+        out = tmp_path / f"out{shard_tokens}"
+        assert tokenize_command([str(tmp_path / "in.txt")], str(out), shard_tokens=shard_tokens, txt_mode="lines",
+                                name="fineweb", workers=1) == 0
+        printed = capsys.readouterr()
+        assert f"40 documents, 180 tokens -> 1 val + {train} train shard(s) in {out}" in printed.out
+        assert ("warning: every token went into the val shard" in printed.err) == (train == 0)
+        assert len(read_manifest(out)["files"]) == 1 + train
