@@ -154,7 +154,7 @@ def test_submit_build_show_reproduce_with_the_real_trainer(tmp_path, tiny_track_
              ended_at=f"{today}T00:00:00+00:00") for i in range(3)])
     assert leaderboard_main(["submit", *map(str, logs.glob("*.txt")), "--records", str(records), "--track",
                              "tiny-cpu", "--title", "Tiny baseline", "--author", "Test", "--kind", "systems",
-                             "--description", "One real run of the tiny preset."]) == 0
+                             "--description", "One real run of the tiny preset.", "--date", today]) == 0
     assert leaderboard_main(["build", "--records", str(records), "--out", str(tmp_path)]) == 0
     assert leaderboard_main(["show", "--records", str(records)]) == 0
     (record,) = (records / "tiny-cpu").glob("*_tiny-baseline")
