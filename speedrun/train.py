@@ -547,10 +547,11 @@ def prepare_data(cfg: RunConfig, env: dist.DistEnv) -> tuple[RunConfig, Path, di
                         "the data path is not a folder", data_dir)
     if missing := [split for split in ("train", "val") if not list_shards(data_dir, split)]:
         where = repo_or_absolute_path(data_dir)
+        only = {"train": "only its val shard: a run needs both (`speedrun data tokenize` puts the first "
+                         "--shard-tokens tokens in the val shard: a short text fills it alone)",
+                "val": "only train shards: a run needs both"}
         raise SystemExit(f"no train/val shards in {where}: {get_data}" if len(missing) == 2 else
-                         f"no train shard in {where}, only its val shard: a run needs both (`speedrun data "
-                         "tokenize` puts the first --shard-tokens tokens in the val shard: a short text fills it alone)"
-                         if missing == ["train"] else f"no val shard in {where}, only train shards: a run needs both")
+                         f"no {missing[0]} shard in {where}, {only[missing[0]]}")
     manifest = read_manifest(data_dir) or {}
     vocab_size, eot = data_vocab(data_dir)
     if (vocab_size, eot) != (cfg.model.vocab_size, cfg.model.eot_token):

@@ -67,22 +67,14 @@ def write_synthetic_run(log_dir: Path, run_id: str, track: str = "tiny-cpu", see
     outcome: "finished" (every step, status from the loss), "aborted" or "diverged" after ``stop_step``
     steps, or "running" (killed: no summary, status still running).
     """
-    end = datetime.datetime.fromisoformat(ended_at)
-    start = end - datetime.timedelta(milliseconds=train_time_ms, minutes=1)
-    clock = iter([start.isoformat(timespec="seconds"), ended_at])  # the writer stamps the start, then the end
-    with mock.patch("speedrun.runlog.utc_now", lambda: next(clock)):
-        return _write_run(log_dir, run_id, track, seed, final_val_loss, train_time_ms, num_steps, val_every, code,
-                          env, outcome, stop_step, data_floor, val_sha256, val_tokens)
-
-
-def _write_run(log_dir, run_id, track, seed, final_val_loss, train_time_ms, num_steps, val_every, code, env,
-               outcome, stop_step, data_floor, val_sha256, val_tokens) -> tuple[Path, Path]:
     config = synthetic_config(track, num_steps, val_every, seed, val_tokens)
     the_track = get_track(track)
     floor = data_floor if the_track.target_val_loss is None else None
     target = the_track.target(floor)
     log = RunLog(log_dir, run_id, config, env or synthetic_env(track), code or DEFAULT_CODE, target, track=track,
                  echo=False)
+    started = datetime.datetime.fromisoformat(ended_at) - datetime.timedelta(milliseconds=train_time_ms, minutes=1)
+    log.facts["started_at"] = started.isoformat(timespec="seconds")
     log.facts["data"] = {"dir": "data/synth" if floor is not None else "data/fineweb10B",
                          "val_shard": "synth_val_000000.bin" if floor is not None else "fineweb_val_000000.bin",
                          "kind": "synth" if floor is not None else "download", "val_optimal_loss": floor,
@@ -123,7 +115,8 @@ def _write_run(log_dir, run_id, track, seed, final_val_loss, train_time_ms, num_
         train_time_ms=round(elapsed, 3), steps_done=last_step, tokens_seen=tokens,
         tokens_per_second=tokens / (elapsed / 1000) if elapsed else None, peak_memory_mib=512.0,
         diverged_at_step=last_step if outcome == "diverged" else None)
-    log.finish([f"final val_loss {final_val_loss:.4f} at step {last_step} (target {target:.4f}): {status}"])
+    with mock.patch("speedrun.runlog.utc_now", return_value=ended_at):  # the writer stamps the end
+        log.finish([f"final val_loss {final_val_loss:.4f} at step {last_step} (target {target:.4f}): {status}"])
     return log.txt_path, log.json_path
 
 
