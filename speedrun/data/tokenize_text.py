@@ -229,6 +229,7 @@ class ShardCutter:
 def _check_arguments(inputs, out_dir: Path, shard_tokens, txt_mode, name, workers) -> None:
     if isinstance(inputs, (str, Path)) or not inputs:
         raise TokenizeError("give a list of one or more input files (.txt, .jsonl or .parquet)")
+    seen = {}  # resolved path -> as given: a file given twice would put its documents in the shards twice
     for path in inputs:
         if not isinstance(path, (str, Path)) or not str(path):
             raise TokenizeError(f"an input must be a file path, got {path!r}")
@@ -242,6 +243,8 @@ def _check_arguments(inputs, out_dir: Path, shard_tokens, txt_mode, name, worker
             raise TokenizeError(f"{path}: not a file")
         if path.stat().st_size == 0:
             raise TokenizeError(f"{path}: holds no documents (empty input)")
+        if (first := seen.setdefault(path.resolve(), path)) is not path:
+            raise TokenizeError(f"{path}: given twice (also as {first}); its documents would be tokenized twice")
     if not isinstance(shard_tokens, int) or isinstance(shard_tokens, bool) or not 0 < shard_tokens < 2**31:
         raise TokenizeError(f"shard_tokens must be an integer in [1, 2**31), got {shard_tokens!r}")
     if txt_mode not in TXT_MODES:

@@ -154,6 +154,7 @@ def write_bad_inputs(tmp_path):
     (["spaces.txt"], {}, "spaces.txt: holds no documents (empty input)"),
     (["data.csv"], {}, "unknown input type '.csv'"),
     (["missing.txt"], {}, "missing.txt: no such file"),
+    (["late_error.jsonl", "../{tmp}/late_error.jsonl"], {}, "late_error.jsonl: given twice (also as "),
     (["latin1.txt"], {}, "latin1.txt: not UTF-8 text"),
     (["no_text.parquet"], {}, "no_text.parquet: no 'text' column (it has: body)"),
     (["null.parquet"], {}, "null.parquet: row 1 (counting from 0): 'text' is NoneType"),
@@ -165,6 +166,7 @@ def write_bad_inputs(tmp_path):
 ])
 def test_errors_write_nothing(tmp_path, tiktoken_cache, capsys, inputs, kwargs, message):
     write_bad_inputs(tmp_path)
+    inputs = [p.format(tmp=tmp_path.name) for p in inputs]  # ("../{tmp}/x": x spelled another way)
     before = sorted(p.name for p in tmp_path.iterdir())
     args = {"shard_tokens": 100, "txt_mode": "lines", "name": "x", "workers": 1, **kwargs}
     with pytest.raises(TokenizeError) as info:
